@@ -1,0 +1,62 @@
+"""Backends behind one interface (``Runner.run(dict) -> dict``) and ``--backend auto`` selection."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import BackendError
+from ..manifest import ComponentEntry
+from .base import BACKENDS, Runner
+
+__all__ = ["BACKENDS", "Runner", "available_backends", "resolve_backend", "open_runner"]
+
+
+def _tensorrt_usable() -> bool:
+    try:
+        import tensorrt  # noqa: F401
+    except Exception:  # the PyPI stubs raise at import when the libraries are missing
+        return False
+    return True
+
+
+def available_backends() -> list[str]:
+    """Backends that work on this machine, best first."""
+    from .onnxruntime import available_ort_backends
+
+    have = available_ort_backends()
+    if _tensorrt_usable():
+        have.append("tensorrt")
+    return [b for b in BACKENDS if b in have]
+
+
+def resolve_backend(name: str, formats: set[str] | None = None) -> str:
+    """Turn ``auto`` (or an explicit name) into a backend that is installed and can run the bundle.
+
+    ``formats`` is the set of component formats the bundle offers; native TensorRT needs engines.
+    """
+    if name != "auto" and name not in BACKENDS:
+        raise BackendError(f"unknown backend {name!r}; choose one of {['auto', *BACKENDS]}")
+    have = available_backends()
+    if formats is not None and "tensorrt" not in formats:
+        have = [b for b in have if b != "tensorrt"]
+    if name == "auto":
+        if not have:
+            raise BackendError("no backend is available: install onnxruntime (pip install edgefm)")
+        return have[0]
+    if name not in have:
+        why = "the bundle has no TensorRT engines (run `edgefm build-engine`)" if name == "tensorrt" and (
+            formats is not None and "tensorrt" not in formats) else "it is not installed or not usable here"
+        raise BackendError(f"backend {name!r} cannot be used: {why}; available: {have}")
+    return name
+
+
+def open_runner(entry: ComponentEntry, folder: Path, backend: str, **options) -> Runner:
+    """Load one component file on a resolved backend."""
+    path = Path(folder) / entry.file
+    if backend == "tensorrt":
+        from .tensorrt import TensorRTRunner
+
+        return TensorRTRunner(path, entry, **options)
+    from .onnxruntime import OrtRunner
+
+    return OrtRunner(path, entry.spec, backend=backend, **options)

@@ -1,0 +1,189 @@
+"""SAM -> bundle with three components: image_encoder, prompt_encoder, mask_decoder.
+
+The graph wrappers sit beside the model (as segment-anything's ``SamOnnxModel`` does) and bend it for
+export without changing its math: branch-free prompt embedding, all four mask tokens always decoded (the
+runtime picks the official 1-of-4 or 3-of-4), the dense positional encoding baked in as a constant.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgefm.models.checkpoint import sha256_file
+from edgefm.models.sam import SAM_CONFIGS, Sam, SamConfig, load_sam
+from edgefm.runtime.errors import InputError
+from edgefm.runtime.manifest import Manifest
+from edgefm.runtime.sam.spec import IMAGE_ENCODER, MASK_DECODER, PROMPT_ENCODER, sam_specs
+from edgefm.runtime.spec import ComponentSpec
+
+from .bundle import BundleWriter
+from .onnx import example_inputs, fp16_from_onnx, onnx_from_module
+from .parity import compare_outputs, gate
+
+
+class ImageEncoderGraph(nn.Module):
+    """Normalized, padded image (B, 3, S, S) -> image embeddings (B, C, S/16, S/16)."""
+
+    def __init__(self, sam: Sam) -> None:
+        super().__init__()
+        self.encoder = sam.image_encoder
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.encoder(image)
+
+
+class PromptEncoderGraph(nn.Module):
+    """Points (B, N, 2) XY in the resized frame + labels (B, N) + optional low-res mask -> embeddings."""
+
+    def __init__(self, sam: Sam) -> None:
+        super().__init__()
+        self.pe = sam.prompt_encoder
+        self.image_size = sam.prompt_encoder.input_image_size
+
+    def forward(self, point_coords, point_labels, mask_input, has_mask_input):
+        pe = self.pe
+        coords = point_coords + 0.5  # pixel centers, as the official prompt encoder shifts them
+        coords = coords / torch.tensor([self.image_size[1], self.image_size[0]], dtype=coords.dtype)
+        emb = pe.pe_layer._pe_encoding(coords)
+        labels = point_labels.unsqueeze(-1)
+        # Masked sums instead of boolean indexing: one branch-free graph for every label mix.
+        emb = emb * (labels != -1).to(emb.dtype)
+        emb = emb + pe.not_a_point_embed.weight * (labels == -1).to(emb.dtype)
+        for i, point_embedding in enumerate(pe.point_embeddings):
+            emb = emb + point_embedding.weight * (labels == i).to(emb.dtype)
+        has_mask = has_mask_input.reshape(-1, 1, 1, 1)
+        no_mask = pe.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        dense = has_mask * pe.mask_downscaling(mask_input) + (1 - has_mask) * no_mask
+        return emb, dense
+
+
+class MaskDecoderGraph(nn.Module):
+    """One image embedding (1, C, h, w) and B prompts -> IoU predictions (B, 4) and mask logits (B, 4, 4h, 4w)."""
+
+    def __init__(self, sam: Sam) -> None:
+        super().__init__()
+        self.decoder = sam.mask_decoder
+        # Constant for a given model: fold it into the graph instead of recomputing it per call.
+        self.register_buffer("image_pe", sam.prompt_encoder.get_dense_pe().detach().clone())
+
+    def forward(self, image_embeddings, sparse_embeddings, dense_embeddings):
+        d = self.decoder
+        tokens = torch.cat([d.iou_token.weight, d.mask_tokens.weight], dim=0)
+        tokens = tokens.unsqueeze(0).expand(sparse_embeddings.shape[0], -1, -1)
+        tokens = torch.cat([tokens, sparse_embeddings], dim=1)
+        # Broadcasting the single image over the prompt batch replaces the official repeat_interleave.
+        src = image_embeddings + dense_embeddings
+        b, c, h, w = src.shape
+        hs, src = d.transformer(src, self.image_pe, tokens)
+        iou_token_out = hs[:, 0, :]
+        mask_tokens_out = hs[:, 1 : 1 + d.num_mask_tokens, :]
+        upscaled = d.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+        hyper_in = torch.stack(
+            [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(d.output_hypernetworks_mlps)], dim=1
+        )
+        _, c2, h2, w2 = upscaled.shape
+        masks = (hyper_in @ upscaled.reshape(b, c2, h2 * w2)).reshape(b, -1, h2, w2)
+        return d.iou_prediction_head(iou_token_out), masks
+
+
+def parity_inputs(cfg: SamConfig, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
+    """Seeded inputs covering every prompt kind: points with padding, a box, and a mask input."""
+    rng = np.random.default_rng(seed)
+    s, e = cfg.image_size, cfg.image_embedding_size
+    image = rng.normal(0.0, 1.0, (1, 3, s, s)).astype(np.float32)
+    # Batch of 3 prompts with 3 points each: [fg, bg, pad], [box tl, box br, fg], [fg, fg, pad].
+    coords = rng.uniform(0, s, (3, 3, 2)).astype(np.float32)
+    labels = np.array([[1, 0, -1], [2, 3, 1], [1, 1, -1]], dtype=np.float32)
+    mask = rng.normal(0.0, 4.0, (3, 1, 4 * e, 4 * e)).astype(np.float32)
+    has_mask = np.array([0, 1, 0], dtype=np.float32)
+    prompts = {"point_coords": coords, "point_labels": labels, "mask_input": mask, "has_mask_input": has_mask}
+    return {IMAGE_ENCODER: {"image": image}, PROMPT_ENCODER: prompts}
+
+
+def _torch_run(module: nn.Module, spec: ComponentSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    with torch.no_grad():
+        outs = module(*(torch.from_numpy(feeds[n]) for n in spec.input_names))
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    return {n: o.numpy() for n, o in zip(spec.output_names, outs)}
+
+
+def sam_preprocess(cfg: SamConfig) -> dict[str, Any]:
+    return {
+        "image_size": cfg.image_size,
+        "resize": "longest_side",
+        "resize_rounding": "int(x * scale + 0.5)",
+        "interpolation": "bilinear",
+        "mean": list(cfg.pixel_mean),
+        "std": list(cfg.pixel_std),
+        "pad": "bottom_right_zeros_after_normalize",
+        "pixel_format": "RGB",
+        "layout": "NCHW",
+    }
+
+
+def export_sam(
+    model: Sam | str | Path,
+    out: str | Path,
+    variant: str | SamConfig = "vit_b",
+    precision: str = "fp32",
+    opset: int = 17,
+    parity_gate: bool = True,
+    overwrite: bool = False,
+    progress=None,
+) -> Path:
+    """Export a SAM (a model, or a checkpoint path loaded strictly as ``variant``) to a bundle at ``out``."""
+    if precision not in ("fp32", "fp16"):
+        raise InputError(f"--precision {precision!r} is not supported for SAM; choose fp32 or fp16")
+    if opset < 17:
+        raise InputError(f"--opset {opset} is too old: opset 17 is needed for one-op LayerNorm")
+    cfg = SAM_CONFIGS[variant] if isinstance(variant, str) else variant
+    source: dict[str, Any] = {"loader": "in-memory model"}
+    if not isinstance(model, nn.Module):
+        path = Path(model)
+        model = load_sam(path, variant)
+        source = {"checkpoint": path.name, "sha256": sha256_file(path),
+                  "loader": "torch.load(weights_only=True) / safetensors, strict keys and shapes"}
+    model = model.eval()
+    specs = sam_specs(cfg.image_size, cfg.prompt_embed_dim, cfg.image_embedding_size)
+    graphs = {IMAGE_ENCODER: ImageEncoderGraph(model), PROMPT_ENCODER: PromptEncoderGraph(model),
+              MASK_DECODER: MaskDecoderGraph(model)}
+    feeds = parity_inputs(cfg)
+    parity: dict[str, Any] = {"gate": parity_gate, "reference": f"PyTorch {torch.__version__} fp32, CPU",
+                              "backend": "onnxruntime CPU"}
+    from edgefm.runtime.backends.onnxruntime import OrtRunner
+
+    with BundleWriter(out, overwrite=overwrite) as writer:
+        for name in (IMAGE_ENCODER, PROMPT_ENCODER, MASK_DECODER):
+            if progress:
+                progress(f"exporting {name} ({precision})")
+            spec, graph = specs[name], graphs[name]
+            ref = _torch_run(graph, spec, feeds[name])
+            work = writer.workdir(name)
+            onnx_path = work / f"{name}.onnx"
+            extra = onnx_from_module(graph, spec, onnx_path, example_inputs(spec, feeds[name]), opset)
+            if precision == "fp16":
+                half_dir = writer.workdir(name + "-fp16")
+                extra = fp16_from_onnx(onnx_path, half_dir / onnx_path.name)
+                onnx_path = half_dir / onnx_path.name
+            got = OrtRunner(onnx_path, spec, "ort-cpu").run(feeds[name])
+            report = compare_outputs(ref, got, precision, masks=("low_res_masks",))
+            report["inputs"] = {k: list(v.shape) for k, v in feeds[name].items()}
+            parity[name] = report
+            gate(name, report, parity_gate)
+            writer.add(onnx_path, spec, "onnx", precision, extra, info={"opset": opset})
+            if name == IMAGE_ENCODER:
+                feeds[MASK_DECODER] = {"image_embeddings": ref["image_embeddings"]}
+            if name == PROMPT_ENCODER:
+                feeds[MASK_DECODER].update(ref)
+        manifest = Manifest(
+            family="sam", variant=variant if isinstance(variant, str) else "custom", source=source,
+            preprocess=sam_preprocess(cfg), components=[], parity=parity,
+            config={"mask_threshold": 0.0, "image_size": cfg.image_size,
+                    "embed_dim": cfg.prompt_embed_dim, "embed_size": cfg.image_embedding_size},
+        )
+        return writer.finish(manifest)

@@ -1,0 +1,94 @@
+"""Opening a bundle: manifest validation, file integrity, and one runner per component, created once."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from .backends import Runner, open_runner, resolve_backend
+from .errors import BundleError
+from .manifest import ComponentEntry, Manifest, read_manifest
+from .spec import ComponentSpec
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Bundle:
+    """An exported bundle folder. ``Bundle(path).runner("image_encoder")`` gives a ready component."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        backend: str = "auto",
+        verify: bool = True,
+        threads: int | None = None,
+        family: str | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.manifest: Manifest = read_manifest(self.path)
+        if family is not None and self.manifest.family != family:
+            raise BundleError(
+                f"{self.path} holds a {self.manifest.family!r} bundle, but a {family!r} bundle is needed here"
+            )
+        formats = {c.format for c in self.manifest.components}
+        self.backend = resolve_backend(backend, formats)
+        self.verify = verify
+        self.threads = threads
+        self._runners: dict[str, Runner] = {}
+
+    @property
+    def family(self) -> str:
+        return self.manifest.family
+
+    @property
+    def preprocess(self) -> dict[str, Any]:
+        return self.manifest.preprocess
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.manifest.config
+
+    def entry(self, name: str) -> ComponentEntry:
+        """The component file this bundle's backend runs: an engine for TensorRT, else ONNX."""
+        fmt = "tensorrt" if self.backend == "tensorrt" else "onnx"
+        found = self.manifest.find(name, format=fmt)
+        if not found:
+            raise BundleError(
+                f"{self.path}: no {fmt} file for component {name!r} "
+                f"(the bundle has {self.manifest.component_names})"
+            )
+        # Prefer fp16 on a GPU backend when both precisions exist, fp32 on the CPU.
+        order = ("fp32", "mixed", "fp16", "int8") if self.backend == "ort-cpu" else ("fp16", "mixed", "fp32", "int8")
+        return sorted(found, key=lambda c: order.index(c.precision))[0]
+
+    def spec(self, name: str) -> ComponentSpec:
+        return self.entry(name).spec
+
+    def check_files(self, entry: ComponentEntry) -> None:
+        files = {entry.file: entry.sha256, **entry.extra_files}
+        for file, digest in files.items():
+            path = self.path / file
+            if not path.is_file():
+                raise BundleError(f"{path} is missing from the bundle; re-export it")
+            if self.verify and sha256_file(path) != digest:
+                raise BundleError(
+                    f"{path} does not match the sha256 in {self.path / 'manifest.json'}: the file was "
+                    "changed or truncated after export; re-export the bundle"
+                )
+
+    def runner(self, name: str) -> Runner:
+        if name not in self._runners:
+            entry = self.entry(name)
+            self.check_files(entry)
+            options: dict[str, Any] = {}
+            if self.backend.startswith("ort"):
+                options = {"threads": self.threads, "cache_dir": self.path / ".cache"}
+            self._runners[name] = open_runner(entry, self.path, self.backend, **options)
+        return self._runners[name]

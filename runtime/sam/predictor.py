@@ -1,0 +1,170 @@
+"""``SamPredictor``: the official predictor's API on exported components, without PyTorch.
+
+``set_image`` runs the image encoder once; each ``predict`` runs only the prompt encoder and the mask
+decoder, and upscales only the masks it returns.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..bundle import Bundle
+from ..errors import InputError
+from .spec import IMAGE_ENCODER, MASK_DECODER, PROMPT_ENCODER
+from .transforms import as_rgb_uint8, normalize_and_pad, resize_longest_side, resized_shape, scale_coords, upscale_masks
+
+
+class SamPredictor:
+    """Prompted segmentation of one image at a time.
+
+    Conventions: images HWC uint8 RGB; point_coords (N, 2) XY pixels of the original image; point_labels
+    (N,) with 1 = foreground, 0 = background; box (4,) XYXY pixels; mask_input (1, 256, 256) low-res logits
+    from a previous call. Sizes are (H, W).
+    """
+
+    def __init__(self, bundle: Bundle | str | Path, backend: str = "auto", threads: int | None = None) -> None:
+        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle, backend, threads=threads, family="sam")
+        pre = self.bundle.preprocess
+        self.image_size = int(pre["image_size"])
+        self.mean, self.std = pre["mean"], pre["std"]
+        self.mask_threshold = float(self.bundle.config.get("mask_threshold", 0.0))
+        self.encoder = self.bundle.runner(IMAGE_ENCODER)
+        self.prompt_encoder = self.bundle.runner(PROMPT_ENCODER)
+        self.decoder = self.bundle.runner(MASK_DECODER)
+        self.low_res_size = self.decoder.spec.outputs[1].shape[-1]
+        self.reset_image()
+
+    @property
+    def backend(self) -> str:
+        return self.bundle.backend
+
+    def reset_image(self) -> None:
+        self.features: np.ndarray | None = None
+        self.original_size: tuple[int, int] | None = None
+        self.input_size: tuple[int, int] | None = None
+
+    @property
+    def is_image_set(self) -> bool:
+        return self.features is not None
+
+    def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
+        """Encode ``image`` (HWC uint8, RGB unless ``image_format="BGR"``) once for later prompts."""
+        if image_format not in ("RGB", "BGR"):
+            raise InputError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
+        image = as_rgb_uint8(image)
+        if image_format == "BGR":
+            image = np.ascontiguousarray(image[..., ::-1])
+        resized = resize_longest_side(image, self.image_size)
+        x = normalize_and_pad(resized, self.image_size, self.mean, self.std)
+        self.features = self.encoder.run({"image": x})["image_embeddings"]
+        self.original_size = image.shape[:2]
+        self.input_size = resized_shape(*image.shape[:2], self.image_size)
+
+    def get_image_embedding(self) -> np.ndarray:
+        self._need_image()
+        return self.features
+
+    def predict(
+        self,
+        point_coords: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        box: np.ndarray | None = None,
+        mask_input: np.ndarray | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Masks (C, H, W), IoU predictions (C,) and low-res logits (C, 256, 256) for one prompt;
+        C = 3 with ``multimask_output`` (the three ambiguity levels), else 1 (the single-mask output)."""
+        if point_coords is not None:
+            point_coords = np.asarray(point_coords, dtype=np.float32).reshape(1, -1, 2)
+            if point_labels is None:
+                raise InputError("point_labels must be given with point_coords (1 = foreground, 0 = background)")
+            point_labels = np.asarray(point_labels, dtype=np.float32).reshape(1, -1)
+        if box is not None:
+            box = np.asarray(box, dtype=np.float32).reshape(1, 4)
+        if mask_input is not None:
+            mask_input = np.asarray(mask_input, dtype=np.float32)
+            if mask_input.shape != (1, self.low_res_size, self.low_res_size):
+                raise InputError(
+                    f"mask_input must have shape (1, {self.low_res_size}, {self.low_res_size}) "
+                    f"(the low-res logits of a previous predict), got {mask_input.shape}"
+                )
+            mask_input = mask_input[None]
+        masks, iou, low = self.predict_batch(point_coords, point_labels, box, mask_input, multimask_output,
+                                             return_logits)
+        return masks[0], iou[0], low[0]
+
+    def predict_batch(
+        self,
+        point_coords: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        boxes: np.ndarray | None = None,
+        mask_input: np.ndarray | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """B prompts in one decoder call. point_coords (B, N, 2) and point_labels (B, N) in original-image
+        pixels; boxes (B, 4) XYXY; mask_input (B, 1, 256, 256). Returns masks (B, C, H, W) (bool, or float
+        logits with ``return_logits``), IoU predictions (B, C) and low-res logits (B, C, 256, 256)."""
+        self._need_image()
+        coords, labels = self._prompt_points(point_coords, point_labels, boxes)
+        b = coords.shape[0]
+        if mask_input is None:
+            mask_input = np.zeros((b, 1, self.low_res_size, self.low_res_size), np.float32)
+            has_mask = np.zeros((b,), np.float32)
+        else:
+            mask_input = np.asarray(mask_input, np.float32)
+            has_mask = np.ones((b,), np.float32)
+        emb = self.prompt_encoder.run(
+            {"point_coords": coords, "point_labels": labels, "mask_input": mask_input, "has_mask_input": has_mask}
+        )
+        out = self.decoder.run({"image_embeddings": self.features, **emb})
+        sel = slice(1, None) if multimask_output else slice(0, 1)
+        iou = out["iou_predictions"][:, sel]
+        low = out["low_res_masks"][:, sel]
+        masks = upscale_masks(low, self.input_size, self.original_size, self.image_size)
+        if not return_logits:
+            masks = masks > self.mask_threshold
+        return masks, iou, low
+
+    def _prompt_points(self, point_coords, point_labels, boxes) -> tuple[np.ndarray, np.ndarray]:
+        """Official prompt layout in the resized frame: points, then box corners (labels 2, 3); a padding
+        point (label -1) when there is no box."""
+        if point_coords is None and boxes is None:
+            raise InputError("no prompt given: pass point_coords with point_labels, and/or a box")
+        h, w = self.original_size
+        parts_c, parts_l = [], []
+        if point_coords is not None:
+            pc = np.asarray(point_coords, np.float32)
+            pl = np.asarray(point_labels, np.float32)
+            if pc.ndim != 3 or pc.shape[-1] != 2 or pl.shape != pc.shape[:2]:
+                raise InputError(f"point_coords must be (B, N, 2) and point_labels (B, N); got {pc.shape}, {pl.shape}")
+            bad = (pc[..., 0] < 0) | (pc[..., 0] > w) | (pc[..., 1] < 0) | (pc[..., 1] > h)
+            if bad.any():
+                x, y = pc[bad][0]
+                raise InputError(f"point ({x:g}, {y:g}) is outside the image of size W={w}, H={h}")
+            if not np.isin(pl, (0, 1)).all():
+                raise InputError("point_labels must be 1 (foreground) or 0 (background)")
+            parts_c.append(scale_coords(pc, self.original_size, self.input_size))
+            parts_l.append(pl)
+        if boxes is not None:
+            bx = np.asarray(boxes, np.float32).reshape(-1, 4)
+            if ((bx[:, 2] < bx[:, 0]) | (bx[:, 3] < bx[:, 1])).any():
+                raise InputError(f"box must be XYXY with x0 <= x1 and y0 <= y1, got {bx.tolist()}")
+            if ((bx[:, :2] > [w, h]).any(axis=1) | (bx[:, 2:] < 0).any(axis=1)).any():
+                raise InputError(f"box {bx.tolist()} lies outside the image of size W={w}, H={h}")
+            parts_c.append(scale_coords(bx.reshape(-1, 2, 2), self.original_size, self.input_size))
+            parts_l.append(np.tile(np.array([[2, 3]], np.float32), (bx.shape[0], 1)))
+        else:
+            n = parts_c[0].shape[0]
+            parts_c.append(np.zeros((n, 1, 2), np.float32))
+            parts_l.append(-np.ones((n, 1), np.float32))
+        if len({p.shape[0] for p in parts_c}) != 1:
+            raise InputError("point_coords and boxes must have the same batch size")
+        return np.concatenate(parts_c, axis=1), np.concatenate(parts_l, axis=1)
+
+    def _need_image(self) -> None:
+        if self.features is None:
+            raise InputError("no image is set: call set_image(image) before predict")
