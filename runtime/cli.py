@@ -1,0 +1,189 @@
+"""The ``edgefm`` command. Runtime commands import no torch; ``export`` loads the [export] extra lazily.
+
+User mistakes end with one clear paragraph on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import EdgefmError, InputError, require
+
+
+def _floats(text: str, n: tuple[int, ...], what: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) not in n:
+        raise InputError(f"{what} {text!r} must be {' or '.join(str(k) for k in n)} comma-separated numbers")
+    return values
+
+
+def _progress(msg: str) -> None:
+    print(f"edgefm: {msg}", file=sys.stderr, flush=True)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    require("torch", "export", "`edgefm export`")
+    require("onnx", "export", "`edgefm export`")
+    if args.family == "sam":
+        from edgefm.export.sam import export_sam
+
+        if not Path(args.checkpoint).is_file():
+            raise InputError(f"--checkpoint {args.checkpoint!r} does not exist")
+        out = export_sam(args.checkpoint, args.out, args.variant, precision=args.precision, opset=args.opset,
+                         parity_gate=not args.no_parity_gate, overwrite=args.overwrite, progress=_progress)
+    else:  # pragma: no cover - argparse restricts the choices
+        raise InputError(f"unknown family {args.family!r}")
+    print(f"wrote {out}")
+    _print_manifest(out, brief=True)
+
+
+def _print_manifest(path: Path, brief: bool = False) -> None:
+    from .manifest import read_manifest
+
+    m = read_manifest(path)
+    print(f"bundle   {path}\nfamily   {m.family}  variant {m.variant}  schema {m.schema_version}  "
+          f"edgefm {m.edgefm_version}  created {m.created}")
+    src = m.source
+    print(f"source   {src.get('checkpoint', '-')}  sha256 {str(src.get('sha256', '-'))[:16]}  ({src.get('loader', '')})")
+    if not brief:
+        print("preprocess " + json.dumps(m.preprocess))
+        if m.config:
+            print("config   " + json.dumps(m.config))
+    print("components:")
+    for c in m.components:
+        size = sum((path / f).stat().st_size for f in [c.file, *c.extra_files] if (path / f).exists())
+        print(f"  {c.name:<16} {c.format:<8} {c.precision:<5} {c.file} ({size / 2**20:.1f} MiB)")
+        if not brief:
+            for kind, tensors in (("in ", c.spec.inputs), ("out", c.spec.outputs)):
+                for t in tensors:
+                    print(f"      {kind} {t.name:<20} {t.dtype:<8} {list(t.shape)}")
+            if c.spec.dims:
+                print("      dims " + ", ".join(f"{k}=[{r.min}..{r.max}] opt {r.opt}" for k, r in c.spec.dims.items()))
+    if m.parity:
+        gate = m.parity.get("gate", True)
+        print(f"parity vs {m.parity.get('reference', 'PyTorch')} on {m.parity.get('backend', '?')}"
+              + ("" if gate else "  (GATE DISABLED at export)"))
+        for name, rep in m.parity.items():
+            if not isinstance(rep, dict) or "outputs" not in rep:
+                continue
+            for out, r in rep["outputs"].items():
+                iou = f"  mask IoU {r['mask_iou']:.5f}" if "mask_iou" in r else ""
+                print(f"  {name + '.' + out:<36} {'PASS' if r['passed'] else 'FAIL'}  cos {r['cosine']:.7f}  "
+                      f"max abs {r['max_abs']:.2e} (|ref| {r['ref_max_abs']:.3g}){iou}")
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    _print_manifest(Path(args.bundle))
+
+
+def cmd_segment(args: argparse.Namespace) -> None:
+    from .draw import overlay_masks, read_image, write_image
+    from .sam import SamPredictor
+
+    image = read_image(args.image)
+    points = [_floats(p, (2, 3), "--point") for p in args.point]
+    box = _floats(args.box, (4,), "--box") if args.box else None
+    if not points and box is None and not args.auto:
+        raise InputError("give a prompt: --point X,Y[,LABEL] (repeatable), --box X0,Y0,X1,Y1, or --auto")
+    predictor = SamPredictor(args.bundle, backend=args.backend, threads=args.threads)
+    t0 = time.perf_counter()
+    if args.auto:
+        from .sam import SamAutomaticMaskGenerator
+
+        gen = SamAutomaticMaskGenerator(predictor, points_per_side=args.points_per_side, progress=True)
+        records = gen.generate(image)
+        masks = [r["segmentation"] for r in records]
+        scores = np.array([r["predicted_iou"] for r in records])
+        drawn = overlay_masks(image, masks)
+        print(f"{len(masks)} masks")
+    else:
+        predictor.set_image(image)
+        coords = np.array([p[:2] for p in points], np.float32) if points else None
+        labels = np.array([p[2] if len(p) == 3 else 1 for p in points], np.float32) if points else None
+        masks, scores, _ = predictor.predict(coords, labels, np.array(box) if box else None,
+                                             multimask_output=args.multimask)
+        best = int(np.argmax(scores))
+        masks = [masks[best]] if not args.all_masks else list(masks)
+        drawn = overlay_masks(image, masks, coords, labels, np.array(box) if box else None)
+        print(f"mask: {int(masks[0].sum())} pixels, predicted IoU {scores[best]:.3f}")
+    ms = (time.perf_counter() - t0) * 1e3
+    write_image(args.out, drawn)
+    print(f"wrote {args.out}  ({ms:.0f} ms on {predictor.backend})")
+    if args.masks_out:
+        np.savez_compressed(args.masks_out, masks=np.array(masks, bool), scores=np.asarray(scores))
+        print(f"wrote {args.masks_out}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(Path(args.out), cache=Path(args.cache) if args.cache else None, backend=args.backend)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgefm", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("export", help="export a PyTorch checkpoint to an ONNX bundle (needs edgefm[export])")
+    e.add_argument("family", choices=["sam"])
+    e.add_argument("--checkpoint", required=True, help="official checkpoint (.pth or .safetensors)")
+    e.add_argument("--variant", default="vit_b", help="vit_b | vit_l | vit_h | tiny")
+    e.add_argument("--out", required=True, help="bundle folder to write")
+    e.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
+    e.add_argument("--opset", type=int, default=17)
+    e.add_argument("--no-parity-gate", action="store_true", help="write the bundle even if parity fails")
+    e.add_argument("--overwrite", action="store_true")
+    e.set_defaults(func=cmd_export)
+
+    i = sub.add_parser("inspect", help="print a bundle's manifest: components, shapes, parity")
+    i.add_argument("bundle")
+    i.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("segment", help="segment an image with a SAM bundle and write an overlay picture")
+    s.add_argument("bundle")
+    s.add_argument("image")
+    s.add_argument("--point", action="append", default=[], metavar="X,Y[,LABEL]",
+                   help="prompt point in image pixels; LABEL 1 foreground (default) or 0 background")
+    s.add_argument("--box", metavar="X0,Y0,X1,Y1")
+    s.add_argument("--auto", action="store_true", help="automatic mask generation over a point grid")
+    s.add_argument("--points-per-side", type=int, default=32)
+    s.add_argument("--multimask", action="store_true", help="predict 3 masks and keep the best-scored")
+    s.add_argument("--all-masks", action="store_true", help="draw every predicted mask")
+    s.add_argument("--out", required=True, help="overlay picture (.png / .jpg)")
+    s.add_argument("--masks-out", help="also save masks and scores as .npz")
+    s.set_defaults(func=cmd_segment)
+
+    d = sub.add_parser("demo", help="export the bundled demo models and run them on generated scenes")
+    d.add_argument("--out", default="edgefm-demo", help="folder for the pictures")
+    d.add_argument("--cache", help="where exported demo bundles are cached (default ~/.cache/edgefm)")
+    d.set_defaults(func=cmd_demo)
+
+    for cmd in (s, d):
+        cmd.add_argument("--backend", default="auto", help="auto | ort-cpu | ort-cuda | ort-trt | tensorrt")
+    s.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except EdgefmError as exc:
+        print(f"edgefm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""The edgefm command on a SAM bundle: pictures written, clear errors for user mistakes, nothing half-written."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import scene
+
+from edgefm.runtime.cli import main
+from edgefm.runtime.draw import read_image, write_image
+
+
+@pytest.fixture(scope="module")
+def image_file(tmp_path_factory):
+    return write_image(tmp_path_factory.mktemp("img") / "scene.png", scene(200, 300, seed=4))
+
+
+def test_segment_writes_overlay_and_masks(sam_tiny_bundle, image_file, tmp_path, capsys):
+    from edgefm.runtime.sam import SamPredictor
+
+    out, npz = tmp_path / "overlay.png", tmp_path / "masks.npz"
+    code = main(["segment", str(sam_tiny_bundle), str(image_file), "--point", "120,80", "--point", "250,150,0",
+                 "--out", str(out), "--masks-out", str(npz), "--backend", "ort-cpu"])
+    assert code == 0, capsys.readouterr().err
+    overlay = read_image(out)
+    assert overlay.shape == (200, 300, 3) and not np.array_equal(overlay, read_image(image_file))
+    saved = np.load(npz)
+    p = SamPredictor(sam_tiny_bundle, backend="ort-cpu")
+    p.set_image(read_image(image_file))
+    masks, scores, _ = p.predict(np.array([[120, 80], [250, 150]]), np.array([1, 0]), multimask_output=False)
+    np.testing.assert_array_equal(saved["masks"][0], masks[0])
+    np.testing.assert_allclose(saved["scores"], scores, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["missing.png", "--point", "1,1"], "image file 'missing.png' does not exist"),
+        (["{img}", "--point", "400,10"], "point (400, 10) is outside the image of size W=300, H=200"),
+        (["{img}"], "give a prompt: --point"),
+        (["{img}", "--point", "1;2"], "--point '1;2' must be 2 or 3 comma-separated numbers"),
+        (["{img}", "--box", "1,1", "--backend", "ort-cpu"], "--box '1,1' must be 4 comma-separated numbers"),
+        (["{img}", "--point", "10,10", "--backend", "cuda9"], "unknown backend 'cuda9'"),
+    ],
+)
+def test_segment_errors_are_one_clear_line(sam_tiny_bundle, image_file, tmp_path, capsys, args, message):
+    out = tmp_path / "o.png"
+    args = [a.replace("{img}", str(image_file)) for a in args]
+    code = main(["segment", str(sam_tiny_bundle), *args, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and "Traceback" not in err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_inspect_shows_components_and_parity(sam_tiny_bundle, capsys):
+    assert main(["inspect", str(sam_tiny_bundle)]) == 0
+    text = capsys.readouterr().out
+    for expected in ("family   sam", "image_encoder", "point_coords", "batch=[1..128]", "PASS", "mask IoU 1.00000"):
+        assert expected in text
+    assert "FAIL" not in text
+
+
+def test_export_cli_from_official_checkpoint(sam_tiny, tmp_path, capsys):
+    import torch
+
+    ckpt = tmp_path / "sam_tiny.pth"
+    torch.save(sam_tiny.state_dict(), ckpt)
+    code = main(["export", "sam", "--checkpoint", str(ckpt), "--variant", "tiny", "--out", str(tmp_path / "b")])
+    assert code == 0, capsys.readouterr().err
+    from edgefm.runtime.manifest import read_manifest
+
+    m = read_manifest(tmp_path / "b")
+    assert m.source["checkpoint"] == "sam_tiny.pth" and len(m.source["sha256"]) == 64
+    # The wrong variant: a clear message naming the file, nothing written.
+    code = main(["export", "sam", "--checkpoint", str(ckpt), "--variant", "vit_b", "--out", str(tmp_path / "c")])
+    err = capsys.readouterr().err
+    assert code == 2 and "sam_tiny.pth" in err and "Traceback" not in err
+    assert not (tmp_path / "c").exists()
