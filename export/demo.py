@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import torch
-
 from edgefm.models.checkpoint import sha256_file
 from edgefm.models.sam import SAM_CONFIGS, build_sam
 

@@ -11,7 +11,6 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-
 from edgefm.runtime.errors import require
 from edgefm.runtime.spec import ComponentSpec
 

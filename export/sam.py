@@ -12,14 +12,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
-
 from edgefm.models.checkpoint import sha256_file
 from edgefm.models.sam import SAM_CONFIGS, Sam, SamConfig, load_sam
 from edgefm.runtime.errors import InputError
 from edgefm.runtime.manifest import Manifest
 from edgefm.runtime.sam.spec import IMAGE_ENCODER, MASK_DECODER, PROMPT_ENCODER, sam_specs
 from edgefm.runtime.spec import ComponentSpec
+from torch import nn
 
 from .bundle import BundleWriter
 from .onnx import example_inputs, fp16_from_onnx, onnx_from_module

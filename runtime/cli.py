@@ -53,7 +53,8 @@ def _print_manifest(path: Path, brief: bool = False) -> None:
     print(f"bundle   {path}\nfamily   {m.family}  variant {m.variant}  schema {m.schema_version}  "
           f"edgefm {m.edgefm_version}  created {m.created}")
     src = m.source
-    print(f"source   {src.get('checkpoint', '-')}  sha256 {str(src.get('sha256', '-'))[:16]}  ({src.get('loader', '')})")
+    digest = str(src.get("sha256", "-"))[:16]
+    print(f"source   {src.get('checkpoint', '-')}  sha256 {digest}  ({src.get('loader', '')})")
     if not brief:
         print("preprocess " + json.dumps(m.preprocess))
         if m.config:

@@ -13,7 +13,14 @@ import numpy as np
 from ..bundle import Bundle
 from ..errors import InputError
 from .spec import IMAGE_ENCODER, MASK_DECODER, PROMPT_ENCODER
-from .transforms import as_rgb_uint8, normalize_and_pad, resize_longest_side, resized_shape, scale_coords, upscale_masks
+from .transforms import (
+    as_rgb_uint8,
+    normalize_and_pad,
+    resize_longest_side,
+    resized_shape,
+    scale_coords,
+    upscale_masks,
+)
 
 
 class SamPredictor:

@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 from conftest import assert_scaled_close
-
 from edgefm.runtime.bundle import Bundle
 from edgefm.runtime.errors import BundleError, ManifestError, ParityError
 
@@ -31,7 +30,6 @@ def test_fp32_bundle_parity_and_manifest(sam_tiny_bundle):
 def test_dynamic_batch_and_points(sam_tiny_bundle, sam_tiny):
     """Shapes other than the traced ones run and still match PyTorch."""
     import torch
-
     from edgefm.export.sam import PromptEncoderGraph
 
     bundle = Bundle(sam_tiny_bundle, backend="ort-cpu")
@@ -57,7 +55,6 @@ def test_dynamic_batch_and_points(sam_tiny_bundle, sam_tiny):
 def test_prompt_graph_matches_official_prompt_encoder(sam_tiny_official, sam_tiny):
     """The branch-free prompt graph equals the official encoder for points (+pad) and boxes."""
     import torch
-
     from edgefm.export.sam import PromptEncoderGraph
 
     coords = torch.tensor([[[10.0, 20.0], [100.0, 30.0]]])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import scene
-
 from edgefm.runtime.cli import main
 from edgefm.runtime.draw import read_image, write_image
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import assert_scaled_close, scene
-
 from edgefm.runtime.errors import InputError
 
 
@@ -27,9 +26,8 @@ def _prompts(h: int, w: int) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def predictors(sam_tiny_bundle, sam_tiny_official):
-    from segment_anything import SamPredictor as OfficialPredictor
-
     from edgefm.runtime.sam import SamPredictor
+    from segment_anything import SamPredictor as OfficialPredictor
 
     return SamPredictor(sam_tiny_bundle, backend="ort-cpu"), OfficialPredictor(sam_tiny_official)
 
