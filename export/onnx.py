@@ -69,7 +69,8 @@ def onnx_from_module(
         data_name = path.name + ".data"
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data_name, size_threshold=1024)
-        extra.append(data_name)
+        if (path.parent / data_name).exists():  # small graphs may have no tensor above the threshold
+            extra.append(data_name)
     onnx.checker.check_model(str(path))
     return extra
 
@@ -90,4 +91,4 @@ def fp16_from_onnx(src: str | Path, dst: str | Path) -> list[str]:
     data_name = Path(dst).name + ".data"
     onnx.save_model(half, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data_name, size_threshold=1024)
-    return [data_name]
+    return [data_name] if (Path(dst).parent / data_name).exists() else []

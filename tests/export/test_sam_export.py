@@ -129,3 +129,22 @@ def test_corrupt_bundles_are_refused(sam_tiny_bundle, tmp_path):
         Bundle(bad)
     with pytest.raises(ManifestError, match="has no manifest.json"):
         Bundle(tmp_path)
+
+
+def test_external_data_path_for_large_models(sam_tiny, tmp_path, monkeypatch):
+    """ViT-H fp32 is over protobuf's 2 GB limit; the same path is exercised here with a lowered limit."""
+    from edgefm.export import onnx as onnx_export
+    from edgefm.export.sam import export_sam
+
+    monkeypatch.setattr(onnx_export, "_TWO_GB", 1000)
+    out = export_sam(sam_tiny, tmp_path / "ext", "tiny")
+    manifest = json.loads((out / "manifest.json").read_text())
+    enc = next(c for c in manifest["components"] if c["name"] == "image_encoder")
+    assert list(enc["extra_files"]) == ["image_encoder.onnx.data"]
+    assert (out / "image_encoder.onnx.data").stat().st_size > (out / "image_encoder.onnx").stat().st_size
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("image_encoder")) == [
+        "image_encoder.onnx", "image_encoder.onnx.data"]  # one data file, not one per tensor
+    assert manifest["parity"]["image_encoder"]["passed"]
+    (out / "image_encoder.onnx.data").write_bytes(b"0" * 10)
+    with pytest.raises(BundleError, match="image_encoder.onnx.data does not match the sha256"):
+        Bundle(out, backend="ort-cpu").runner("image_encoder")
