@@ -99,8 +99,10 @@ def _corrupt(path: Path, reader: str, exc: BaseException) -> CheckpointError:
 
 
 def _first_line(exc: BaseException) -> str:
+    """The gist of an exception: its first sentence, at most 200 characters."""
     text = str(exc).strip()
-    return text.splitlines()[0] if text else "no details"
+    first = text.splitlines()[0].split(". ")[0].rstrip(".") if text else "no details"
+    return first[:200]
 
 
 def _as_state_dict(obj: object, path: Path) -> StateDict:
@@ -140,7 +142,11 @@ def _shape(t: torch.Tensor) -> str:
 
 
 def load_strict(
-    module: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str, hint: HintFn | None = None
+    module: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    source: str,
+    hint: HintFn | None = None,
+    model_name: str | None = None,
 ) -> None:
     """Load ``state_dict`` into ``module`` after :func:`check_state_dict` found every key and shape right.
 
@@ -150,19 +156,25 @@ def load_strict(
         source: the file name (or other description) to name in error messages.
         hint: optional ``state_dict -> sentence | None`` saying what to do instead (e.g. which variant
             the checkpoint looks like); used only when the check fails.
+        model_name: how messages name the model (e.g. "the SAM vit_b model"); default its class name.
     """
-    check_state_dict(module, state_dict, source, hint)
+    check_state_dict(module, state_dict, source, hint, model_name)
     module.load_state_dict(state_dict, strict=True)
 
 
 def check_state_dict(
-    module: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str, hint: HintFn | None = None
+    module: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    source: str,
+    hint: HintFn | None = None,
+    model_name: str | None = None,
 ) -> None:
     """Raise one :class:`CheckpointError` unless ``state_dict`` has exactly the keys and shapes of ``module``.
 
-    Shapes are compared first, then missing and unexpected keys are listed (long lists truncated with a
-    count). ``module`` may live on the "meta" device, so a checkpoint can be checked before the real
-    (possibly large) model is allocated. Arguments as in :func:`load_strict`.
+    The message says what to do first (the hint's sentence, or generic advice), then lists the tensors
+    whose shapes differ (both shapes), the missing keys and the unexpected keys; each list is truncated
+    after ten entries with a count. ``module`` may live on the "meta" device, so a checkpoint can be
+    checked before the real (possibly large) model is allocated. Arguments as in :func:`load_strict`.
     """
     expected = module.state_dict()
     mismatched = [
@@ -172,20 +184,20 @@ def check_state_dict(
     ]
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
-    if mismatched or missing or unexpected:
-        problems = []
-        if mismatched:
-            problems.append(f"{len(mismatched)} tensors have other shapes ({_listing(mismatched)})")
-        if missing:
-            problems.append(f"{len(missing)} keys of the model are missing ({_listing(missing)})")
-        if unexpected:
-            problems.append(f"{len(unexpected)} keys are not in the model ({_listing(unexpected)})")
-        advice = hint(state_dict) if hint is not None else None
-        if not advice:
-            advice = (
-                "Check that the checkpoint belongs to this model family and variant, and that it was "
-                "saved from the unwrapped model (no 'module.' prefixes)."
-            )
-        raise CheckpointError(
-            f"Checkpoint '{source}' does not fit {type(module).__name__}: {'; '.join(problems)}. {advice}"
+    if not (mismatched or missing or unexpected):
+        return
+    problems = []
+    if mismatched:
+        problems.append(f"{len(mismatched)} tensors have other shapes ({_listing(mismatched)})")
+    if missing:
+        problems.append(f"{len(missing)} keys of the model are missing ({_listing(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} keys are not in the model ({_listing(unexpected)})")
+    advice = hint(state_dict) if hint is not None else None
+    if not advice:
+        advice = (
+            "Check that the checkpoint belongs to this model family and variant, and that it was saved "
+            "from the unwrapped model (no 'module.' prefixes)."
         )
+    name = model_name or type(module).__name__
+    raise CheckpointError(f"Checkpoint '{source}' does not fit {name}. {advice} Details: {'; '.join(problems)}.")

@@ -1,7 +1,16 @@
 """Segment Anything (v1) in PyTorch, faithful to segment-anything so that ``sam_vit_{b,l,h}_*.pth`` load
 strictly. Build with ``build_sam(SAM_CONFIGS["vit_b"])`` or load with ``load_sam(path, "vit_b")``."""
 
-from .build import SAM_CONFIGS, Sam, SamConfig, build_sam, guess_sam_variant, load_sam, resolve_sam_config
+from .build import (
+    SAM_CONFIGS,
+    Sam,
+    SamConfig,
+    build_sam,
+    guess_sam_variant,
+    load_sam,
+    resolve_sam_config,
+    sam_variant_hint,
+)
 from .common import LayerNorm2d, MLPBlock
 from .image_encoder import ImageEncoderViT
 from .mask_decoder import MLP, MaskDecoder
@@ -25,4 +34,5 @@ __all__ = [
     "guess_sam_variant",
     "load_sam",
     "resolve_sam_config",
+    "sam_variant_hint",
 ]

@@ -49,17 +49,11 @@ class SamConfig:
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
-            raise ValueError(
-                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
-            )
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.encoder_embed_dim % self.encoder_num_heads:
-            raise ValueError(
-                f"encoder_num_heads {self.encoder_num_heads} must divide {self.encoder_embed_dim}"
-            )
+            raise ValueError(f"encoder_num_heads {self.encoder_num_heads} must divide {self.encoder_embed_dim}")
         if any(not 0 <= i < self.encoder_depth for i in self.encoder_global_attn_indexes):
-            raise ValueError(
-                f"encoder_global_attn_indexes {self.encoder_global_attn_indexes} exceed the depth"
-            )
+            raise ValueError(f"encoder_global_attn_indexes {self.encoder_global_attn_indexes} exceed the depth")
 
     @property
     def image_embedding_size(self) -> int:
@@ -113,9 +107,7 @@ class Sam(nn.Module):
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
         # not persistent: the official checkpoints do not carry them
-        self.register_buffer(
-            "pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False
-        )
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False)
 
     @property
@@ -141,9 +133,7 @@ class Sam(nn.Module):
         return F.interpolate(masks, original_size, mode="bilinear", align_corners=False)
 
     @torch.no_grad()
-    def forward(
-        self, batched_input: list[dict[str, Any]], multimask_output: bool
-    ) -> list[dict[str, torch.Tensor]]:
+    def forward(self, batched_input: list[dict[str, Any]], multimask_output: bool) -> list[dict[str, torch.Tensor]]:
         """End-to-end prediction with the official batched-input convention.
 
         Each record holds ``image`` (3 x H x W, 0-255 RGB, resized so the longest side is ``img_size``),
@@ -242,13 +232,15 @@ def guess_sam_variant(state_dict: Mapping[str, torch.Tensor]) -> str | None:
     matches = [
         name
         for name, cfg in SAM_CONFIGS.items()
-        if (cfg.encoder_embed_dim, cfg.encoder_depth, cfg.patch_size)
-        == (proj.shape[0], depth, proj.shape[-1])
+        if (cfg.encoder_embed_dim, cfg.encoder_depth, cfg.patch_size) == (proj.shape[0], depth, proj.shape[-1])
     ]
     return matches[0] if len(matches) == 1 else None
 
 
-def _variant_hint(cfg: SamConfig) -> HintFn:
+def sam_variant_hint(cfg: SamConfig) -> HintFn:
+    """A ``hint`` for :func:`~edgefm.models.checkpoint.check_state_dict` when loading into ``cfg``'s model:
+    names the registered variant the checkpoint looks like, if that is another one."""
+
     def hint(state_dict: Mapping[str, torch.Tensor]) -> str | None:
         proj = state_dict.get("image_encoder.patch_embed.proj.weight")
         if proj is None:
@@ -279,7 +271,8 @@ def load_sam(path: str | os.PathLike[str], variant: str | SamConfig) -> Sam:
     state_dict = read_state_dict(path)
     with torch.device("meta"):  # check keys and shapes before allocating and initialising the real model
         skeleton = build_sam(cfg)
-    check_state_dict(skeleton, state_dict, source=os.fspath(path), hint=_variant_hint(cfg))
+    name = f"the SAM {variant} model" if isinstance(variant, str) else "the SAM model of the given SamConfig"
+    check_state_dict(skeleton, state_dict, os.fspath(path), hint=sam_variant_hint(cfg), model_name=name)
     model = build_sam(cfg)
     model.load_state_dict(state_dict, strict=True)
     return model.eval()

@@ -84,9 +84,7 @@ class PromptEncoder(nn.Module):
         self.pe_layer = PositionEmbeddingRandom(embed_dim // 2)
 
         self.num_point_embeddings: int = 4  # background, foreground, box corner 1, box corner 2
-        self.point_embeddings = nn.ModuleList(
-            nn.Embedding(1, embed_dim) for _ in range(self.num_point_embeddings)
-        )
+        self.point_embeddings = nn.ModuleList(nn.Embedding(1, embed_dim) for _ in range(self.num_point_embeddings))
         self.not_a_point_embed = nn.Embedding(1, embed_dim)
 
         self.mask_input_size = (4 * image_embedding_size[0], 4 * image_embedding_size[1])
