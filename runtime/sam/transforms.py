@@ -10,6 +10,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from .. import resample
 from ..errors import InputError
 
 _CV_MAX_CHANNELS = 128  # cv2.resize's channel limit in OpenCV 5 (512 in OpenCV 4)
@@ -39,14 +40,13 @@ def as_rgb_uint8(image: np.ndarray, name: str = "image") -> np.ndarray:
 
 
 def resize_longest_side(image: np.ndarray, long_side: int) -> np.ndarray:
-    """Resize so the longest side is ``long_side``. Downscaling uses area averaging (an antialiased
-    resize, as the official PIL path is); upscaling uses bilinear."""
+    """Resize so the longest side is ``long_side`` with PIL's antialiased bilinear, pixel for pixel what the
+    official predictor feeds its encoder (torchvision's resize of a PIL image)."""
     h, w = image.shape[:2]
     nh, nw = resized_shape(h, w, long_side)
     if (nh, nw) == (h, w):
         return image
-    interp = cv2.INTER_AREA if nh < h else cv2.INTER_LINEAR
-    return cv2.resize(image, (nw, nh), interpolation=interp)
+    return resample.resize(image, (nh, nw), "bilinear_antialias")
 
 
 def normalize_and_pad(image: np.ndarray, image_size: int, mean, std) -> np.ndarray:

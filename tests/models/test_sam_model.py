@@ -244,19 +244,16 @@ def test_official_variants_have_identical_keys_and_shapes(variant):
 @pytest.mark.slow
 @torch.no_grad()
 def test_vit_b_matches_reference_at_1024():
-    """The real vit_b (all 12 blocks loaded strictly) at 1024 x 1024 against the official model. The encoder
-    forward runs block 0 (windowed: the 64 x 64 grid padded to 70 x 70 for 14 x 14 windows), block 2 (global
-    attention, 127-long rel-pos tables) and the neck. The other blocks repeat these two types; the full
-    depth costs ~25 CPU-s per model (4096-token global attention), too slow for the 2 shared cores."""
+    """The real vit_b at 1024 x 1024 against the official model, every component, full depth (windowed
+    blocks with the 64 x 64 grid padded to 70 x 70, global blocks with 127-long rel-pos tables, the neck)."""
     ours = randomize_(build_sam(SAM_CONFIGS["vit_b"]), seed=2)
     ref = sam_model_registry["vit_b"]()
     ref.load_state_dict(ours.state_dict(), strict=True)
     assert [blk.window_size for blk in ours.image_encoder.blocks[:3]] == [14, 14, 0]
-    ours.image_encoder.blocks = nn.ModuleList([ours.image_encoder.blocks[0], ours.image_encoder.blocks[2]])
-    ref.image_encoder.blocks = nn.ModuleList([ref.image_encoder.blocks[0], ref.image_encoder.blocks[2]])
     x = torch.randn(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(19))
-    embedding = ours.image_encoder(x)
-    ref_embedding = ref.image_encoder(x)
+    with torch.inference_mode():
+        embedding = ours.image_encoder(x)
+        ref_embedding = ref.image_encoder(x)
     assert embedding.shape == (1, 256, 64, 64)
     assert_close(embedding, ref_embedding, "vit_b image embeddings")
 
