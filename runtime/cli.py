@@ -13,6 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .bench import register as register_bench
+from .dalle.cli import add_export_args as add_dalle_export_args
+from .dalle.cli import register as register_dalle
 from .errors import EdgefmError, InputError, require
 
 
@@ -36,12 +39,14 @@ def cmd_export(args: argparse.Namespace) -> None:
     if args.family == "sam":
         from edgefm.export.sam import export_sam
 
-        if not Path(args.checkpoint).is_file():
-            raise InputError(f"--checkpoint {args.checkpoint!r} does not exist")
+        if args.checkpoint is None or not Path(args.checkpoint).is_file():
+            raise InputError(f"--checkpoint {args.checkpoint!r} does not exist; pass the official .pth file")
         out = export_sam(args.checkpoint, args.out, args.variant, precision=args.precision, opset=args.opset,
                          parity_gate=not args.no_parity_gate, overwrite=args.overwrite, progress=_progress)
-    else:  # pragma: no cover - argparse restricts the choices
-        raise InputError(f"unknown family {args.family!r}")
+    else:
+        from edgefm.export.dalle import run_export
+
+        out = run_export(args, progress=_progress)
     print(f"wrote {out}")
     _print_manifest(out, brief=True)
 
@@ -135,14 +140,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     e = sub.add_parser("export", help="export a PyTorch checkpoint to an ONNX bundle (needs edgefm[export])")
-    e.add_argument("family", choices=["sam"])
-    e.add_argument("--checkpoint", required=True, help="official checkpoint (.pth or .safetensors)")
-    e.add_argument("--variant", default="vit_b", help="vit_b | vit_l | vit_h | tiny")
+    e.add_argument("family", choices=["sam", "dalle"])
+    e.add_argument("--checkpoint", help="sam: official checkpoint (.pth or .safetensors)")
+    e.add_argument("--variant", default="vit_b", help="sam: vit_b | vit_l | vit_h | tiny")
     e.add_argument("--out", required=True, help="bundle folder to write")
     e.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
     e.add_argument("--opset", type=int, default=17)
     e.add_argument("--no-parity-gate", action="store_true", help="write the bundle even if parity fails")
     e.add_argument("--overwrite", action="store_true")
+    add_dalle_export_args(e)
     e.set_defaults(func=cmd_export)
 
     i = sub.add_parser("inspect", help="print a bundle's manifest: components, shapes, parity")
@@ -168,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--cache", help="where exported demo bundles are cached (default ~/.cache/edgefm)")
     d.set_defaults(func=cmd_demo)
 
+    register_dalle(sub)
+    register_bench(sub)
+    # The engine builder needs no torch, only TensorRT (imported when a build runs).
+    from edgefm.export.tensorrt import add_build_engine_parser
+
+    add_build_engine_parser(sub)
     for cmd in (s, d):
         cmd.add_argument("--backend", default="auto", help="auto | ort-cpu | ort-cuda | ort-trt | tensorrt")
     s.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime")

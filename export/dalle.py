@@ -1,0 +1,381 @@
+"""DALL·E -> bundle with up to four components: dvae_decoder, dvae_encoder, prior_prefill, prior_step.
+
+The graph wrappers bend the models for export without changing their math: the decoder takes token ids
+(an embedding lookup replaces the 8192-channel one-hot; sigmoid and ``unmap_pixels`` run in the graph), the
+encoder returns ids (``map_pixels`` and the argmax in the graph), and the prior is split into a prefill
+graph and a one-token step graph whose KV cache has a fixed size (see :mod:`edgefm.runtime.dalle.spec`).
+
+Checkpoints: the dVAE from OpenAI's pickles (``encoder.pkl`` / ``decoder.pkl``, read by the restricted
+unpickler of :mod:`edgefm.models.dalle.pickle_loader`) or their state dicts; the prior from a state dict
+(``.safetensors`` / ``.pt``) plus its sizes, given as a ``PRIOR_CONFIGS`` name, a :class:`PriorConfig`,
+or a JSON file of ``PriorConfig`` fields (``--prior-config``; by default ``<prior file stem>.json`` beside
+the checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from edgefm.models.checkpoint import load_strict, read_state_dict, sha256_file
+from edgefm.models.dalle import (
+    LOGIT_LAPLACE_EPS,
+    PRIOR_CONFIGS,
+    DallePrior,
+    Decoder,
+    DecoderFromIds,
+    Encoder,
+    EncoderToIds,
+    PriorConfig,
+    load_dvae_decoder,
+    load_dvae_encoder,
+)
+from edgefm.models.dalle.prior import CLIP_TEXT_VOCAB
+from edgefm.runtime.dalle.cli import add_export_args  # noqa: F401  (re-exported beside run_export)
+from edgefm.runtime.dalle.spec import (
+    DVAE_DECODER,
+    DVAE_ENCODER,
+    PRIOR_PREFILL,
+    PRIOR_STEP,
+    dvae_specs,
+    prior_specs,
+)
+from edgefm.runtime.errors import InputError
+from edgefm.runtime.manifest import Manifest
+from edgefm.runtime.spec import ComponentSpec
+from torch import nn
+
+from .bundle import BundleWriter
+from .onnx import example_inputs, fp16_from_onnx, onnx_from_module
+from .parity import compare_outputs, gate
+
+# Share of encoder ids that must equal PyTorch's. fp32: identical (DESIGN.md, tokens); reduced precision
+# may flip near-tied argmaxes, which DESIGN.md leaves open: we ask for 95 %.
+ID_AGREEMENT = {"fp32": 1.0, "fp16": 0.95}
+CLIP_SOT, CLIP_EOT = CLIP_TEXT_VOCAB - 2, CLIP_TEXT_VOCAB - 1
+DOWNSAMPLE = 8  # dVAE image side / grid side
+
+
+class PriorPrefillGraph(nn.Module):
+    """Text ids [B, text_len] -> logits of the first image token [B, image_vocab] + fixed-size KV cache."""
+
+    def __init__(self, prior: DallePrior) -> None:
+        super().__init__()
+        self.prior = prior
+
+    def forward(self, text_tokens: torch.Tensor):
+        return self.prior.prefill(text_tokens)
+
+
+class PriorStepGraph(nn.Module):
+    """One image token [B] at sequence position [1] + KV cache -> next-token logits + updated cache."""
+
+    def __init__(self, prior: DallePrior) -> None:
+        super().__init__()
+        self.prior = prior
+
+    def forward(self, token, position, k_cache, v_cache):
+        # position travels as shape [1] (TensorRT-friendly); the model indexes with a scalar.
+        return self.prior.step(token, position.reshape(()), k_cache, v_cache)
+
+
+def smooth_images(n: int, size: int, seed: int = 0) -> np.ndarray:
+    """Smooth float32 NCHW images in [0, 1] (sinusoid blends): encoder argmaxes on them are not near-tied
+    the way they are on white noise, so fp32 ids can be required to match exactly."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    out = np.empty((n, 3, size, size), np.float32)
+    for i in range(n):
+        for c in range(3):
+            fx, fy, phase = rng.uniform(0.5, 2.0), rng.uniform(0.5, 2.0), rng.uniform(0, 2 * np.pi)
+            out[i, c] = 0.5 + 0.5 * np.sin(2 * np.pi * (fx * xx + fy * yy) + phase)
+    return out
+
+
+def text_parity_ids(config: PriorConfig, batch: int = 2, seed: int = 0) -> np.ndarray:
+    """Rows framed like the runtime's: ``<sot> ids <eot>`` then the padding id, of different lengths."""
+    rng = np.random.default_rng(seed)
+    out = np.full((batch, config.text_len), config.pad_id, np.int64)
+    for row in range(batch):
+        n = int(rng.integers(1, config.text_len - 1)) if row else config.text_len - 2
+        out[row, 0] = CLIP_SOT
+        out[row, 1 : n + 1] = rng.integers(0, CLIP_SOT, n)
+        out[row, n + 1] = CLIP_EOT
+    return out
+
+
+def _torch_run(module: nn.Module, spec: ComponentSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    with torch.no_grad():
+        outs = module(*(torch.from_numpy(feeds[n]) for n in spec.input_names))
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    return {n: o.numpy() for n, o in zip(spec.output_names, outs)}
+
+
+def step_parity_feeds(prior: DallePrior, text_ids: np.ndarray, n_fed: int, seed: int = 0) -> dict:
+    """Step inputs after the prefill and ``n_fed`` PyTorch steps on random tokens (a realistic cache)."""
+    rng = np.random.default_rng(seed)
+    c = prior.config
+    tokens = rng.integers(0, c.image_vocab, (n_fed + 1, text_ids.shape[0]))
+    with torch.no_grad():
+        _, k, v = prior.prefill(torch.from_numpy(text_ids))
+        for j in range(n_fed):
+            _, k, v = prior.step(torch.from_numpy(tokens[j]), c.text_len + j, k, v)
+    return {"token": tokens[n_fed], "position": np.array([c.text_len + n_fed], np.int64),
+            "k_cache": k.numpy(), "v_cache": v.numpy()}
+
+
+def ids_report(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], precision: str) -> dict[str, Any]:
+    """Parity of token-id outputs: the share of ids equal to PyTorch's (a float metric would be meaningless
+    for ids), in the same report layout as :func:`compare_outputs`."""
+    report = compare_outputs(ref, got, precision)
+    report["passed"] = True
+    need = ID_AGREEMENT.get(precision, 0.95)
+    for name, m in report["outputs"].items():
+        m["id_agreement"] = float(np.mean(ref[name] == got[name])) if ref[name].size else 1.0
+        m["min_id_agreement"] = need
+        m.pop("max_abs_bound", None), m.pop("failures", None)
+        m["passed"] = m["id_agreement"] >= need
+        if not m["passed"]:
+            m["failures"] = [f"ids agree {m['id_agreement']:.4f} < {need}"]
+            report["passed"] = False
+    return report
+
+
+def _prior_config_from_json(path: Path) -> tuple[str, PriorConfig]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"prior config {str(path)!r} cannot be read as JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise InputError(f"prior config {str(path)!r} must be a JSON object of PriorConfig fields")
+    name = str(data.pop("name", path.stem))
+    known = {f.name for f in dataclasses.fields(PriorConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise InputError(f"prior config {str(path)!r} has unknown fields {unknown}; known: {sorted(known)}")
+    if "attention" in data:
+        data["attention"] = tuple(data["attention"])
+    try:
+        return name, PriorConfig(**data)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"prior config {str(path)!r} is invalid: {exc}") from exc
+
+
+def resolve_prior_config(
+    config: str | PriorConfig | Path | None, checkpoint: Path | None = None
+) -> tuple[str, PriorConfig]:
+    """(name, config) from a ``PRIOR_CONFIGS`` name, a config, a JSON file, or ``<checkpoint stem>.json``."""
+    if isinstance(config, PriorConfig):
+        return next((k for k, v in PRIOR_CONFIGS.items() if v == config), "custom"), config
+    if config is None:
+        beside = checkpoint.with_suffix(".json") if checkpoint is not None else None
+        if beside is None or not beside.is_file():
+            raise InputError(
+                f"the sizes of the prior {str(checkpoint)!r} are unknown: pass --prior-config with a name "
+                f"({', '.join(PRIOR_CONFIGS)}) or a JSON file of PriorConfig fields, or put "
+                f"{beside.name if beside else '<stem>.json'} beside the checkpoint"
+            )
+        return _prior_config_from_json(beside)
+    if str(config) in PRIOR_CONFIGS:
+        return str(config), PRIOR_CONFIGS[str(config)]
+    if Path(config).suffix == ".json" or Path(config).is_file():
+        if not Path(config).is_file():
+            raise InputError(f"--prior-config {str(config)!r} does not exist")
+        return _prior_config_from_json(Path(config))
+    raise InputError(
+        f"--prior-config {str(config)!r} is neither a known prior size ({', '.join(PRIOR_CONFIGS)}) "
+        "nor a JSON file of PriorConfig fields"
+    )
+
+
+def load_prior(path: str | Path, config: str | PriorConfig | Path | None = None) -> tuple[str, DallePrior]:
+    """A prior from a state-dict checkpoint, loaded with strict key and shape checks."""
+    path = Path(path)
+    name, cfg = resolve_prior_config(config, path)
+    prior = DallePrior(cfg)
+    load_strict(prior, read_state_dict(path), str(path), model_name=f"the DALL·E prior {name!r}")
+    return name, prior.eval()
+
+
+def _source(path: Path, loader: str) -> dict[str, str]:
+    return {"checkpoint": path.name, "sha256": sha256_file(path), "loader": loader}
+
+
+def _dvae(model: nn.Module | str | Path, kind: str, sources: dict[str, Any]) -> nn.Module:
+    want = Decoder if kind == DVAE_DECODER else Encoder
+    if isinstance(model, nn.Module):
+        if not isinstance(model, want):
+            raise InputError(f"{kind} must be a {want.__name__} or a file path, not {type(model).__name__}")
+        sources[kind] = {"loader": "in-memory model"}
+        return model.eval()
+    path = Path(model)
+    if not path.is_file():
+        raise InputError(f"--{kind.replace('_', '-')} {str(path)!r} does not exist")
+    load = load_dvae_decoder if kind == DVAE_DECODER else load_dvae_encoder
+    sources[kind] = _source(path, "restricted unpickler (dall_e pickle) or state dict, strict keys")
+    return load(path)
+
+
+def dalle_preprocess(image_size: int) -> dict[str, Any]:
+    """How the runtime brings a picture to the dVAE encoder (as OpenAI's notebook: shortest side, crop)."""
+    # map_pixels (eps) is applied inside the dvae_encoder graph; it is recorded for readers.
+    return {"image_size": image_size, "resize": "shortest_side", "crop": "center", "interpolation": "lanczos",
+            "scale": 1 / 255, "map_pixels_eps": LOGIT_LAPLACE_EPS, "pixel_format": "RGB", "layout": "NCHW"}
+
+
+def dalle_config(grid: int, image_size: int, image_vocab: int, prior: PriorConfig | None) -> dict[str, Any]:
+    config: dict[str, Any] = {"image_grid": grid, "image_size": image_size, "image_vocab": image_vocab}
+    if prior is not None:
+        config.update(
+            text_len=prior.text_len, text_vocab=prior.text_vocab, pad_id=prior.pad_id,
+            context_len=prior.context_len, prior=dataclasses.asdict(prior),
+            tokenizer={"kind": "clip_bpe", "vocab": "edgefm.runtime.clip bpe_simple_vocab_16e6.txt.gz",
+                       "sot_id": CLIP_SOT, "eot_id": CLIP_EOT,
+                       "framing": "<sot> ids <eot>, then pad_id up to text_len; longer prompts are cut "
+                                  "and end with <eot>"},
+        )
+    return config
+
+
+def _check_pairing(decoder: Decoder, encoder: Encoder | None, prior: PriorConfig | None, grid: int) -> None:
+    vocab = decoder.config.vocab_size
+    if encoder is not None and encoder.config.vocab_size != vocab:
+        raise InputError(f"the dVAE encoder has {encoder.config.vocab_size} codes but the decoder {vocab}; "
+                         "pass the encoder and decoder of the same dVAE")
+    if prior is None:
+        return
+    if prior.image_vocab != vocab:
+        raise InputError(f"the prior predicts {prior.image_vocab} image codes but the dVAE decoder has "
+                         f"{vocab}; pass a prior trained on this dVAE's codes")
+    if prior.text_vocab != CLIP_TEXT_VOCAB + 1:
+        raise InputError(f"the prior's text_vocab is {prior.text_vocab}, but the runtime tokenizes prompts "
+                         f"with CLIP's BPE ({CLIP_TEXT_VOCAB} ids + 1 padding id = {CLIP_TEXT_VOCAB + 1})")
+    if prior.image_grid != grid:
+        raise InputError(f"the prior's image grid is {prior.image_grid}² but --image-size gives {grid}²")
+
+
+def export_dalle(
+    out: str | Path,
+    dvae_decoder: Decoder | str | Path,
+    dvae_encoder: Encoder | str | Path | None = None,
+    prior: DallePrior | str | Path | None = None,
+    prior_config: str | PriorConfig | Path | None = None,
+    image_size: int | None = None,
+    precision: str = "fp32",
+    opset: int = 17,
+    overwrite: bool = False,
+    parity_gate: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Export a DALL·E dVAE decoder (and optionally its encoder and a prior) to a bundle at ``out``.
+
+    Models are given as modules or checkpoint paths: dVAE pickles / state dicts, and a prior state dict
+    whose sizes come from ``prior_config`` (a ``PRIOR_CONFIGS`` name, a :class:`PriorConfig`, or a JSON
+    file of its fields; by default ``<prior stem>.json`` beside the checkpoint).
+
+    ``image_size`` (a multiple of 8) fixes the decoded image side; by default it is ``8 * image_grid``
+    of the prior, or 256 (the official 32×32 grid) without one.
+    """
+    if precision not in ID_AGREEMENT:
+        raise InputError(f"--precision {precision!r} is not supported for DALL·E; choose fp32 or fp16")
+    if opset < 17:
+        raise InputError(f"--opset {opset} is too old: opset 17 is needed for one-op LayerNorm")
+    sources: dict[str, Any] = {}
+    decoder = _dvae(dvae_decoder, DVAE_DECODER, sources)
+    encoder = _dvae(dvae_encoder, DVAE_ENCODER, sources) if dvae_encoder is not None else None
+    variant = "dvae"
+    if isinstance(prior, DallePrior):
+        variant, _ = resolve_prior_config(prior.config)  # the registry name of its sizes, if any
+        prior = prior.eval()
+        sources[PRIOR_PREFILL] = {"loader": "in-memory model"}
+    elif prior is not None:
+        path = Path(prior)
+        if not path.is_file():
+            raise InputError(f"--prior {str(path)!r} does not exist")
+        variant, prior = load_prior(path, prior_config)
+        sources[PRIOR_PREFILL] = _source(path, "torch.load(weights_only=True) / safetensors, strict keys")
+    pcfg = prior.config if prior is not None else None
+    if image_size is None:
+        image_size = DOWNSAMPLE * (pcfg.image_grid if pcfg is not None else 32)
+    if image_size % DOWNSAMPLE:
+        raise InputError(f"--image-size {image_size} must be a multiple of {DOWNSAMPLE}")
+    grid = image_size // DOWNSAMPLE
+    _check_pairing(decoder, encoder, pcfg, grid)
+    specs, graphs, feeds = _components(decoder, encoder, prior, grid, image_size)
+    parity: dict[str, Any] = {"gate": parity_gate, "reference": f"PyTorch {torch.__version__} fp32, CPU",
+                              "backend": "onnxruntime CPU"}
+    from edgefm.runtime.backends.onnxruntime import OrtRunner
+
+    with BundleWriter(out, overwrite=overwrite) as writer:
+        for name, graph in graphs.items():
+            if progress:
+                progress(f"exporting {name} ({precision})")
+            spec = specs[name]
+            ref = _torch_run(graph, spec, feeds[name])
+            onnx_path = writer.workdir(name) / f"{name}.onnx"
+            extra = onnx_from_module(graph, spec, onnx_path, example_inputs(spec, feeds[name]), opset)
+            if precision == "fp16":
+                half = writer.workdir(name + "-fp16") / onnx_path.name
+                extra = fp16_from_onnx(onnx_path, half)
+                onnx_path = half
+            got = OrtRunner(onnx_path, spec, "ort-cpu").run(feeds[name])
+            compare = ids_report if name == DVAE_ENCODER else compare_outputs
+            report = compare(ref, got, precision)
+            report["inputs"] = {k: list(v.shape) for k, v in feeds[name].items()}
+            parity[name] = report
+            gate(name, report, parity_gate)
+            writer.add(onnx_path, spec, "onnx", precision, extra, info={"opset": opset})
+        manifest = Manifest(
+            family="dalle", variant=variant, source={**sources[DVAE_DECODER], "components": sources},
+            preprocess=dalle_preprocess(image_size), components=[], parity=parity,
+            config=dalle_config(grid, image_size, decoder.config.vocab_size, pcfg),
+        )
+        return writer.finish(manifest)
+
+
+def _components(
+    decoder: Decoder, encoder: Encoder | None, prior: DallePrior | None, grid: int, image_size: int
+) -> tuple[dict[str, ComponentSpec], dict[str, nn.Module], dict[str, dict[str, np.ndarray]]]:
+    """Specs, graph wrappers and seeded parity inputs of the components to export, in bundle order."""
+    specs = dvae_specs(grid, image_size)
+    graphs: dict[str, nn.Module] = {DVAE_DECODER: DecoderFromIds(decoder)}
+    rng = np.random.default_rng(0)
+    feeds = {DVAE_DECODER: {"image_tokens": rng.integers(0, decoder.config.vocab_size, (2, grid, grid))}}
+    if encoder is not None:
+        graphs[DVAE_ENCODER] = EncoderToIds(encoder)
+        feeds[DVAE_ENCODER] = {"image": smooth_images(2, image_size)}
+    if prior is not None:
+        c = prior.config
+        specs.update(prior_specs(c.text_len, c.image_vocab, c.n_layers, c.n_heads, c.context_len, c.head_dim))
+        graphs[PRIOR_PREFILL], graphs[PRIOR_STEP] = PriorPrefillGraph(prior), PriorStepGraph(prior)
+        text = text_parity_ids(c)
+        feeds[PRIOR_PREFILL] = {"text_tokens": text}
+        # One row and one token past it: the step's row/column positions and mask rows are exercised.
+        feeds[PRIOR_STEP] = step_parity_feeds(prior, text, n_fed=min(c.image_grid + 1, c.image_len - 2))
+    return specs, graphs, feeds
+
+
+# ---- `edgefm export dalle` (flags: edgefm.runtime.dalle.cli.add_export_args, importable without torch) ---
+
+
+def run_export(args: argparse.Namespace, progress: Callable[[str], None] | None = None) -> Path:
+    """Run ``edgefm export dalle`` from parsed arguments; returns the bundle folder."""
+    if not getattr(args, "dvae_decoder", None):
+        raise InputError("`edgefm export dalle` needs --dvae-decoder PATH (decoder.pkl or a state dict)")
+    for flag in ("dvae_decoder", "dvae_encoder", "prior"):
+        value = getattr(args, flag, None)
+        if value is not None and not Path(value).is_file():
+            raise InputError(f"--{flag.replace('_', '-')} {value!r} does not exist")
+    if getattr(args, "prior_config", None) and not getattr(args, "prior", None):
+        raise InputError("--prior-config was given without --prior; pass the prior's checkpoint too")
+    return export_dalle(
+        args.out, args.dvae_decoder, args.dvae_encoder, args.prior, args.prior_config,
+        image_size=args.image_size, precision=args.precision, opset=args.opset,
+        overwrite=args.overwrite, parity_gate=not args.no_parity_gate, progress=progress,
+    )

@@ -1,0 +1,311 @@
+"""TensorRT engines from a bundle's ONNX components, in small Polygraphy-style steps.
+
+``network_from_onnx`` -> ``engine_from_network`` with profiles from ``profiles_from_spec``; ``build_engine``
+runs them for every component of a bundle and adds ``.engine`` components to its manifest.
+
+Precision. Networks are strongly typed wherever the installed TensorRT allows it (the creation flag exists
+since 8.6 and is implied in 11.x): the ONNX graph carries the precision. fp16 engines are therefore built
+from the bundle's mixed-precision ONNX (``export/onnx.py`` ``fp16_from_onnx``: LayerNorm/Softmax kept fp32,
+fp32 I/O); only when a bundle has no fp16 ONNX *and* the installed TensorRT still has ``BuilderFlag.FP16``
+(10.x) is the fp32 graph built weakly typed with that flag. int8 engines need an explicitly quantized (Q/DQ)
+ONNX component; calibrated implicit INT8 is deprecated in 10.x and gone in 11.x, so it is not offered.
+
+Profiles come from the component's :class:`ComponentSpec` ranges (min/opt/max of every symbolic dim);
+``--max-batch`` / ``--max-points`` replace the max of the dims named ``batch``/``image_batch`` and
+``num_points``. The engine's manifest entry carries the resulting ranges, so the runtime's feed check and the
+engine agree. The manifest also records the TensorRT version, GPU name and compute capability (queried with
+cuda-python, else nvidia-smi: see ``edgefm.runtime.backends.tensorrt.current_gpu``), which the runtime
+checks before it deserializes. Engine files are content-addressed (``name.precision.sha8.engine``) and the
+manifest is replaced by rename, so a failed or interrupted build leaves the bundle as it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgefm.runtime.backends.tensorrt import (
+    ProfileShapes,
+    current_gpu,
+    import_tensorrt,
+    profiles_to_json,
+)
+from edgefm.runtime.bundle import sha256_file
+from edgefm.runtime.errors import BackendError, BundleError, InputError
+from edgefm.runtime.manifest import MANIFEST_NAME, ComponentEntry, Manifest, read_manifest
+from edgefm.runtime.spec import ComponentSpec, DimRange
+
+PRECISIONS = ("fp32", "fp16", "int8")
+BATCH_DIMS = ("batch", "image_batch")  # what --max-batch bounds
+POINT_DIMS = ("num_points",)  # what --max-points bounds
+DEFAULT_WORKSPACE = "4GiB"
+TIMING_CACHE = Path(".cache") / "tensorrt-timing.cache"  # inside the bundle, beside ORT's caches
+# The ONNX component an engine of each precision is built from, best first.
+_SOURCES = {"fp32": ("fp32",), "fp16": ("fp16", "mixed"), "int8": ("int8",)}
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from "4GiB", "512MiB", "2GB" or a plain integer."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS or float(m.group(1)) <= 0:
+        raise InputError(f"--workspace {text!r} is not a size; write it like 4GiB, 512MiB or 2000000000")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def dim_overrides(max_batch: int | None = None, max_points: int | None = None) -> dict[str, int]:
+    """--max-batch / --max-points as new maxima of dims, by dim name."""
+    out: dict[str, int] = {}
+    for flag, value, dims in (("--max-batch", max_batch, BATCH_DIMS), ("--max-points", max_points, POINT_DIMS)):
+        if value is None:
+            continue
+        if int(value) < 1:
+            raise InputError(f"{flag} must be at least 1, got {value}")
+        out.update({d: int(value) for d in dims})
+    return out
+
+
+def dims_with_overrides(spec: ComponentSpec, overrides: dict[str, int] | None = None) -> dict[str, DimRange]:
+    """The spec's dim ranges with overridden maxima (opt clipped to the new max); unknown dims are ignored."""
+    dims = dict(spec.dims)
+    for name, hi in (overrides or {}).items():
+        if name not in dims:
+            continue
+        r = dims[name]
+        if hi < r.min:
+            raise InputError(f"component {spec.name!r}: the new max {hi} of dim {name!r} is below its min {r.min}")
+        dims[name] = DimRange(r.min, min(r.opt, hi), hi)
+    return dims
+
+
+def profiles_from_spec(spec: ComponentSpec, overrides: dict[str, int] | None = None) -> list[ProfileShapes]:
+    """Optimization profiles (one) for ``spec``'s inputs: input name -> (min, opt, max) shapes."""
+    dims = dims_with_overrides(spec, overrides)
+    profile: ProfileShapes = {}
+    for t in spec.inputs:
+        profile[t.name] = tuple(
+            tuple(d if isinstance(d, int) else getattr(dims[d], which) for d in t.shape)
+            for which in ("min", "opt", "max")
+        )
+    return [profile]
+
+
+def engine_spec(spec: ComponentSpec, overrides: dict[str, int] | None = None) -> ComponentSpec:
+    """The spec recorded with an engine: the same tensors, the ranges the engine was built for."""
+    return ComponentSpec(spec.name, spec.inputs, spec.outputs, dims_with_overrides(spec, overrides))
+
+
+@dataclass(frozen=True)
+class BuildStep:
+    """One engine to build: from which ONNX entry, and whether it needs the weakly typed FP16 flag."""
+
+    source: ComponentEntry
+    precision: str
+    fp16_flag: bool
+
+
+def plan_sources(manifest: Manifest, precision: str, has_fp16_flag: bool,
+                 components: list[str] | None = None) -> list[BuildStep]:
+    """Choose the ONNX component each engine is built from (see the module docstring for the rules)."""
+    if precision not in PRECISIONS:
+        raise InputError(f"--precision {precision!r} is not supported; choose one of {list(PRECISIONS)}")
+    names = components or manifest.component_names
+    unknown = [n for n in names if n not in manifest.component_names]
+    if unknown:
+        raise InputError(f"--component {unknown} not in the bundle; it has {manifest.component_names}")
+    steps = []
+    for name in names:
+        onnx = {c.precision: c for c in manifest.find(name, format="onnx")}
+        src = next((onnx[p] for p in _SOURCES[precision] if p in onnx), None)
+        if src is not None:
+            steps.append(BuildStep(src, precision, False))
+        elif precision == "fp16" and "fp32" in onnx and has_fp16_flag:
+            steps.append(BuildStep(onnx["fp32"], precision, True))
+        elif precision == "fp16" and "fp32" in onnx:
+            raise InputError(f"component {name!r} has only an fp32 ONNX and this TensorRT has no FP16 builder flag "
+                             "(11.x builds strongly typed networks only): re-export the bundle with --precision "
+                             "fp16 to get the mixed-precision ONNX, or build --precision fp32")
+        elif precision == "int8":
+            raise InputError(f"component {name!r} has no int8 (Q/DQ) ONNX: int8 engines are built from explicitly "
+                             "quantized graphs (e.g. made with NVIDIA ModelOpt); build --precision fp16 instead")
+        else:
+            raise InputError(f"component {name!r} has no {'/'.join(_SOURCES[precision])} ONNX to build a "
+                             f"{precision} engine from (it has {sorted(onnx)}); choose one of those precisions")
+    return steps
+
+
+def _parser_errors(parser: Any, path: Path) -> str:
+    lines = []
+    for i in range(parser.num_errors):
+        e = parser.get_error(i)
+        where = [f"node {e.node()}"]
+        for attr, label in (("node_name", "name"), ("node_operator", "op")):
+            if hasattr(e, attr) and getattr(e, attr)():
+                where.append(f"{label} {getattr(e, attr)()}")
+        lines.append(f"  {', '.join(where)}: {e.desc()}")
+    return f"TensorRT's ONNX parser rejected {path}:\n" + "\n".join(lines or ["  (no error recorded)"])
+
+
+def network_from_onnx(path: str | Path, strongly_typed: bool = True, logger: Any = None) -> tuple[Any, Any, Any]:
+    """Parse ``path`` (external weights beside it are found by path) into ``(builder, network, parser)``."""
+    trt = import_tensorrt("Building TensorRT engines")
+    logger = logger or trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    network = builder.create_network(1 << int(flag) if strongly_typed and flag is not None else 0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(path)):
+        raise BundleError(_parser_errors(parser, Path(path)) + "\nre-export the component or report the operator")
+    return builder, network, parser
+
+
+@dataclass
+class TimingCache:
+    """A serialized TensorRT timing cache carried from build to build; the caller decides when to save it."""
+
+    data: bytes = b""
+
+    @classmethod
+    def load(cls, path: Path) -> TimingCache:
+        return cls(path.read_bytes() if path.is_file() else b"")
+
+    def save(self, path: Path) -> None:
+        _write_atomic(path, self.data)
+
+
+def engine_from_network(builder: Any, network: Any, profiles: list[ProfileShapes], workspace: int,
+                        fp16_flag: bool = False, timing_cache: TimingCache | None = None) -> bytes:
+    """Build a serialized engine, starting from and updating ``timing_cache`` when given."""
+    trt = import_tensorrt("Building TensorRT engines")
+    names = [network.get_input(i).name for i in range(network.num_inputs)]
+    shape_tensors = [network.get_input(i).name for i in range(network.num_inputs)
+                     if network.get_input(i).is_shape_tensor]
+    if shape_tensors:
+        raise BundleError(f"inputs {shape_tensors} are shape tensors; edgefm engines take data inputs only")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
+    if fp16_flag:
+        config.set_flag(trt.BuilderFlag.FP16)
+    for shapes in profiles:
+        if sorted(shapes) != sorted(names):
+            raise BundleError(f"the graph's inputs {names} differ from the spec's {sorted(shapes)}; re-export")
+        profile = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in shapes.items():
+            profile.set_shape(name, lo, opt, hi)
+        config.add_optimization_profile(profile)
+    cache_bytes = timing_cache.data if timing_cache is not None else b""
+    # ignore_mismatch=False: a cache written on another GPU or TensorRT is refused; start a fresh one then.
+    if not config.set_timing_cache(config.create_timing_cache(cache_bytes), False) and cache_bytes:
+        config.set_timing_cache(config.create_timing_cache(b""), False)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise BackendError("TensorRT failed to build the engine (its log above says why); try a larger --workspace")
+    if timing_cache is not None:
+        timing_cache.data = bytes(memoryview(config.get_timing_cache().serialize()))
+    return bytes(memoryview(serialized))
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def build_engine(bundle: str | Path, precision: str = "fp16", workspace: str | int = DEFAULT_WORKSPACE,
+                 max_batch: int | None = None, max_points: int | None = None,
+                 timing_cache: str | Path | None = None, components: list[str] | None = None,
+                 progress: Any = None) -> list[ComponentEntry]:
+    """Build one engine per component of ``bundle`` and add them to its manifest; returns the new entries.
+
+    Engines already in the bundle for the same component and precision are replaced. Nothing in the bundle
+    changes unless every engine builds.
+    """
+    folder = Path(bundle)
+    manifest = read_manifest(folder)
+    if precision not in PRECISIONS:
+        raise InputError(f"--precision {precision!r} is not supported; choose one of {list(PRECISIONS)}")
+    n_bytes = parse_size(workspace)
+    overrides = dim_overrides(max_batch, max_points)
+    trt = import_tensorrt("`edgefm build-engine`")
+    steps = plan_sources(manifest, precision, hasattr(trt.BuilderFlag, "FP16"), components)
+    gpu = current_gpu()
+    if gpu is None:
+        raise BackendError("building a TensorRT engine needs an NVIDIA GPU, and none is visible")
+    cache_path = Path(timing_cache) if timing_cache is not None else folder / TIMING_CACHE
+    cache = TimingCache.load(cache_path)
+    built: list[tuple[Path, str, ComponentEntry]] = []
+    tmps: list[Path] = []
+    try:
+        for step in steps:
+            src = step.source
+            if progress:
+                progress(f"building {src.name} ({precision}) from {src.file}")
+            profiles = profiles_from_spec(src.spec, overrides)
+            builder, network, _parser = network_from_onnx(folder / src.file, strongly_typed=not step.fp16_flag)
+            data = engine_from_network(builder, network, profiles, n_bytes, step.fp16_flag, cache)
+            tmp = folder / f".{src.name}.{precision}.engine.tmp-{os.getpid()}"
+            tmps.append(tmp)
+            tmp.write_bytes(data)
+            digest = sha256_file(tmp)
+            info = {
+                "tensorrt_version": trt.__version__, "gpu": gpu["name"],
+                "compute_capability": gpu["compute_capability"],
+                "profiles": profiles_to_json(profiles), "source": src.file, "source_precision": src.precision,
+                "strongly_typed": not step.fp16_flag, "builder_flags": ["FP16"] if step.fp16_flag else [],
+                "workspace_bytes": n_bytes,
+                "built": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            }
+            entry = ComponentEntry(src.name, f"{src.name}.{precision}.{digest[:8]}.engine", digest, "tensorrt",
+                                   precision, engine_spec(src.spec, overrides), info=info)
+            built.append((tmp, entry.file, entry))
+        _commit(folder, manifest, built)
+        cache.save(cache_path)
+    finally:  # after a failure nothing of this build stays; after success the temp files were renamed
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
+    return [entry for _, _, entry in built]
+
+
+def _commit(folder: Path, manifest: Manifest, built: list[tuple[Path, str, ComponentEntry]]) -> None:
+    """Move engines into place, then swap the manifest by rename; drop engine files no longer listed."""
+    replaced = {(e.name, e.precision) for _, _, e in built}
+    keep = [c for c in manifest.components if not (c.format == "tensorrt" and (c.name, c.precision) in replaced)]
+    old_files = {c.file for c in manifest.components} - {c.file for c in keep}
+    for tmp, name, _ in built:
+        os.replace(tmp, folder / name)
+    manifest.components = keep + [e for _, _, e in built]
+    _write_atomic(folder / MANIFEST_NAME, (json.dumps(manifest.to_json(), indent=2) + "\n").encode())
+    for name in old_files - {n for _, n, _ in built}:
+        (folder / name).unlink(missing_ok=True)
+
+
+def add_build_engine_parser(sub: Any) -> argparse.ArgumentParser:
+    """Register ``edgefm build-engine`` on an argparse subparsers object."""
+    p = sub.add_parser("build-engine", help="build TensorRT engines for a bundle's components (needs a GPU)")
+    p.add_argument("bundle")
+    p.add_argument("--precision", default="fp16", choices=list(PRECISIONS))
+    p.add_argument("--workspace", default=DEFAULT_WORKSPACE, help="builder scratch memory, e.g. 4GiB")
+    p.add_argument("--max-batch", type=int, default=None, help="largest batch (dims batch/image_batch)")
+    p.add_argument("--max-points", type=int, default=None, help="largest number of SAM prompt points")
+    p.add_argument("--timing-cache", default=None, help=f"timing cache file (default BUNDLE/{TIMING_CACHE})")
+    p.add_argument("--component", action="append", default=None, help="build only this component (repeatable)")
+    p.set_defaults(func=cmd_build_engine)
+    return p
+
+
+def cmd_build_engine(args: argparse.Namespace) -> None:
+    entries = build_engine(args.bundle, args.precision, args.workspace, args.max_batch, args.max_points,
+                           args.timing_cache, args.component,
+                           progress=lambda m: print(f"edgefm: {m}", file=sys.stderr, flush=True))
+    for e in entries:
+        ranges = ", ".join(f"{k}=[{r.min}..{r.max}] opt {r.opt}" for k, r in e.spec.dims.items())
+        print(f"wrote {Path(args.bundle) / e.file}  ({e.precision}, TensorRT {e.info['tensorrt_version']}, "
+              f"{e.info['gpu']} sm {e.info['compute_capability']}; {ranges or 'static shapes'})")

@@ -1,0 +1,381 @@
+"""``edgefm bench``: per-component latency statistics (trtexec-style), pipeline figures, memory, and a stamp.
+
+Conventions. A latency is the host wall time of one ``Runner.run`` call: host arrays in, host arrays out, so
+on a GPU backend the host<->device copies are inside it. Where the backend can say how much of it is copies,
+the split is reported beside it: CUDA events around the copies and the launch (native TensorRT), or the same
+component re-timed with device-resident inputs and outputs (ONNX Runtime CUDA / TensorRT EP, IO binding).
+Every figure comes from exactly ``iters`` timed calls after ``warmup`` untimed ones; statistics are min /
+median / mean / p90 / p99 / max in milliseconds (linear-interpolated percentiles) and throughput as calls
+per second (qps) and items per second (qps x batch). Inputs are seeded dummy data valid for the component:
+shapes at the spec's opt sizes with the batch dims (``batch``, ``image_batch``) at ``--batch``, values by
+dtype (floats standard normal, integers in [0, 16)) unless the family says what is valid (SAM point labels in
+{-1, 0, 1, 2, 3}; token ids below the vocabulary size the manifest declares). Peak host memory is the process's
+peak RSS (``getrusage``), device memory the device-wide use reported by nvidia-smi (other processes included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from .bundle import Bundle
+from .errors import InputError
+from .manifest import Manifest
+from .spec import ComponentSpec
+
+SCHEMA = "edgefm.bench/1"
+BATCH_DIMS = ("batch", "image_batch")
+SMALL_INT = 16  # default upper bound of integer inputs: inside every vocabulary and position range
+SAM_IMAGE_HW = (480, 640)  # one VGA camera frame, (H, W)
+Rule = tuple  # ("uniform", lo, hi) | ("choice", values) | ("int", lo, hi)
+
+
+def latency_stats(samples_s: Sequence[float], items: int = 1) -> dict[str, Any]:
+    """Statistics of per-call times given in seconds; latencies in ms, throughput per second."""
+    a = np.asarray(samples_s, np.float64) * 1e3
+    total_s = float(a.sum()) / 1e3
+    qps = len(a) / total_s if total_s > 0 else float("inf")
+    return {
+        "iterations": int(a.size),
+        "latency_ms": {"min": float(a.min()), "median": float(np.median(a)), "mean": float(a.mean()),
+                       "p90": float(np.percentile(a, 90)), "p99": float(np.percentile(a, 99)),
+                       "max": float(a.max()), "std": float(a.std())},
+        "throughput": {"qps": qps, "items_per_s": qps * items},
+        "samples_ms": [round(float(v), 4) for v in a],
+    }
+
+
+def time_calls(fn: Callable[[], Any], iters: int, warmup: int) -> list[float]:
+    """Seconds of each of ``iters`` calls of ``fn`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def value_rules(manifest: Manifest) -> dict[str, Rule]:
+    """Per input name, the values a component accepts where random data would be invalid."""
+    cfg, rules = manifest.config, {}
+    if manifest.family == "sam":
+        size = float(cfg.get("image_size", manifest.preprocess.get("image_size", 1024)))
+        rules = {"point_coords": ("uniform", 0.0, size), "point_labels": ("choice", (-1, 0, 1, 2, 3)),
+                 "has_mask_input": ("choice", (0, 1))}
+    for key, names in (("image_vocab", ("image_tokens", "token")), ("text_vocab", ("text_tokens",))):
+        if isinstance(cfg.get(key), int):
+            rules.update({n: ("int", 0, cfg[key]) for n in names})
+    return rules
+
+
+def dummy_feeds(spec: ComponentSpec, batch: int, rng: np.random.Generator,
+                rules: dict[str, Rule] | None = None) -> dict[str, np.ndarray]:
+    """Seeded inputs for ``spec`` at its opt sizes with every batch dim at ``batch``."""
+    sizes = {}
+    for d in BATCH_DIMS:
+        if d in spec.dims:
+            r = spec.dims[d]
+            if not r.min <= batch <= r.max:
+                raise InputError(f"--batch {batch} is outside the {d} range [{r.min}, {r.max}] of component "
+                                 f"{spec.name!r}; choose a batch inside it")
+            sizes[d] = batch
+    feeds = {}
+    for t in spec.inputs:
+        shape, dtype, rule = spec.concrete_shape(t, "opt", **sizes), np.dtype(t.dtype), (rules or {}).get(t.name)
+        if rule is not None and rule[0] == "uniform":
+            a = rng.uniform(rule[1], rule[2], shape)
+        elif rule is not None and rule[0] == "choice":
+            a = rng.choice(np.asarray(rule[1]), shape)
+        elif rule is not None and rule[0] == "int":
+            a = rng.integers(rule[1], rule[2], shape)
+        elif dtype == np.bool_:
+            a = rng.random(shape) < 0.5
+        elif dtype == np.uint8:
+            a = rng.integers(0, 256, shape)
+        elif np.issubdtype(dtype, np.integer):
+            a = rng.integers(0, SMALL_INT, shape)
+        else:
+            a = rng.standard_normal(shape)
+        feeds[t.name] = np.ascontiguousarray(a, dtype=dtype)
+    return feeds
+
+
+def _ort_device_split(runner: Any, feeds: dict[str, np.ndarray], iters: int, warmup: int,
+                      total_median_ms: float) -> dict[str, Any]:
+    """ORT on a GPU: re-time with inputs uploaded once and outputs left on the device (IO binding)."""
+    from .backends.onnxruntime import ort
+
+    dev = {n: ort().OrtValue.ortvalue_from_numpy(a, "cuda", 0) for n, a in feeds.items()}
+    keep = tuple(runner.spec.output_names)
+    resident = latency_stats(time_calls(lambda: runner.run_on_device(dev, keep=keep), iters, warmup))
+    compute = resident["latency_ms"]["median"]
+    return {"method": "device-resident re-run (IO binding)", "compute_ms": compute,
+            "transfer_ms": max(0.0, total_median_ms - compute), "h2d_ms": None, "d2h_ms": None}
+
+
+def bench_component(bundle: Bundle, name: str, batch: int, iters: int, warmup: int,
+                    rng: np.random.Generator) -> dict[str, Any]:
+    entry, runner = bundle.entry(name), bundle.runner(name)
+    feeds = dummy_feeds(entry.spec, batch, rng, value_rules(bundle.manifest))
+    items = batch if any(d in entry.spec.dims for d in BATCH_DIMS) else 1
+    split = None
+    if hasattr(runner, "run_timed"):  # native TensorRT: CUDA events split copies from compute
+        parts: list[dict[str, float]] = []
+        stats = latency_stats(time_calls(lambda: parts.append(runner.run_timed(feeds)[1]), iters, warmup), items)
+        split = {"method": "CUDA events", "transfer_ms": None}
+        for key in ("h2d_ms", "compute_ms", "d2h_ms"):
+            split[key] = float(np.median([p[key] for p in parts[warmup:]]))
+        split["transfer_ms"] = split["h2d_ms"] + split["d2h_ms"]
+    else:
+        stats = latency_stats(time_calls(lambda: runner.run(feeds), iters, warmup), items)
+        if getattr(runner, "device", "cpu") != "cpu" and hasattr(runner, "run_on_device"):
+            split = _ort_device_split(runner, feeds, iters, warmup, stats["latency_ms"]["median"])
+    return {"kind": "component", "format": entry.format, "precision": entry.precision, "file": entry.file,
+            "batch": items, "inputs": {k: list(v.shape) for k, v in feeds.items()}, **stats, "transfer": split}
+
+
+def _sam_pipelines(bundle: Bundle, iters: int, warmup: int, rng: np.random.Generator) -> dict[str, Any]:
+    """SamPredictor end to end: set_image on one camera frame, then one foreground click -> 3 masks."""
+    from .sam import SamPredictor
+
+    predictor = SamPredictor(bundle)
+    h, w = SAM_IMAGE_HW
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    point, label = np.array([[w / 2, h / 2]], np.float32), np.array([1], np.float32)
+    set_image = latency_stats(time_calls(lambda: predictor.set_image(image), iters, warmup))
+    predict = latency_stats(time_calls(lambda: predictor.predict(point, label, multimask_output=True), iters, warmup))
+    return {
+        "sam.set_image": {"kind": "pipeline", "batch": 1, "inputs": {"image": [h, w, 3]},
+                          "description": "HWC uint8 RGB -> resize, normalize, pad, image_encoder", **set_image},
+        "sam.predict": {"kind": "pipeline", "batch": 1, "inputs": {"point": [1, 2]},
+                        "description": "one foreground point -> 3 masks at full size (prompt encoder, "
+                                       "mask decoder, upscale, threshold)", **predict},
+    }
+
+
+# Family -> end-to-end figures on the runtime's pipelines (CLIP and DALL-E join here as their runtimes land).
+PIPELINES: dict[str, Callable[[Bundle, int, int, np.random.Generator], dict[str, Any]]] = {"sam": _sam_pipelines}
+
+
+def _version(dist: str, module: str | None = None) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        if module and module in sys.modules:
+            return str(getattr(sys.modules[module], "__version__", None))
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_memory_used_mib() -> float | None:
+    """Device-wide GPU memory in use (nvidia-smi, so no CUDA context is created just to ask); None if unknown."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--id=0", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout
+        return float(out.strip().splitlines()[0])
+    except (OSError, subprocess.SubprocessError, IndexError, ValueError):
+        return None
+
+
+def peak_rss_mib() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+
+
+def environment_stamp(bundle: Bundle, threads: int | None) -> dict[str, Any]:
+    gpu = None
+    if bundle.backend != "ort-cpu":
+        from .backends.tensorrt import current_gpu
+
+        gpu = current_gpu()
+    versions = {"edgefm": _version("edgefm"), "numpy": np.__version__, "opencv": cv2.__version__,
+                "onnxruntime": _version("onnxruntime", "onnxruntime") or _version("onnxruntime-gpu", "onnxruntime")}
+    if bundle.backend == "tensorrt":
+        versions["tensorrt"] = _version("tensorrt", "tensorrt")
+        versions["cuda-python"] = _version("cuda-python")
+    effective = (threads or os.cpu_count()) if bundle.backend.startswith("ort") else None
+    return {
+        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(), "os": platform.platform(), "python": platform.python_version(),
+        "cpu": _cpu_model(), "cpu_cores": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "gpu": gpu, "versions": versions, "backend": bundle.backend,
+        "precision": sorted({bundle.entry(n).precision for n in bundle.manifest.component_names}),
+        "threads": {"requested": threads, "ort_intra_op": effective},
+    }
+
+
+def bench_bundle(path: str | Path, backend: str = "auto", batch: int = 1, iters: int = 50, warmup: int = 5,
+                 threads: int | None = None, pipelines: bool = True, seed: int = 0,
+                 progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Benchmark every component of the bundle at ``path`` (and its family's pipelines); see the module doc."""
+    for flag, value, lo in (("--batch", batch, 1), ("--iters", iters, 1), ("--warmup", warmup, 0)):
+        if int(value) < lo:
+            raise InputError(f"{flag} must be at least {lo}, got {value}")
+    bundle = Bundle(path, backend=backend, threads=threads)  # runners load lazily: nothing on the GPU yet
+    on_gpu = bundle.backend != "ort-cpu"
+    device_before = device_memory_used_mib() if on_gpu else None
+    rng = np.random.default_rng(seed)
+    result: dict[str, Any] = {
+        "schema": SCHEMA, "bundle": str(Path(path)), "family": bundle.family, "variant": bundle.manifest.variant,
+        "backend": bundle.backend, "batch": batch, "iters": iters, "warmup": warmup, "seed": seed,
+        "components": {}, "pipelines": {},
+    }
+    for name in bundle.manifest.component_names:
+        if progress:
+            progress(f"timing {name} on {bundle.backend}")
+        result["components"][name] = bench_component(bundle, name, batch, iters, warmup, rng)
+    if pipelines and bundle.family in PIPELINES:
+        if progress:
+            progress(f"timing the {bundle.family} pipelines")
+        result["pipelines"] = PIPELINES[bundle.family](bundle, iters, warmup, rng)
+    device_after = device_memory_used_mib() if on_gpu else None
+    result["memory"] = {"peak_host_rss_mib": peak_rss_mib(), "device_used_before_mib": device_before,
+                        "device_used_after_mib": device_after}
+    result["environment"] = environment_stamp(bundle, threads)
+    return result
+
+
+def _rows(result: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    rows = [(name, r) for name, r in result["components"].items()]
+    return rows + [(f"{name} (pipeline)", r) for name, r in result["pipelines"].items()]
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """The results as a markdown table plus memory, transfer and environment lines."""
+    env = result["environment"]
+    lines = [f"## edgefm bench: {result['family']}/{result['variant']} on {result['backend']} "
+             f"(batch {result['batch']}, {result['iters']} iterations after {result['warmup']} warm-up)", "",
+             "| component | precision | inputs | min ms | median ms | mean ms | p90 ms | p99 ms | throughput |",
+             "|---|---|---|--:|--:|--:|--:|--:|--:|"]
+    for name, r in _rows(result):
+        ms = r["latency_ms"]
+        shapes = ", ".join(f"{k} {'x'.join(str(d) for d in v)}" for k, v in r["inputs"].items())
+        tput = f"{r['throughput']['qps']:.1f} qps"
+        if r["batch"] > 1:
+            tput += f", {r['throughput']['items_per_s']:.1f} items/s"
+        lines.append(f"| {name} | {r.get('precision', '-')} | {shapes} | {ms['min']:.3f} | {ms['median']:.3f} | "
+                     f"{ms['mean']:.3f} | {ms['p90']:.3f} | {ms['p99']:.3f} | {tput} |")
+    lines.append("")
+    for name, r in result["components"].items():
+        t = r.get("transfer")
+        if t:
+            lines.append(f"- {name}: compute {t['compute_ms']:.3f} ms, host<->device {t['transfer_ms']:.3f} ms "
+                         f"({t['method']})")
+    mem = result["memory"]
+    dev = f"{mem['device_used_after_mib']:.0f} MiB" if mem["device_used_after_mib"] is not None else (
+        "not measured" if result["backend"] != "ort-cpu" else "n/a (CPU backend)")
+    gpu = env["gpu"]["name"] if env["gpu"] else "none"
+    lines += [f"- memory: peak host RSS {mem['peak_host_rss_mib']:.0f} MiB; device in use after the runs {dev}",
+              f"- environment: {env['cpu']} ({env['cpu_cores']} cores), GPU {gpu}; "
+              + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
+              + f"; threads {env['threads']['ort_intra_op'] or '-'}; {env['timestamp']}"]
+    return "\n".join(lines) + "\n"
+
+
+def _nice_step(span: float) -> float:
+    raw = span / 5
+    mag = 10 ** np.floor(np.log10(raw)) if raw > 0 else 1.0
+    return float(next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw))
+
+
+def plot_bars(result: dict[str, Any], path: str | Path) -> Path:
+    """Horizontal bar chart (OpenCV): bar = median, whisker = p90..p99, value written beside each bar."""
+    from .draw import write_image
+
+    rows = _rows(result)
+    width, left, right, top, row_h = 1000, 250, 190, 78, 40
+    height = top + row_h * len(rows) + 50
+    img = np.full((height, width, 3), 255, np.uint8)
+    font, dark, grid = cv2.FONT_HERSHEY_SIMPLEX, (30, 30, 30), (225, 225, 225)
+    title = f"edgefm bench  {result['family']}/{result['variant']}  on {result['backend']}, batch {result['batch']}"
+    cv2.putText(img, title, (16, 30), font, 0.65, dark, 1, cv2.LINE_AA)
+    cv2.putText(img, f"latency in ms over {result['iters']} runs: bar = median, whisker = p90..p99", (16, 54),
+                font, 0.45, (90, 90, 90), 1, cv2.LINE_AA)
+    vmax = max(r["latency_ms"]["p99"] for _, r in rows) * 1.05 or 1.0
+    plot_w = width - left - right
+
+    def x(v: float) -> int:
+        return left + int(round(v / vmax * plot_w))
+
+    step = _nice_step(vmax)
+    y_axis = top + row_h * len(rows)
+    for k in range(int(vmax / step) + 1):
+        gx = x(k * step)
+        cv2.line(img, (gx, top - 6), (gx, y_axis), grid, 1)
+        cv2.putText(img, f"{k * step:g}", (gx - 8, y_axis + 20), font, 0.4, dark, 1, cv2.LINE_AA)
+    for i, (name, r) in enumerate(rows):
+        ms, y0 = r["latency_ms"], top + i * row_h
+        color = (245, 130, 48) if r["kind"] == "pipeline" else (0, 110, 190)  # RGB
+        cv2.putText(img, name, (16, y0 + 25), font, 0.5, dark, 1, cv2.LINE_AA)
+        cv2.rectangle(img, (left, y0 + 8), (max(x(ms["median"]), left + 1), y0 + row_h - 8), color, -1)
+        yc = y0 + row_h // 2
+        cv2.line(img, (x(ms["p90"]), yc), (x(ms["p99"]), yc), dark, 2)
+        cv2.line(img, (x(ms["p99"]), yc - 6), (x(ms["p99"]), yc + 6), dark, 2)
+        cv2.putText(img, f"{ms['median']:.2f} ms (p99 {ms['p99']:.2f})", (x(ms["p99"]) + 8, yc + 5), font, 0.45,
+                    dark, 1, cv2.LINE_AA)
+    cv2.line(img, (left, top - 6), (left, y_axis), dark, 1)
+    cv2.putText(img, "ms", (width - right + 10, y_axis + 20), font, 0.4, dark, 1, cv2.LINE_AA)
+    return write_image(path, img)
+
+
+def _write_json(path: str | Path, data: dict[str, Any]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    result = bench_bundle(args.bundle, args.backend, args.batch, args.iters, args.warmup, args.threads,
+                          pipelines=not args.no_pipelines,
+                          progress=lambda m: print(f"edgefm: {m}", file=sys.stderr, flush=True))
+    print(markdown_table(result), end="")
+    if args.json:
+        _write_json(args.json, result)
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot_bars(result, args.plot)
+        print(f"wrote {args.plot}")
+
+
+def register(sub: Any) -> argparse.ArgumentParser:
+    """Add ``edgefm bench`` to an argparse subparsers object."""
+    b = sub.add_parser("bench", help="time every component of a bundle (and its pipelines) on a backend")
+    b.add_argument("bundle")
+    b.add_argument("--backend", default="auto", help="auto | ort-cpu | ort-cuda | ort-trt | tensorrt")
+    b.add_argument("--batch", type=int, default=1, help="size of the batch dims (batch, image_batch)")
+    b.add_argument("--iters", type=int, default=50, help="timed runs per component")
+    b.add_argument("--warmup", type=int, default=5, help="untimed runs before them")
+    b.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime")
+    b.add_argument("--no-pipelines", action="store_true", help="time the components only")
+    b.add_argument("--json", help="write all figures, samples and the environment stamp to this file")
+    b.add_argument("--plot", help="write a bar chart (.png) of the latencies")
+    b.set_defaults(func=cmd_bench)
+    return b

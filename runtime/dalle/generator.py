@@ -1,0 +1,356 @@
+"""DALL·E text-to-image on exported components, without PyTorch: ``DalleGenerator`` and ``DvaeCodec``.
+
+Conventions: images are HWC uint8 RGB; token grids int64 ``[n, grid, grid]`` row-major (the prior's
+order). Prompts are tokenized with CLIP's BPE and framed as ``<start_of_text> ids <end_of_text>``
+followed by the prior's padding id up to ``text_len`` (the bundle's ``config``); a longer prompt is cut to
+``text_len`` ids, the last one replaced by ``<end_of_text>``, and the result says ``truncated=True``.
+
+Sampling runs in numpy from ``np.random.default_rng(seed)``: per image token, logits / temperature, then
+top-k (keep logits >= the k-th largest), then top-p (keep the smallest set of most likely tokens whose
+probability reaches p), then one inverse-CDF draw per sample. ``temperature=0`` is greedy (argmax).
+The n samples of a prompt run as one batch (split at the bundle's batch limit), in a fixed draw order,
+so a seed gives the same images on every backend whose logits agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import cv2
+import numpy as np
+
+from ..bundle import Bundle
+from ..errors import BundleError, InputError
+from ..sam.transforms import as_rgb_uint8
+from .spec import DVAE_DECODER, DVAE_ENCODER, PRIOR_PREFILL, PRIOR_STEP
+
+_INTERPOLATION = {"lanczos": cv2.INTER_LANCZOS4, "bicubic": cv2.INTER_CUBIC, "bilinear": cv2.INTER_LINEAR,
+                  "area": cv2.INTER_AREA, "nearest": cv2.INTER_NEAREST}
+
+
+# ---- sampling ------------------------------------------------------------------------------------------
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Raise InputError for a temperature < 0, top_k < 1 or top_p outside (0, 1]."""
+    def number(x: Any) -> bool:
+        return isinstance(x, (int, float, np.number)) and not isinstance(x, bool)
+
+    if not number(temperature) or not np.isfinite(temperature) or temperature < 0:
+        raise InputError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and (not number(top_k) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
+        raise InputError(f"top_k must be a whole number >= 1 (or None for no top-k), got {top_k}")
+    if top_p is not None and (not number(top_p) or not 0 < top_p <= 1):
+        raise InputError(f"top_p must be in (0, 1] (or None for no nucleus filtering), got {top_p}")
+
+
+def filter_logits(logits: np.ndarray, top_k: int | None = None, top_p: float | None = None) -> np.ndarray:
+    """float64 copy of logits ``[B, V]`` with the tokens top-k / top-p remove set to -inf."""
+    x = np.array(logits, dtype=np.float64)
+    if top_k is not None and top_k < x.shape[-1]:
+        kth = -np.partition(-x, top_k - 1, axis=-1)[:, top_k - 1 : top_k]
+        x[x < kth] = -np.inf
+    if top_p is not None and top_p < 1.0:
+        order = np.argsort(-x, axis=-1, kind="stable")
+        probs = softmax(np.take_along_axis(x, order, axis=-1))
+        mass_before = np.cumsum(probs, axis=-1) - probs
+        # A token stays while the more likely ones hold less than p; the most likely always stays.
+        drop = mass_before >= top_p
+        drop[:, 0] = False
+        np.put_along_axis(x, order, np.where(drop, -np.inf, np.take_along_axis(x, order, axis=-1)), axis=-1)
+    return x
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis in float64; -inf entries get probability 0."""
+    x = np.asarray(x, np.float64)
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def token_probabilities(
+    logits: np.ndarray, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
+) -> np.ndarray:
+    """The distribution :func:`sample_tokens` draws from, ``[B, V]`` float64 (temperature > 0)."""
+    return softmax(filter_logits(np.asarray(logits, np.float64) / temperature, top_k, top_p))
+
+
+def sample_tokens(
+    logits: np.ndarray,
+    rng: np.random.Generator,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> np.ndarray:
+    """One token per row of ``logits [B, V]`` -> int64 ``[B]``; ``temperature=0`` takes the argmax."""
+    if temperature == 0:
+        return np.argmax(logits, axis=-1).astype(np.int64)
+    cdf = np.cumsum(token_probabilities(logits, temperature, top_k, top_p), axis=-1)
+    u = rng.random(cdf.shape[0])[:, None] * cdf[:, -1:]
+    # The first index whose CDF exceeds u; removed tokens add no mass, so they are never chosen.
+    return np.minimum((cdf <= u).sum(axis=-1), cdf.shape[-1] - 1).astype(np.int64)
+
+
+# ---- results and reranking ------------------------------------------------------------------------------
+
+
+class Reranker(Protocol):
+    """What ``rerank=`` needs (the CLIP runtime's model provides it): L2-normalized embeddings."""
+
+    def encode_images(self, images: Sequence[np.ndarray]) -> np.ndarray: ...  # (N, D)
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray: ...  # (M, D)
+
+
+@dataclass
+class GenerationResult:
+    """``images``, ``tokens`` and ``scores`` are in sample order; ``order`` lists sample indices best first
+    (by CLIP score when reranked, else sample order)."""
+
+    prompt: str
+    images: list[np.ndarray]  # HWC uint8 RGB
+    tokens: np.ndarray  # int64 [n, grid, grid]
+    text_tokens: np.ndarray  # int64 [text_len], as fed to the prior
+    truncated: bool  # the prompt was longer than text_len tokens and was cut
+    seed: int
+    scores: np.ndarray | None = None  # float [n], CLIP cosine similarity to the prompt
+    order: np.ndarray | None = None  # int [n]
+
+    def ranked_images(self) -> list[np.ndarray]:
+        order = self.order if self.order is not None else range(len(self.images))
+        return [self.images[i] for i in order]
+
+
+def rerank_scores(reranker: Reranker, images: list[np.ndarray], prompt: str) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine similarity of each image to the prompt and the indices sorted best first (ties keep order)."""
+    missing = [m for m in ("encode_images", "encode_texts") if not callable(getattr(reranker, m, None))]
+    if missing:
+        raise InputError(f"rerank must be a CLIP model with encode_images and encode_texts; "
+                         f"{type(reranker).__name__} lacks {missing}")
+    image_emb = np.asarray(reranker.encode_images(images), np.float64)
+    text_emb = np.asarray(reranker.encode_texts([prompt]), np.float64)
+    if image_emb.shape[0] != len(images) or text_emb.ndim != 2 or image_emb.shape[1] != text_emb.shape[1]:
+        raise InputError(
+            f"rerank model returned image embeddings {image_emb.shape} and text embeddings {text_emb.shape}; "
+            f"expected ({len(images)}, D) and (1, D)"
+        )
+    scores = image_emb @ text_emb[0]
+    return scores, np.argsort(-scores, kind="stable")
+
+
+def to_uint8(images: np.ndarray) -> list[np.ndarray]:
+    """float NCHW in [0, 1] -> list of HWC uint8 RGB."""
+    x = np.clip(np.rint(np.asarray(images, np.float32) * 255.0), 0, 255).astype(np.uint8)
+    return [np.ascontiguousarray(im.transpose(1, 2, 0)) for im in x]
+
+
+def _open(bundle: Bundle | str | Path, backend: str, threads: int | None, need: tuple[str, ...]) -> Bundle:
+    if not isinstance(bundle, Bundle):
+        bundle = Bundle(bundle, backend, threads=threads, family="dalle")
+    elif bundle.family != "dalle":
+        raise BundleError(
+            f"{bundle.path} holds a {bundle.family!r} bundle, but a 'dalle' bundle is needed here"
+        )
+    missing = [n for n in need if n not in bundle.manifest.component_names]
+    if missing:
+        raise BundleError(
+            f"{bundle.path} has no {', '.join(missing)} (it has {bundle.manifest.component_names}); "
+            "export it with `edgefm export dalle` and the matching flags (--prior for generation, "
+            "--dvae-encoder for encoding images)"
+        )
+    return bundle
+
+
+def _batches(n: int, limit: int) -> list[slice]:
+    return [slice(i, min(i + limit, n)) for i in range(0, n, limit)]
+
+
+class DvaeCodec:
+    """Pictures <-> dVAE codes: ``encode(image) -> ids [grid, grid]``, ``decode(ids) -> image``.
+
+    ``encode`` resizes the shortest side to the bundle's ``image_size`` and center-crops (the preprocessing
+    is read from the manifest); a batch NHWC of ``image_size``² pictures is encoded as is.
+    """
+
+    def __init__(
+        self, bundle: Bundle | str | Path, backend: str = "auto", threads: int | None = None
+    ) -> None:
+        self.bundle = _open(bundle, backend, threads, (DVAE_DECODER,))
+        pre = self.bundle.preprocess
+        self.image_size = int(pre["image_size"])
+        self.grid = int(self.bundle.config["image_grid"])
+        self.interpolation = _INTERPOLATION.get(str(pre.get("interpolation", "lanczos")), cv2.INTER_LANCZOS4)
+        self.decoder = self.bundle.runner(DVAE_DECODER)
+        self.batch_limit = self.decoder.spec.dims["batch"].max
+
+    def prepare(self, image: np.ndarray) -> np.ndarray:
+        """One picture (HWC uint8 RGB, any size) -> ``image_size``² HWC uint8: shortest side, center crop."""
+        image = as_rgb_uint8(image)
+        h, w = image.shape[:2]
+        s = self.image_size
+        if min(h, w) != s:
+            scale = s / min(h, w)
+            nh, nw = (s, max(s, round(w * scale))) if h <= w else (max(s, round(h * scale)), s)
+            image = cv2.resize(image, (nw, nh), interpolation=self.interpolation)
+            h, w = nh, nw
+        top, left = int(round((h - s) / 2)), int(round((w - s) / 2))  # torchvision's center_crop rounding
+        return np.ascontiguousarray(image[top : top + s, left : left + s])
+
+    def encode(self, image: np.ndarray) -> np.ndarray:
+        """HWC uint8 RGB -> int64 ``[grid, grid]``; NHWC of ``image_size``² -> ``[N, grid, grid]``."""
+        if DVAE_ENCODER not in self.bundle.manifest.component_names:
+            raise BundleError(
+                f"{self.bundle.path} has no dvae_encoder; export it with --dvae-encoder encoder.pkl"
+            )
+        single = not (isinstance(image, np.ndarray) and image.ndim == 4)
+        batch = [self.prepare(image)] if single else [self.prepare(im) for im in image]
+        x = np.stack(batch).astype(np.float32).transpose(0, 3, 1, 2) / np.float32(255.0)
+        runner = self.bundle.runner(DVAE_ENCODER)
+        limit = runner.spec.dims["batch"].max
+        ids = np.concatenate([runner.run({"image": np.ascontiguousarray(x[s])})["image_tokens"]
+                              for s in _batches(len(x), limit)])
+        return ids[0] if single else ids
+
+    def decode(self, ids: np.ndarray) -> np.ndarray:
+        """int ``[grid, grid]`` -> HWC uint8 RGB; ``[N, grid, grid]`` -> NHWC uint8."""
+        ids = np.asarray(ids)
+        single = ids.ndim == 2
+        ids = ids[None] if single else ids
+        g = self.grid
+        if ids.ndim != 3 or ids.shape[1:] != (g, g) or not np.issubdtype(ids.dtype, np.integer):
+            raise InputError(f"ids must be integer [{g}, {g}] or [N, {g}, {g}], got {ids.dtype} "
+                             f"{list(ids.shape)}")
+        vocab = int(self.bundle.config["image_vocab"])
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+            raise InputError(f"ids must be dVAE codes in [0, {vocab - 1}], got [{ids.min()}, {ids.max()}]")
+        if not len(ids):
+            return np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
+        out = np.stack(to_uint8(self.decode_float(ids.astype(np.int64))))
+        return out[0] if single else out
+
+    def decode_float(self, ids: np.ndarray) -> np.ndarray:
+        """int64 ``[N, grid, grid]`` -> float32 NCHW RGB in [0, 1] (the decoder's output, unrounded)."""
+        return np.concatenate([self.decoder.run({"image_tokens": np.ascontiguousarray(ids[s])})["image"]
+                               for s in _batches(len(ids), self.batch_limit)])
+
+
+class DalleGenerator:
+    """``generate(prompt, n, seed, temperature, top_k, top_p, rerank)`` on a bundle with a prior."""
+
+    def __init__(self, bundle: Bundle | str | Path, backend: str = "auto", threads: int | None = None,
+                 tokenizer: Any | None = None) -> None:
+        self.bundle = _open(bundle, backend, threads, (PRIOR_PREFILL, PRIOR_STEP, DVAE_DECODER))
+        cfg = self.bundle.config
+        tok = cfg.get("tokenizer", {})
+        if tok.get("kind") != "clip_bpe":
+            raise BundleError(
+                f"{self.bundle.path}: the prior's tokenizer {tok.get('kind')!r} is not supported (this "
+                "edgefm tokenizes prompts with CLIP's BPE, 'clip_bpe'); re-export the bundle"
+            )
+        self.text_len, self.pad_id = int(cfg["text_len"]), int(cfg["pad_id"])
+        self.sot_id, self.eot_id = int(tok["sot_id"]), int(tok["eot_id"])
+        self.grid = int(cfg["image_grid"])
+        self.codec = DvaeCodec(self.bundle)
+        self.prefill = self.bundle.runner(PRIOR_PREFILL)
+        self.step = self.bundle.runner(PRIOR_STEP)
+        self.batch_limit = self.prefill.spec.dims["batch"].max
+        self._tokenizer = tokenizer
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            from ..clip.tokenizer import ClipTokenizer
+
+            self._tokenizer = ClipTokenizer()
+        return self._tokenizer
+
+    def text_tokens(self, prompt: str) -> tuple[np.ndarray, bool]:
+        """int64 ``[text_len]`` fed to the prior for ``prompt`` and whether the prompt was cut."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InputError(f"the prompt must be a non-empty text, got {prompt!r}")
+        ids = [self.sot_id, *self.tokenizer.encode(prompt), self.eot_id]
+        truncated = len(ids) > self.text_len
+        if truncated:
+            ids = [*ids[: self.text_len - 1], self.eot_id]
+        out = np.full(self.text_len, self.pad_id, np.int64)
+        out[: len(ids)] = ids
+        return out, truncated
+
+    def generate(
+        self,
+        prompt: str,
+        n: int = 1,
+        seed: int = 0,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        rerank: Reranker | None = None,
+        progress: bool = False,
+    ) -> GenerationResult:
+        """``n`` images for ``prompt``; with ``rerank`` (a CLIP model), scores and a best-first order."""
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise InputError(f"n (the number of images) must be a whole number >= 1, got {n}")
+        check_sampling(temperature, top_k, top_p)
+        text, truncated = self.text_tokens(prompt)
+        rng = np.random.default_rng(seed)
+        tokens = np.concatenate([
+            self.sample_tokens(text, s.stop - s.start, rng, temperature, top_k, top_p, progress)
+            for s in _batches(int(n), self.batch_limit)
+        ])
+        images = to_uint8(self.codec.decode_float(tokens))
+        result = GenerationResult(prompt, images, tokens, text, truncated, seed)
+        if rerank is not None:
+            result.scores, result.order = rerank_scores(rerank, images, prompt)
+        return result
+
+    def sample_tokens(
+        self,
+        text: np.ndarray,
+        n: int,
+        rng: np.random.Generator,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        progress: bool = False,
+    ) -> np.ndarray:
+        """Image codes int64 ``[n, grid, grid]`` for text ids ``[text_len]``: prefill once, then one step per
+        token with the fixed-size KV cache fed back (kept on the device by IO binding on CUDA)."""
+        g, t = self.grid, self.text_len
+        feeds = {"text_tokens": np.repeat(text[None], n, axis=0)}
+        out = self._run(self.prefill, feeds, ("k_cache", "v_cache"))
+        logits, k, v = out["logits"], out["k_cache"], out["v_cache"]
+        tokens = np.empty((n, g * g), np.int64)
+        bar = _progress_bar(g, progress)
+        try:
+            for j in range(g * g):
+                tokens[:, j] = sample_tokens(logits, rng, temperature, top_k, top_p)
+                if j + 1 < g * g:
+                    feeds = {"token": tokens[:, j].copy(), "position": np.array([t + j], np.int64),
+                             "k_cache": k, "v_cache": v}
+                    out = self._run(self.step, feeds, ("k_cache_out", "v_cache_out"))
+                    logits, k, v = out["logits"], out["k_cache_out"], out["v_cache_out"]
+                if bar is not None and (j + 1) % g == 0:
+                    bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+        return tokens.reshape(n, g, g)
+
+    @staticmethod
+    def _run(runner: Any, feeds: dict[str, Any], keep: tuple[str, ...]) -> dict[str, Any]:
+        """Run a prior graph; on CUDA the caches stay device-resident ``OrtValue``s between calls."""
+        if getattr(runner, "device", "cpu") == "cuda" and hasattr(runner, "run_on_device"):
+            outs = runner.run_on_device(feeds, keep=keep)
+            return {k: (v if k in keep else v.numpy()) for k, v in outs.items()}
+        return runner.run(feeds)
+
+
+def _progress_bar(rows: int, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=rows, desc="image rows", unit="row")
