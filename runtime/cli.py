@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .bench import register as register_bench
+from .clip.cli import register as register_clip
 from .dalle.cli import add_export_args as add_dalle_export_args
 from .dalle.cli import register as register_dalle
 from .errors import EdgefmError, InputError, require
@@ -43,6 +44,14 @@ def cmd_export(args: argparse.Namespace) -> None:
             raise InputError(f"--checkpoint {args.checkpoint!r} does not exist; pass the official .pth file")
         out = export_sam(args.checkpoint, args.out, args.variant, precision=args.precision, opset=args.opset,
                          parity_gate=not args.no_parity_gate, overwrite=args.overwrite, progress=_progress)
+    elif args.family == "clip":
+        from edgefm.export.clip import export_clip
+
+        if args.checkpoint is None or not Path(args.checkpoint).is_file():
+            raise InputError(f"--checkpoint {args.checkpoint!r} does not exist; pass e.g. OpenAI's ViT-B-32.pt")
+        out = export_clip(args.checkpoint, args.out, precision=args.precision, quick_gelu=args.quick_gelu,
+                          overwrite=args.overwrite, parity_gate=not args.no_parity_gate, progress=_progress,
+                          opset=args.opset)
     else:
         from edgefm.export.dalle import run_export
 
@@ -140,14 +149,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     e = sub.add_parser("export", help="export a PyTorch checkpoint to an ONNX bundle (needs edgefm[export])")
-    e.add_argument("family", choices=["sam", "dalle"])
-    e.add_argument("--checkpoint", help="sam: official checkpoint (.pth or .safetensors)")
+    e.add_argument("family", choices=["sam", "clip", "dalle"])
+    e.add_argument("--checkpoint", help="sam / clip: official checkpoint (.pth, .pt archive or .safetensors)")
     e.add_argument("--variant", default="vit_b", help="sam: vit_b | vit_l | vit_h | tiny")
     e.add_argument("--out", required=True, help="bundle folder to write")
     e.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
     e.add_argument("--opset", type=int, default=17)
     e.add_argument("--no-parity-gate", action="store_true", help="write the bundle even if parity fails")
     e.add_argument("--overwrite", action="store_true")
+    e.add_argument("--quick-gelu", dest="quick_gelu", action="store_true", default=None,
+                   help="clip: QuickGELU activations (OpenAI archives imply it)")
+    e.add_argument("--no-quick-gelu", dest="quick_gelu", action="store_false", help="clip: plain GELU")
     add_dalle_export_args(e)
     e.set_defaults(func=cmd_export)
 
@@ -174,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--cache", help="where exported demo bundles are cached (default ~/.cache/edgefm)")
     d.set_defaults(func=cmd_demo)
 
+    register_clip(sub)
     register_dalle(sub)
     register_bench(sub)
     # The engine builder needs no torch, only TensorRT (imported when a build runs).

@@ -1,4 +1,4 @@
-"""CLIP runtime without torch: tokenizer and image preprocessing (encoders run from an exported bundle).
+"""CLIP runtime without torch: tokenizer, preprocessing, ``ClipModel`` (embeddings, zero-shot), index.
 
 Names are imported on first use so that ``import edgefm.runtime.clip`` stays cheap (no OpenCV, ftfy or
 regex until a tokenizer or preprocessing function is asked for). The single-image function is imported
@@ -11,6 +11,10 @@ from __future__ import annotations
 import importlib
 
 _LAZY = {
+    "ClipModel": "model",
+    "ImageIndex": "index",
+    "imagenet_classnames": "zero_shot",
+    "resolve_templates": "zero_shot",
     "ClipTokenizer": "tokenizer",
     "clean_text": "tokenizer",
     "OPENAI_CLIP_MEAN": "preprocess",

@@ -1,0 +1,209 @@
+"""CLIP -> bundle with two components: image_encoder and text_encoder, plus the tokenizer vocabulary.
+
+The text graph takes ``[batch, length]`` tokens with ``length`` dynamic (1..77): the causal mask is built
+from the runtime length inside the graph (a triangular comparison of two ``arange``s), so the exporter
+records it as ops on the input's shape instead of a constant 77 x 77 slice fixed at trace time. End-of-text
+pooling is the model's float ArgMax + Gather, which ONNX Runtime and TensorRT both accept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from edgefm.models.checkpoint import sha256_file
+from edgefm.models.clip import CLIP, load_clip, variant_name
+from edgefm.runtime.clip.spec import COMPONENTS, IMAGE_ENCODER, TEXT_ENCODER, TOKENIZER_ASSET, clip_specs
+from edgefm.runtime.clip.tokenizer import DEFAULT_VOCAB, ClipTokenizer
+from edgefm.runtime.errors import InputError
+from edgefm.runtime.manifest import Manifest
+from edgefm.runtime.spec import ComponentSpec
+from torch import nn
+
+from .bundle import BundleWriter
+from .onnx import example_inputs, fp16_from_onnx, onnx_from_module
+from .parity import compare_outputs, gate
+
+PARITY_PROMPTS = ["a photo of a cat", "a diagram", "an extremely long and detailed description " * 3, ""]
+
+
+def _attention(block: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``block.attn`` on batch-first ``x`` written out with plain ops.
+
+    nn.MultiheadAttention computes its reshapes from Python ints of the traced shapes, so the TorchScript
+    exporter freezes batch and length at their trace-time values; here only the head split is a constant.
+    """
+    attn = block.attn
+    heads = attn.num_heads
+    q, k, v = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))  # B, h, L, d
+    scores = (q * (q.shape[-1] ** -0.5)) @ k.transpose(-1, -2)  # B, h, L, L
+    if mask is not None:
+        scores = scores + mask
+    out = (scores.softmax(dim=-1) @ v).transpose(1, 2).flatten(2)  # B, L, D
+    return attn.out_proj(out)
+
+
+def _transformer(transformer: nn.Module, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``transformer`` (a stack of pre-norm residual attention blocks) with export-safe attention."""
+    for block in transformer.resblocks:
+        x = x + _attention(block, block.ln_1(x), mask)
+        x = x + block.mlp(block.ln_2(x))
+    return x
+
+
+class ImageEncoderGraph(nn.Module):
+    """Normalized image (B, 3, S, S) -> unnormalized image embeddings (B, D), as ``encode_image``."""
+
+    def __init__(self, clip: CLIP) -> None:
+        super().__init__()
+        self.visual = clip.visual
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        v = self.visual
+        if not hasattr(v, "class_embedding"):  # ModifiedResNet: no nn.MultiheadAttention inside
+            return v(image)
+        x = v.conv1(image).flatten(2).transpose(1, 2)  # B, grid**2, width
+        cls = v.class_embedding.expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + v.positional_embedding
+        x = _transformer(v.transformer, v.ln_pre(x))
+        return v.ln_post(x[:, 0, :]) @ v.proj
+
+
+class TextEncoderGraph(nn.Module):
+    """Tokens (B, L), L in 1..77 -> unnormalized text embeddings (B, D), as ``encode_text``."""
+
+    def __init__(self, clip: CLIP) -> None:
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        c = self.clip
+        length = tokens.shape[1]
+        x = c.token_embedding(tokens) + c.positional_embedding[:length]  # B, L, D
+        # Causal mask from the runtime length (not a slice of the 77 x 77 buffer, which tracing would fix).
+        pos = torch.arange(length, device=tokens.device)
+        mask = torch.zeros(length, length).masked_fill(pos.unsqueeze(0) > pos.unsqueeze(1), float("-inf"))
+        x = c.ln_final(_transformer(c.transformer, x, mask))
+        return c.pool_eot(x, tokens) @ c.text_projection
+
+
+@contextlib.contextmanager
+def _mha_fastpath(enabled: bool):
+    """nn.MultiheadAttention's fused inference path has no ONNX symbolic: trace the plain ops instead."""
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(enabled)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
+
+
+def parity_inputs(
+    image_size: int, context_length: int = 77, seed: int = 0
+) -> dict[str, dict[str, np.ndarray]]:
+    """Seeded images (batch 2) and real prompts at the full context length (the gate's worst case)."""
+    rng = np.random.default_rng(seed)
+    image = rng.normal(0.0, 1.0, (2, 3, image_size, image_size)).astype(np.float32)
+    tokens = ClipTokenizer(context_length=context_length)(PARITY_PROMPTS)
+    return {IMAGE_ENCODER: {"image": image}, TEXT_ENCODER: {"tokens": tokens}}
+
+
+def _torch_run(module: nn.Module, spec: ComponentSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    with torch.no_grad():
+        outs = module(*(torch.from_numpy(feeds[n]) for n in spec.input_names))
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    return {n: o.numpy() for n, o in zip(spec.output_names, outs)}
+
+
+def clip_preprocess(image_size: int, mean, std) -> dict[str, Any]:
+    return {
+        "image_size": image_size,
+        "resize": "bicubic_antialias",
+        "resize_rule": "short side to image_size, long side int(image_size * long / short)",
+        "crop": "center",
+        "mean": [float(m) for m in mean],
+        "std": [float(s) for s in std],
+        "pixel_format": "RGB",
+        "layout": "NCHW",
+    }
+
+
+def export_clip(
+    model_or_path: CLIP | str | Path,
+    out: str | Path,
+    precision: str = "fp32",
+    quick_gelu: bool | None = None,
+    overwrite: bool = False,
+    parity_gate: bool = True,
+    progress=None,
+    opset: int = 17,
+) -> Path:
+    """Export a CLIP (a model, or a checkpoint loaded strictly by ``load_clip``) to a bundle at ``out``.
+
+    ``quick_gelu`` applies to paths only (``None``: decided by ``load_clip`` from the checkpoint).
+    """
+    if precision not in ("fp32", "fp16"):
+        raise InputError(f"--precision {precision!r} is not supported for CLIP; choose fp32 or fp16")
+    if opset < 17:
+        raise InputError(f"--opset {opset} is too old: opset 17 is needed for one-op LayerNorm")
+    if isinstance(model_or_path, nn.Module):
+        model, config = model_or_path, model_or_path.config
+        source: dict[str, Any] = {"loader": "in-memory model"}
+        gelu_source = "in-memory model config"
+    else:
+        path = Path(model_or_path)
+        model, config, info = load_clip(path, quick_gelu=quick_gelu)
+        source = {"checkpoint": path.name, "sha256": sha256_file(path), "format": info["format"],
+                  "loader": "edgefm.models.clip.load_clip (weights only, strict keys and shapes)"}
+        gelu_source = info["quick_gelu_source"]
+    model = model.float().eval()
+    specs = clip_specs(config.image_size, config.embed_dim, config.context_length)
+    graphs = {IMAGE_ENCODER: ImageEncoderGraph(model), TEXT_ENCODER: TextEncoderGraph(model)}
+    feeds = parity_inputs(config.image_size, config.context_length)
+    parity: dict[str, Any] = {"gate": parity_gate, "reference": f"PyTorch {torch.__version__} fp32, CPU",
+                              "backend": "onnxruntime CPU"}
+    from edgefm.runtime.backends.onnxruntime import OrtRunner
+
+    with BundleWriter(out, overwrite=overwrite) as writer:
+        for name in COMPONENTS:
+            if progress:
+                progress(f"exporting {name} ({precision})")
+            spec, graph = specs[name], graphs[name]
+            # The reference is the model's own encode_* (not the graph wrapper), so the gate also checks
+            # the wrapper's in-graph causal mask.
+            with torch.no_grad():
+                x = torch.from_numpy(feeds[name][spec.input_names[0]])
+                ref_out = model.encode_image(x) if name == IMAGE_ENCODER else model.encode_text(x)
+            ref = {spec.output_names[0]: ref_out.numpy()}
+            work = writer.workdir(name)
+            onnx_path = work / f"{name}.onnx"
+            # Traced at a short length so that nothing can silently depend on 77.
+            trace = feeds[name] if name == IMAGE_ENCODER else {"tokens": feeds[name]["tokens"][:, :16].copy()}
+            with _mha_fastpath(False):
+                extra = onnx_from_module(graph, spec, onnx_path, example_inputs(spec, trace), opset)
+            if precision == "fp16":
+                half_dir = writer.workdir(name + "-fp16")
+                extra = fp16_from_onnx(onnx_path, half_dir / onnx_path.name)
+                onnx_path = half_dir / onnx_path.name
+            got = OrtRunner(onnx_path, spec, "ort-cpu").run(feeds[name])
+            report = compare_outputs(ref, got, precision)
+            report["inputs"] = {k: list(v.shape) for k, v in feeds[name].items()}
+            parity[name] = report
+            gate(name, report, parity_gate)
+            writer.add(onnx_path, spec, "onnx", precision, extra, info={"opset": opset})
+        writer.copy_asset(DEFAULT_VOCAB, TOKENIZER_ASSET)
+        manifest = Manifest(
+            family="clip", variant=variant_name(config), source=source,
+            preprocess=clip_preprocess(config.image_size, config.mean, config.std), components=[],
+            parity=parity,
+            config={"embed_dim": config.embed_dim, "logit_scale": float(model.logit_scale.detach().exp()),
+                    "context_length": config.context_length, "image_size": config.image_size,
+                    "quick_gelu": config.quick_gelu, "quick_gelu_source": gelu_source,
+                    "tokenizer": TOKENIZER_ASSET, "vocab_size": config.vocab_size},
+        )
+        return writer.finish(manifest)
