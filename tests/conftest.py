@@ -78,21 +78,10 @@ def sam_tiny_bundle(sam_tiny, tmp_path_factory):
 
 
 def scene(h: int, w: int, seed: int = 0) -> np.ndarray:
-    """A smooth gradient background with a few filled shapes: HWC uint8 RGB."""
-    import cv2
+    """A gradient background with filled circles and squares (the demo's scene generator)."""
+    from edgefm.runtime.demo import make_scene
 
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    img = np.stack([xx / w * 200, yy / h * 200, (xx + yy) / (w + h) * 150 + 50], -1).astype(np.uint8)
-    for _ in range(4):
-        color = tuple(int(c) for c in rng.integers(0, 255, 3))
-        cx, cy = int(rng.integers(w // 5, 4 * w // 5)), int(rng.integers(h // 5, 4 * h // 5))
-        r = int(rng.integers(min(h, w) // 10, min(h, w) // 4))
-        if rng.random() < 0.5:
-            cv2.circle(img, (cx, cy), r, color, -1)
-        else:
-            cv2.rectangle(img, (cx - r, cy - r), (cx + r, cy + r), color, -1)
-    return img
+    return make_scene(h, w, seed)
 
 
 def assert_scaled_close(got, ref, rel: float = 1e-5, what: str = "") -> float:
