@@ -12,11 +12,14 @@ __all__ = ["BACKENDS", "Runner", "available_backends", "resolve_backend", "open_
 
 
 def _tensorrt_usable() -> bool:
+    """TensorRT imports (the PyPI stubs raise when NVIDIA's libraries are missing) and a GPU is visible."""
     try:
         import tensorrt  # noqa: F401
-    except Exception:  # the PyPI stubs raise at import when the libraries are missing
+    except Exception:
         return False
-    return True
+    from .tensorrt import current_gpu
+
+    return current_gpu() is not None
 
 
 def available_backends() -> list[str]:
