@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .bench import register as register_bench
+from .camera.cli import register as register_camera
 from .clip.cli import register as register_clip
 from .dalle.cli import add_export_args as add_dalle_export_args
 from .dalle.cli import register as register_dalle
@@ -189,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_clip(sub)
     register_dalle(sub)
     register_bench(sub)
+    register_camera(sub)
     # The engine builder needs no torch, only TensorRT (imported when a build runs).
     from edgefm.export.tensorrt import add_build_engine_parser
 
