@@ -13,8 +13,6 @@ import numpy as np
 from .. import resample
 from ..errors import InputError
 
-_CV_MAX_CHANNELS = 128  # cv2.resize's channel limit in OpenCV 5 (512 in OpenCV 4)
-
 
 def resized_shape(h: int, w: int, long_side: int) -> tuple[int, int]:
     """(H, W) after scaling the longest side to ``long_side``, rounded like ResizeLongestSide."""
@@ -71,14 +69,12 @@ def upscale_masks(
 ) -> np.ndarray:
     """(B, C, h, w) logits -> (B, C, H, W) at the original size: bilinear to the padded square, crop the
     padding, bilinear to the original size (the official postprocess_masks, half-pixel centers)."""
-    b, c, h, w = low_res.shape
-    # OpenCV resizes HWC arrays of up to 128 channels (OpenCV 5) at once; fold (B, C) into channels.
-    x = low_res.reshape(b * c, h, w)
-    out = np.empty((b * c, *original_size), dtype=np.float32)
-    for start in range(0, b * c, _CV_MAX_CHANNELS):
-        chunk = np.ascontiguousarray(x[start : start + _CV_MAX_CHANNELS].transpose(1, 2, 0))
-        up = cv2.resize(chunk, (image_size, image_size), interpolation=cv2.INTER_LINEAR)
-        up = up.reshape(image_size, image_size, -1)[: input_size[0], : input_size[1]]
-        full = cv2.resize(np.ascontiguousarray(up), original_size[::-1], interpolation=cv2.INTER_LINEAR)
-        out[start : start + _CV_MAX_CHANNELS] = full.reshape(*original_size, -1).transpose(2, 0, 1)
-    return out.reshape(b, c, *original_size)
+    b, c = low_res.shape[:2]
+    out = np.empty((b, c, *original_size), dtype=np.float32)
+    # One 2-D resize per mask, written straight into the output: no HWC<->CHW copies of full-size arrays.
+    for i in range(b):
+        for j in range(c):
+            up = cv2.resize(low_res[i, j], (image_size, image_size), interpolation=cv2.INTER_LINEAR)
+            cv2.resize(up[: input_size[0], : input_size[1]], original_size[::-1], dst=out[i, j],
+                       interpolation=cv2.INTER_LINEAR)
+    return out
