@@ -2,14 +2,22 @@
 
 ``register(sub)`` adds both subcommands to the ``edgefm`` parser's subparsers; each command raises
 :class:`EdgefmError` subclasses for user mistakes, which the main CLI prints as one paragraph.
+``index query ... --sheet results.png`` also draws the hits as a picture (:func:`contact_sheet`).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..errors import InputError
+
+SHEET_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+SHEET_GAP, SHEET_TITLE = 6, 28  # contact sheet: pixels between tiles, height of the query row
 
 
 def _labels(args: argparse.Namespace) -> list[str]:
@@ -53,18 +61,72 @@ def cmd_index_build(args: argparse.Namespace) -> None:
         print(f"  skipped {path}: {why}")
 
 
+def _fit(image: np.ndarray, cell: int) -> np.ndarray:
+    """``image`` scaled to fit a ``cell`` x ``cell`` square (aspect kept), centred on dark grey."""
+    import cv2
+
+    h, w = image.shape[:2]
+    s = cell / max(h, w)
+    nh, nw = max(1, round(h * s)), max(1, round(w * s))
+    small = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
+    tile = np.full((cell, cell, 3), 32, np.uint8)
+    y, x = (cell - nh) // 2, (cell - nw) // 2
+    tile[y : y + nh, x : x + nw] = small
+    return tile
+
+
+def contact_sheet(hits: list[tuple[str, float]], query: str, cell: int = 192,
+                  columns: int | None = None) -> np.ndarray:
+    """A picture of search hits: a title row with the query, then one ``cell`` x ``cell`` tile per hit in rank
+    order, row by row (``columns`` default ``min(5, len(hits))``), ``SHEET_GAP`` pixels apart, labelled with
+    rank, cosine score and file name. A hit whose file can no longer be read gets a dark tile saying so.
+    Tile ``i`` (row r, column c) starts at ``(x, y) = (gap + c * (cell + gap), title + r * (cell + gap))``.
+    HWC uint8 RGB."""
+    from ..draw import put_label, read_image
+
+    if not hits:
+        raise InputError("there are no hits to draw on a contact sheet")
+    cols, gap = columns or min(5, len(hits)), SHEET_GAP
+    rows, title = math.ceil(len(hits) / cols), SHEET_TITLE
+    sheet = np.zeros((title + rows * (cell + gap), gap + cols * (cell + gap), 3), np.uint8)
+    put_label(sheet, f"query: {query}"[: cols * cell // 8], (gap + 2, 19))
+    for i, (path, score) in enumerate(hits):
+        r, c = divmod(i, cols)
+        y, x = title + r * (cell + gap), gap + c * (cell + gap)
+        tile = sheet[y : y + cell, x : x + cell]
+        try:
+            tile[:] = _fit(read_image(path), cell)
+        except InputError:
+            put_label(tile, "(unreadable)", (6, cell // 2))
+        put_label(tile, f"#{i + 1}  {score:.4f}", (4, 16))
+        put_label(tile, Path(path).name[: cell // 7], (4, cell - 6), scale=0.4)
+    return sheet
+
+
 def cmd_index_query(args: argparse.Namespace) -> None:
     from .index import ImageIndex
     from .model import ClipModel
 
+    if args.sheet and Path(args.sheet).suffix.lower() not in SHEET_SUFFIXES:
+        raise InputError(f"--sheet {args.sheet!r}: name the contact sheet with one of {list(SHEET_SUFFIXES)}, "
+                         "e.g. --sheet results.png")
+    if args.cell < 32:
+        raise InputError(f"--cell must be at least 32 pixels, got {args.cell}")
     index = ImageIndex.load(args.index)
     bundle = args.bundle or index.bundle
     if not bundle:
         raise InputError(f"{args.index} does not name its bundle; pass --bundle BUNDLE")
+    if not args.bundle and not Path(bundle).is_dir():
+        raise InputError(f"the bundle that built {args.index} ({bundle}) is no longer there; pass its new "
+                         "location with --bundle BUNDLE")
     model = ClipModel(bundle, backend=args.backend, threads=args.threads)
     hits = index.search(args.query, k=args.top_k, model=model)
     for rank, (path, score) in enumerate(hits, 1):
         print(f"{rank:>3}. {score:.4f}  {path}")
+    if args.sheet:
+        from ..draw import write_image
+
+        print(f"wrote {write_image(args.sheet, contact_sheet(hits, args.query, args.cell))}")
 
 
 def _runtime_args(p: argparse.ArgumentParser) -> None:
@@ -101,5 +163,7 @@ def register(sub: Any) -> None:
     q.add_argument("query", help="a text, or the path of an image")
     q.add_argument("--top-k", "-k", dest="top_k", type=int, default=5)
     q.add_argument("--bundle", help="CLIP bundle (default: the one that built the index)")
+    q.add_argument("--sheet", metavar="PICTURE", help="also write a contact sheet of the hits, e.g. results.png")
+    q.add_argument("--cell", type=int, default=192, help="contact sheet tile size in pixels")
     _runtime_args(q)
     q.set_defaults(func=cmd_index_query)

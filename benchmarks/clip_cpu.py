@@ -1,0 +1,435 @@
+"""CLIP on the CPU, side by side in one run: open_clip (PyTorch eager) vs edgefm (ONNX Runtime CPU).
+
+Both sides hold the same random ViT-B/32 weights (open_clip's ``ViT-B-32-quickgelu`` initialisation, copied
+into ``edgefm.models.clip`` and exported with ``edgefm.export.clip.export_clip``), get the same inputs and
+the same thread count. Measured per side, interleaved in rounds whose order alternates, so that load from
+other processes on a shared machine falls on both sides alike:
+
+- ``image_b1`` / ``image_b32``: the image encoder on preprocessed ``[N, 3, 224, 224]`` pixels: official
+  ``model.encode_image`` under ``torch.inference_mode``, edgefm ``ClipModel.encode_pixels``;
+- ``image_e2e_b1``: one 480 x 640 RGB array -> normalized embedding (preprocessing included);
+- ``text_b1`` / ``text_b80``: the text encoder on token rows of one short prompt and of the 80 ImageNet
+  templates of one class: official ``model.encode_text`` (always 77 positions), edgefm
+  ``ClipModel.encode_tokens`` (cut to the batch's longest prompt, exact under the causal mask);
+- ``text_e2e_b1`` / ``text_e2e_b80``: the same from strings, tokenization and normalization included
+  (edgefm ``ClipModel.encode_texts``);
+- ``index``: embedding a folder of generated JPEGs, decoding included, in images/s: edgefm
+  ``ImageIndex.build``; official PIL decode + open_clip's transform in a thread pool of the same size, then
+  ``encode_image`` in batches of 32.
+
+``python benchmarks/clip_cpu.py`` writes results/clip_cpu.{json,md} (about 10 minutes on 2 busy cores);
+``python benchmarks/clip_cpu.py --quick`` is a smoke run on a tiny CLIP (written to a temporary folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# edgefm / official median time, from the CLIP issue (section 5); the e2e text rows are held to the same.
+TARGETS = {"image_b1": 0.6, "image_b32": 0.6, "text_b1": 0.3, "text_b80": 0.5,
+           "text_e2e_b1": 0.3, "text_e2e_b80": 0.5}
+ROWS = {  # key -> (label, heavy: timed --batch-iters times instead of --iters)
+    "image_b1": ("image encoder, batch 1", False),
+    "image_b32": ("image encoder, batch 32", True),
+    "image_e2e_b1": ("image 480×640 RGB → embedding (preprocess + encoder)", False),
+    "text_b1": ("text encoder, 1 short prompt", False),
+    "text_b80": ("text encoder, 80 prompts (imagenet80 templates)", True),
+    "text_e2e_b1": ("1 prompt string → embedding (tokenize + encoder)", False),
+    "text_e2e_b80": ("80 prompt strings → embeddings (tokenize + encoder)", True),
+}
+SHORT_PROMPT = "a photo of a dog."
+CLASSNAME = "golden retriever"
+MODEL = "ViT-B-32-quickgelu"
+SEED = 0
+
+
+def stats_ms(samples: list[float]) -> dict[str, Any]:
+    """min / median / p90 / mean in milliseconds, from samples in seconds."""
+    a = np.asarray(samples, np.float64) * 1e3
+    return {"n": int(a.size), "min_ms": float(a.min()), "median_ms": float(np.median(a)),
+            "p90_ms": float(np.percentile(a, 90)), "mean_ms": float(a.mean()),
+            "samples_ms": [round(float(v), 3) for v in a]}
+
+
+def timed(fn, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def split(n: int, rounds: int) -> list[int]:
+    """n runs spread over at most ``rounds`` rounds."""
+    rounds = max(1, min(rounds, n))
+    return [n // rounds + (i < n % rounds) for i in range(rounds)]
+
+
+def photo(seed: int, h: int, w: int) -> np.ndarray:
+    """A photo-like HWC uint8 RGB picture: smooth gradients, a few shapes and sensor-like noise (so that
+    JPEG decoding has real work to do)."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    chans = [127.5 + 127.5 * np.sin(rng.uniform(0.002, 0.02) * x + rng.uniform(0.002, 0.02) * y
+                                     + rng.uniform(0, 6.3)) for _ in range(3)]
+    img = np.stack(chans, -1)
+    for _ in range(6):
+        centre = (int(rng.integers(0, w)), int(rng.integers(0, h)))
+        cv2.circle(img, centre, int(rng.integers(h // 20, h // 4)), rng.uniform(0, 255, 3).tolist(), -1)
+    img += rng.normal(0, 6, img.shape).astype(np.float32)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def write_jpegs(folder: Path, n: int, seed: int = SEED) -> list[Path]:
+    """``n`` JPEGs (quality 90) of camera-like sizes and aspect ratios, 480 to 1024 pixels wide."""
+    import cv2
+
+    sizes = [(480, 640), (768, 1024), (600, 800), (720, 540), (512, 512), (576, 1024)]
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        path = folder / f"img{i:04d}.jpg"
+        cv2.imwrite(str(path), photo(seed + i, *sizes[i % len(sizes)])[:, :, ::-1],
+                    [cv2.IMWRITE_JPEG_QUALITY, 90])
+        paths.append(path)
+    return paths
+
+
+# --- the two sides: the same operations as zero-argument callables ---
+
+
+def official_model(quick: bool):
+    """open_clip's model (random weights), its eval transform and its tokenizer."""
+    import open_clip
+    import torch
+
+    torch.manual_seed(SEED)
+    if not quick:
+        model, _, transform = open_clip.create_model_and_transforms(MODEL, pretrained=None)
+        return model.eval(), transform, open_clip.get_tokenizer(MODEL)
+    from edgefm.models.clip import CLIP_CONFIGS
+
+    c = CLIP_CONFIGS["tiny-vit"]
+    vision = dict(image_size=c.image_size, layers=c.vision_layers, width=c.vision_width,
+                  patch_size=c.vision_patch_size)
+    text = dict(context_length=c.context_length, vocab_size=c.vocab_size, width=c.text_width,
+                heads=c.text_heads, layers=c.text_layers)
+    model = open_clip.model.CLIP(c.embed_dim, vision, text, quick_gelu=True).eval()
+    return model, open_clip.image_transform(c.image_size, is_train=False), open_clip.tokenize
+
+
+class Official:
+    """open_clip eager, fp32, under ``torch.inference_mode``."""
+
+    def __init__(self, model, transform, tokenizer, inputs: dict[str, Any], threads: int) -> None:
+        import torch
+        import torch.nn.functional as F
+        from PIL import Image
+
+        torch.set_num_threads(threads)
+        self.torch, self.model, self.transform = torch, model, transform
+        px = {k: torch.from_numpy(inputs[k]) for k in ("pixels1", "pixels32")}
+        tok = {k: tokenizer(inputs[k]) for k in ("prompt1", "prompts80")}
+        self.tokens = tok
+        m = model
+        self.ops = {
+            "image_b1": lambda: m.encode_image(px["pixels1"]),
+            "image_b32": lambda: m.encode_image(px["pixels32"]),
+            "image_e2e_b1": lambda: F.normalize(
+                m.encode_image(transform(Image.fromarray(inputs["photo"])).unsqueeze(0)), dim=-1),
+            "text_b1": lambda: m.encode_text(tok["prompt1"]),
+            "text_b80": lambda: m.encode_text(tok["prompts80"]),
+            "text_e2e_b1": lambda: F.normalize(m.encode_text(tokenizer(inputs["prompt1"])), dim=-1),
+            "text_e2e_b80": lambda: F.normalize(m.encode_text(tokenizer(inputs["prompts80"])), dim=-1),
+        }
+        self.info = {"torch_threads": torch.get_num_threads(), "backend": "PyTorch eager, CPU, fp32"}
+
+    def time(self, key: str, n: int) -> list[float]:
+        with self.torch.inference_mode():
+            return timed(self.ops[key], n)
+
+    def build_index(self, files: list[Path], workers: int, batch_size: int = 32) -> np.ndarray:
+        """Decode + transform in a thread pool, encode in batches (what a retrieval script does);
+        ``batch_size`` 0: decode + transform only."""
+        from PIL import Image
+
+        def load(path: Path):
+            with Image.open(path) as im:
+                return self.transform(im.convert("RGB"))
+
+        torch = self.torch
+        out = []
+        if batch_size == 0:  # decoding and preprocessing only
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                return np.stack([t.numpy() for t in pool.map(load, files)])
+        with ThreadPoolExecutor(max_workers=workers) as pool, torch.inference_mode():
+            pixels = list(pool.map(load, files))
+            for i in range(0, len(pixels), batch_size):
+                emb = self.model.encode_image(torch.stack(pixels[i : i + batch_size]))
+                out.append(torch.nn.functional.normalize(emb, dim=-1).numpy())
+        return np.concatenate(out)
+
+
+class Edgefm:
+    """edgefm's torch-free ``ClipModel`` on the exported bundle, ONNX Runtime CPU."""
+
+    def __init__(self, bundle: Path, inputs: dict[str, Any], threads: int) -> None:
+        import cv2
+        from edgefm.runtime.clip.model import ClipModel
+
+        self.model = m = ClipModel(bundle, backend="ort-cpu", threads=threads)
+        self.tokens = {k: m.tokenize(inputs[k]) for k in ("prompt1", "prompts80")}
+        tok = self.tokens
+        self.ops = {
+            "image_b1": lambda: m.encode_pixels(inputs["pixels1"]),
+            "image_b32": lambda: m.encode_pixels(inputs["pixels32"]),
+            "image_e2e_b1": lambda: m.encode_images([inputs["photo"]]),
+            "text_b1": lambda: m.encode_tokens(tok["prompt1"]),
+            "text_b80": lambda: m.encode_tokens(tok["prompts80"]),
+            "text_e2e_b1": lambda: m.encode_texts(inputs["prompt1"]),
+            "text_e2e_b80": lambda: m.encode_texts(inputs["prompts80"]),
+        }
+        so = m.bundle.runner("image_encoder").session.get_session_options()
+        self.info = {"backend": m.bundle.backend, "ort_intra_op_threads": so.intra_op_num_threads,
+                     "ort_inter_op_threads": so.inter_op_num_threads,
+                     "ort_graph_optimization": str(so.graph_optimization_level),
+                     "ort_providers": m.bundle.runner("image_encoder").session.get_providers(),
+                     "opencv_threads": cv2.getNumThreads(),
+                     "precision": {c.name: c.precision for c in m.bundle.manifest.components}}
+
+    def time(self, key: str, n: int) -> list[float]:
+        return timed(self.ops[key], n)
+
+    def build_index(self, files: list[Path], workers: int, batch_size: int = 32) -> np.ndarray:
+        from edgefm.runtime.clip.index import ImageIndex
+
+        if batch_size == 0:  # decoding and preprocessing only, as ImageIndex.build does them
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                return np.stack(list(pool.map(self.model.preprocess, files)))
+        return ImageIndex.build(files, self.model, batch_size=batch_size, workers=workers,
+                                progress=False).embeddings
+
+
+# --- the run ---
+
+
+def make_inputs(image_size: int, mean, std) -> dict[str, Any]:
+    """Pixels (edgefm's preprocessing, bit-identical to the PIL path), a photo and the prompts."""
+    from edgefm.runtime.clip.preprocess import preprocess
+    from edgefm.runtime.clip.zero_shot import resolve_templates
+
+    pixels = np.stack([preprocess(photo(100 + i, 240, 320), image_size, mean, std) for i in range(32)])
+    return {"pixels1": pixels[:1].copy(), "pixels32": pixels, "photo": photo(7, 480, 640),
+            "prompt1": [SHORT_PROMPT], "prompts80": [t.format(CLASSNAME) for t in resolve_templates("imagenet80")]}
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """Row-wise agreement of two embedding matrices, each row L2-normalized first."""
+    a, b = (np.asarray(x, np.float64) / np.linalg.norm(x, axis=-1, keepdims=True) for x in (a, b))
+    return {"min_cosine": float((a * b).sum(-1).min()), "max_abs": float(np.abs(a - b).max())}
+
+
+def machine() -> dict[str, Any]:
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    field = lambda key: next((ln.split(":", 1)[1].strip() for ln in cpuinfo if ln.startswith(key)), "")  # noqa: E731
+    simd = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
+    return {"cpu_model": field("model name"), "logical_cpus": os.cpu_count(),
+            "usable_cpus": len(os.sched_getaffinity(0)),
+            "simd": [f for f in simd if f in field("flags").split()], "platform": platform.platform(),
+            "python": platform.python_version()}
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for dist in ("torch", "open-clip-torch", "onnxruntime", "numpy", "opencv-python-headless", "pillow",
+                 "onnx", "edgefm"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+def run(args) -> dict[str, Any]:
+    import torch
+    from edgefm.export.clip import export_clip
+    from edgefm.models.clip import clip_from_state_dict, variant_name
+
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    res: dict[str, Any] = {
+        "benchmark": "clip_cpu", "model": "tiny-vit (smoke run)" if args.quick else MODEL,
+        "weights": "random (open_clip initialisation, seed 0)", "machine": machine(), "versions": versions(),
+        "settings": {"iters": args.iters, "batch_iters": args.batch_iters, "warmup": args.warmup,
+                     "rounds": args.rounds, "threads": args.threads, "index_images": args.index_images,
+                     "index_runs": args.index_runs, "short_prompt": SHORT_PROMPT, "classname": CLASSNAME},
+        "targets": TARGETS, "loadavg": {"start": os.getloadavg()},
+    }
+    torch.set_num_threads(args.threads)
+    ref, transform, tokenizer = official_model(args.quick)
+    ours, config = clip_from_state_dict(ref.state_dict(), quick_gelu=True, source=f"open_clip {MODEL}")
+    res["variant"] = variant_name(config)
+    with tempfile.TemporaryDirectory(prefix="clip_cpu_") as tmp:
+        work = Path(tmp)
+        log(f"exporting the {res['variant']} bundle ...")
+        t0 = time.perf_counter()
+        bundle = export_clip(ours, work / "bundle")
+        parity = json.loads((bundle / "manifest.json").read_text())["parity"]
+        res["export"] = {"export_s": time.perf_counter() - t0, "parity": {
+            c: {o: {k: m[k] for k in ("cosine", "max_abs") if k in m} for o, m in parity[c]["outputs"].items()}
+            for c in ("image_encoder", "text_encoder")}}
+        del ours
+        inputs = make_inputs(config.image_size, config.mean, config.std)
+        res["settings"]["prompt_tokens"] = {"prompt1": None, "prompts80": None}
+        sides = {"official": Official(ref, transform, tokenizer, inputs, args.threads),
+                 "edgefm": Edgefm(bundle, inputs, args.threads)}
+        for k in ("prompt1", "prompts80"):  # both tokenizers must agree, or the comparison is void
+            assert np.array_equal(sides["official"].tokens[k].numpy(), sides["edgefm"].tokens[k]), k
+            res["settings"]["prompt_tokens"][k] = int(sides["edgefm"].tokens[k].argmax(1).max()) + 1
+        samples: dict[str, dict[str, list[float]]] = {name: {} for name in sides}
+        for key, (_, heavy) in ROWS.items():
+            n = args.batch_iters if heavy else args.iters
+            for r, k in enumerate(split(n, args.rounds)):
+                order = list(sides) if r % 2 == 0 else list(sides)[::-1]
+                for name in order:
+                    if r == 0:  # one warm-up run is plenty for the multi-second batch rows
+                        sides[name].time(key, min(args.warmup, 1) if heavy else args.warmup)
+                    samples[name].setdefault(key, []).extend(sides[name].time(key, k))
+            med = {name: np.median(samples[name][key]) * 1e3 for name in sides}
+            log(f"[{key}] official {med['official']:.1f} ms, edgefm {med['edgefm']:.1f} ms")
+            res["loadavg"][f"after_{key}"] = os.getloadavg()
+        res["sides"] = {name: {**side.info, **{k: stats_ms(v) for k, v in samples[name].items()}}
+                        for name, side in sides.items()}
+        res["ratios"] = {k: {"ratio": res["sides"]["edgefm"][k]["median_ms"]
+                             / res["sides"]["official"][k]["median_ms"], "target": TARGETS.get(k)}
+                         for k in ROWS}
+        for r in res["ratios"].values():
+            r["pass"] = None if r["target"] is None else r["ratio"] <= r["target"]
+
+        log(f"writing {args.index_images} JPEGs ...")
+        files = write_jpegs(work / "photos", args.index_images)
+        index_s: dict[str, list[float]] = {name: [] for name in sides}
+        emb = {}
+        for r in range(args.index_runs):
+            for name in list(sides) if r % 2 == 0 else list(sides)[::-1]:
+                t0 = time.perf_counter()
+                emb[name] = sides[name].build_index(files, workers=args.threads)
+                index_s[name].append(time.perf_counter() - t0)
+                log(f"[index] {name}: {len(files) / index_s[name][-1]:.1f} images/s")
+        prep_s: dict[str, list[float]] = {name: [] for name in sides}
+        for r in range(args.index_runs):
+            for name in list(sides) if r % 2 == 0 else list(sides)[::-1]:
+                t0 = time.perf_counter()
+                sides[name].build_index(files, workers=args.threads, batch_size=0)
+                prep_s[name].append(time.perf_counter() - t0)
+        res["loadavg"]["after_index"] = os.getloadavg()
+        res["index"] = {name: {"seconds": s, "median_s": float(np.median(s)),
+                               "images_per_s": len(files) / float(np.median(s)),
+                               "decode_preprocess_images_per_s": len(files) / float(np.median(prep_s[name]))}
+                        for name, s in index_s.items()}
+        res["index"]["edgefm_over_official_time"] = (res["index"]["edgefm"]["median_s"]
+                                                     / res["index"]["official"]["median_s"])
+        res["index"]["jpeg_bytes_total"] = sum(p.stat().st_size for p in files)
+
+        # Agreement: same weights, same inputs -> the same embeddings (else the timings compare nothing).
+        m = sides["edgefm"].model
+        with torch.inference_mode():
+            ref_img = ref.encode_image(torch.from_numpy(inputs["pixels32"])).numpy()
+            ref_txt = ref.encode_text(sides["official"].tokens["prompts80"]).numpy()
+        res["agreement"] = {"image_b32": cosines(m.encode_pixels(inputs["pixels32"]), ref_img),
+                            "text_b80": cosines(m.encode_texts(inputs["prompts80"]), ref_txt),
+                            "index": cosines(emb["edgefm"], emb["official"])}
+    res["loadavg"]["end"] = os.getloadavg()
+    return res
+
+
+def markdown(res: dict[str, Any]) -> str:
+    m, v, s, sides = res["machine"], res["versions"], res["settings"], res["sides"]
+    e, o = sides["edgefm"], sides["official"]
+    lines = [f"# CLIP {res['model']} on the CPU: open_clip (PyTorch eager) vs edgefm (ONNX Runtime)", "",
+             f"{m['cpu_model']}, {m['usable_cpus']} cores ({', '.join(m['simd'])}), {s['threads']} threads per "
+             f"side; torch {v['torch']}, open-clip-torch {v['open-clip-torch']}, onnxruntime {v['onnxruntime']}, "
+             f"numpy {v['numpy']}, opencv {v['opencv-python-headless']}, pillow {v['pillow']}, "
+             f"edgefm {v['edgefm']}; edgefm backend {e['backend']} ({', '.join(e['ort_providers'])}), fp32. "
+             f"Load average {res['loadavg']['start'][0]:.1f} at the start, {res['loadavg']['end'][0]:.1f} at the "
+             "end (a shared machine: other processes competed for the cores).", "",
+             "| measurement | open_clip median (p90) ms | edgefm median (p90) ms | edgefm / open_clip | target |",
+             "|---|---|---|---|---|"]
+    for key, (label, _) in ROWS.items():
+        r = res["ratios"][key]
+        verdict = "" if r["pass"] is None else " PASS" if r["pass"] else " MISS"
+        target = f"≤ {r['target']}×" if r["target"] else ""
+        lines.append(f"| {label} | {o[key]['median_ms']:.1f} ({o[key]['p90_ms']:.1f}) | "
+                     f"{e[key]['median_ms']:.1f} ({e[key]['p90_ms']:.1f}) | {r['ratio']:.2f}×{verdict} | "
+                     f"{target} |")
+    ix = res["index"]
+    lines += [f"| index build, {s['index_images']} JPEGs (decode + preprocess + encode), images/s | "
+              f"{ix['official']['images_per_s']:.1f} | {ix['edgefm']['images_per_s']:.1f} | "
+              f"{ix['edgefm_over_official_time']:.2f}× (time) | |",
+              f"| ↳ decode + preprocess only, images/s | {ix['official']['decode_preprocess_images_per_s']:.1f} | "
+              f"{ix['edgefm']['decode_preprocess_images_per_s']:.1f} | | |", ""]
+    a, p = res["agreement"], res["export"]["parity"]
+    lines += [
+        f"Timed runs per side: {s['iters']} (single-item rows) or {s['batch_iters']} (batch 32 / 80 prompts), "
+        f"after {s['warmup']} warm-up runs (1 for the batch rows), interleaved over {s['rounds']} rounds; index build "
+        f"{s['index_runs']}× per side ({ix['jpeg_bytes_total'] / 2**20:.1f} MiB of JPEGs, 480–1024 px wide, "
+        f"{s['threads']} decoding threads on both sides).", "",
+        f"- Text rows: open_clip always runs 77 positions; edgefm cuts each batch after its longest prompt "
+        f"({s['prompt_tokens']['prompt1']} tokens for '{s['short_prompt']}', {s['prompt_tokens']['prompts80']} "
+        f"for the 80 templates of '{s['classname']}'), which is exact under the causal mask.",
+        f"- Agreement on the same inputs: image batch 32 min cosine {a['image_b32']['min_cosine']:.7f} (max abs "
+        f"{a['image_b32']['max_abs']:.2g}); 80 prompts min cosine {a['text_b80']['min_cosine']:.7f}; index "
+        f"embeddings (edgefm OpenCV/numpy decoding + preprocessing vs PIL + torchvision) min cosine "
+        f"{a['index']['min_cosine']:.7f}.",
+        f"- Export: {res['export']['export_s']:.0f} s, parity gate passed (image cosine "
+        f"{p['image_encoder']['image_embeds']['cosine']:.7f}, text cosine "
+        f"{p['text_encoder']['text_embeds']['cosine']:.7f}). ORT intra-op threads {e['ort_intra_op_threads']}, "
+        f"torch threads {o['torch_threads']}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--iters", type=int, help="timed runs per side of the single-item rows (default 20)")
+    ap.add_argument("--batch-iters", type=int, help="timed runs of batch 32 / 80 prompts (default 6)")
+    ap.add_argument("--warmup", type=int, help="untimed runs per row and side before timing (default 3)")
+    ap.add_argument("--rounds", type=int, default=4, help="interleaved rounds to split timed runs into")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads and ONNX Runtime intra-op threads")
+    ap.add_argument("--index-images", type=int, help="JPEGs in the index-build folder (default 200)")
+    ap.add_argument("--index-runs", type=int, help="index builds per side (default 2)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: tiny CLIP, few runs, temporary output")
+    ap.add_argument("--out-dir", type=Path, help="where to write clip_cpu.{json,md} (default results/)")
+    args = ap.parse_args(argv)
+    defaults = ({"iters": 3, "batch_iters": 2, "warmup": 1, "index_images": 24, "index_runs": 1} if args.quick
+                else {"iters": 20, "batch_iters": 6, "warmup": 3, "index_images": 200, "index_runs": 2})
+    for k, val in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, val)
+    if args.out_dir is None:
+        args.out_dir = Path(tempfile.mkdtemp(prefix="clip_cpu_quick_")) if args.quick \
+            else Path(__file__).parent / "results"
+    res = run(args)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "clip_cpu.json").write_text(json.dumps(res, indent=1) + "\n")
+    (args.out_dir / "clip_cpu.md").write_text(md := markdown(res))
+    print(md)
+    print(f"wrote {args.out_dir / 'clip_cpu.json'} and clip_cpu.md", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
