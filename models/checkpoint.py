@@ -78,7 +78,9 @@ def _load_torch(path: Path) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights only" not in str(exc).lower():  # a damaged pickle stream, not a refused object
+        # torch reports refused objects as "Unsupported global"; anything else is a damaged stream
+        # (random bytes give "Unsupported operand").
+        if "unsupported global" not in str(exc).lower():
             raise _corrupt(path, "torch.load", exc) from exc
         raise CheckpointError(
             f"Checkpoint '{path}' contains pickled Python objects other than tensors, which edgefm does not "

@@ -54,6 +54,9 @@ def _bounded_map(pool: ThreadPoolExecutor, fn, items: list[Path], window: int):
         yield path, fut.result()
 
 
+_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
 class ImageIndex:
     """Normalized image embeddings with their file paths (row i is ``paths[i]``)."""
 
@@ -130,6 +133,9 @@ class ImageIndex:
     def query_embedding(self, query: str | np.ndarray | Path, model: ClipModel) -> np.ndarray:
         """Text, an image (HWC uint8 array or path), or an embedding ``(D,)`` -> a unit vector ``(D,)``."""
         if isinstance(query, str) and not Path(query).is_file():
+            if Path(query).suffix.lower() in _IMAGE_SUFFIXES and " " not in query:
+                # "photos/dgo.jpg" is a mistyped path far more often than a text query
+                raise InputError(f"image {query!r} does not exist; to search for that text, add a word to it")
             return model.encode_texts([query])[0]
         if isinstance(query, np.ndarray) and query.ndim == 1:
             return (query / np.linalg.norm(query)).astype(np.float32)

@@ -220,8 +220,6 @@ def test_export_refuses_corrupt_and_unknown_checkpoints(tmp_path, capsys):
         assert sorted(os.listdir(tmp_path)) == before, name  # no bundle, no temporary folder left behind
 
 
-@pytest.mark.xfail(strict=True, reason="models/checkpoint.py reports random bytes as 'pickled Python objects "
-                   "other than tensors' (unsafe) instead of a corrupt file")
 def test_export_random_bytes_is_called_corrupt(tmp_path, capsys):
     (tmp_path / "ViT-B-32.pt").write_bytes(np.random.default_rng(0).bytes(4096))
     code, _, err = run_cli(capsys, "export", "clip", "--checkpoint", tmp_path / "ViT-B-32.pt", "--out",
@@ -285,3 +283,11 @@ def test_index_errors(bundle, files, index_dir, tmp_path, capsys):
     code, _, err = run_cli(capsys, "index", "query", index_dir, files["bad"])
     assert_clean_error(code, err, f"'{files['bad']}' could not be decoded as an image")
     assert sorted(os.listdir(index_dir)) == ["embeddings.npz", "index.json"]  # failed queries wrote nothing
+
+
+def test_mistyped_image_path_is_not_a_text_query(tmp_path):
+    from edgefm.runtime.clip.index import ImageIndex
+
+    index = ImageIndex.__new__(ImageIndex)
+    with pytest.raises(InputError, match="image 'photos/dgo.jpg' does not exist"):
+        index.query_embedding("photos/dgo.jpg", model=None)
