@@ -37,8 +37,9 @@ def image_grid(
     return canvas
 
 
-def load_reranker(bundle: str, backend: str) -> Any:
-    """The CLIP runtime model of ``--rerank`` (imported only when asked for)."""
+def load_reranker(bundle: str, backend: str, threads: int | None = None) -> Any:
+    """The CLIP runtime model of ``--rerank`` (imported only when asked for), on the same backend and
+    threads as the generator."""
     try:
         from ..clip import ClipModel
     except ImportError as exc:
@@ -46,7 +47,7 @@ def load_reranker(bundle: str, backend: str) -> Any:
             f"--rerank {bundle!r} needs the CLIP runtime (edgefm.runtime.clip.ClipModel), which this edgefm "
             "installation does not provide; update edgefm or leave out --rerank"
         ) from exc
-    model = ClipModel(bundle, backend=backend)
+    model = ClipModel(bundle, backend=backend, threads=threads)
     missing = [m for m in ("encode_images", "encode_texts") if not hasattr(model, m)]
     if missing:
         raise InputError(f"--rerank: the CLIP model lacks {missing}; update edgefm or leave out --rerank")
@@ -58,7 +59,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     if args.n < 1:
         raise InputError(f"-n must be at least 1, got {args.n}")
-    reranker = load_reranker(args.rerank, args.backend) if args.rerank else None
+    reranker = load_reranker(args.rerank, args.backend, args.threads) if args.rerank else None
     gen = DalleGenerator(args.bundle, backend=args.backend, threads=args.threads)
     t0 = time.perf_counter()
     result = gen.generate(args.prompt, n=args.n, seed=args.seed, temperature=args.temperature,
