@@ -44,6 +44,7 @@ def onnx_from_module(
     onnx = require("onnx", "export", "Exporting")
     path = Path(path)
     n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    before = set(path.parent.iterdir())
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
         # The TorchScript-based exporter: dynamic axes from the spec map 1:1 onto its arguments, and it
@@ -60,12 +61,12 @@ def onnx_from_module(
             do_constant_folding=True,
         )
     extra: list[str] = []
-    if n_bytes > _TWO_GB or any(p != path for p in path.parent.iterdir()):
+    spilled = set(path.parent.iterdir()) - before - {path}
+    if n_bytes > _TWO_GB or spilled:
         # The exporter wrote one file per initializer: gather them into a single data file.
         model = onnx.load(str(path))
-        for p in path.parent.iterdir():
-            if p != path:
-                p.unlink()
+        for p in spilled:
+            p.unlink()
         data_name = path.name + ".data"
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data_name, size_threshold=1024)
