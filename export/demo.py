@@ -1,45 +1,76 @@
-"""Demo checkpoints -> cached bundles. The checkpoint is written in the official format and exported through
-the same loader and exporter as a real one; a bundle is re-exported only when its checkpoint changes."""
+"""The shipped shapes-world checkpoints -> cached bundles for ``edgefm demo``.
+
+The checkpoints (``models/weights``) are exported through the same loaders and exporters as real ones. A
+bundle is re-exported only when one of its checkpoint files changed (their sha256 are kept in a stamp).
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from edgefm.models.checkpoint import sha256_file
-from edgefm.models.sam import SAM_CONFIGS, build_sam
-
-from .sam import export_sam
+from edgefm.models.sam import SamConfig
 
 
-def _seeded_sam_checkpoint(path: Path) -> Path:
-    """Seeded random tiny SAM (trained demo weights replace this once the project ships them)."""
-    if not path.is_file():
-        from safetensors.torch import save_file
+def weights_dir() -> Path:
+    """Where the shipped checkpoints are: the installed package's data, or the source tree's folder."""
+    import edgefm.models
 
-        torch.manual_seed(0)
-        model = build_sam(SAM_CONFIGS["tiny"])
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith("bias") or "pos" in name.split(".")[-1]:
-                    p.normal_(0.0, 0.1)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path
+    return Path(edgefm.models.__file__).resolve().parent / "weights"
 
 
-def _fresh(bundle: Path, checkpoint: Path) -> bool:
-    manifest = bundle / "manifest.json"
-    if not manifest.is_file():
-        return False
-    return json.loads(manifest.read_text()).get("source", {}).get("sha256") == sha256_file(checkpoint)
+def _sam_config(path: Path) -> SamConfig:
+    cfg = json.loads(path.with_suffix(".json").read_text())["config"]
+    return SamConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
 
 
-def ensure_demo_bundles(folder: Path, progress=print) -> dict[str, Path]:
-    ckpt = _seeded_sam_checkpoint(folder / "checkpoints" / "sam_tiny.safetensors")
-    bundle = folder / "sam_tiny"
-    if not _fresh(bundle, ckpt):
-        progress(f"exporting the demo SAM to {bundle} (once)")
-        export_sam(ckpt, bundle, "tiny", overwrite=True)
-    return {"sam": bundle}
+def _export_sam(out: Path, w: Path) -> None:
+    from .sam import export_sam
+
+    ckpt = w / "sam_shapes.safetensors"
+    export_sam(ckpt, out, _sam_config(ckpt), overwrite=True)
+
+
+def _export_clip(out: Path, w: Path) -> None:
+    from .clip import export_clip
+
+    export_clip(w / "clip_shapes.safetensors", out, overwrite=True)
+
+
+def _export_dalle(out: Path, w: Path) -> None:
+    from .dalle import export_dalle
+
+    export_dalle(out, dvae_decoder=w / "dvae_shapes_decoder.safetensors",
+                 dvae_encoder=w / "dvae_shapes_encoder.safetensors", prior=w / "prior_shapes.safetensors",
+                 overwrite=True)
+
+
+# bundle name -> (checkpoint files it is made from, exporter)
+DEMO_MODELS: dict[str, tuple[tuple[str, ...], Callable[[Path, Path], None]]] = {
+    "sam": (("sam_shapes.safetensors", "sam_shapes.json"), _export_sam),
+    "clip": (("clip_shapes.safetensors",), _export_clip),
+    "dalle": (("dvae_shapes_decoder.safetensors", "dvae_shapes_encoder.safetensors", "prior_shapes.safetensors",
+               "prior_shapes.json"), _export_dalle),
+}
+
+
+def ensure_demo_bundles(folder: Path, progress: Callable[[str], None] = print) -> dict[str, Path]:
+    """Export each demo model whose bundle is missing or stale; returns name -> bundle folder."""
+    w = weights_dir()
+    out: dict[str, Path] = {}
+    for name, (files, export) in DEMO_MODELS.items():
+        stamp = {f: sha256_file(w / f) for f in files}
+        bundle, stamp_file = folder / f"{name}_shapes", folder / f"{name}_shapes.stamp.json"
+        fresh = (bundle / "manifest.json").is_file() and stamp_file.is_file() and \
+            json.loads(stamp_file.read_text()) == stamp
+        if not fresh:
+            progress(f"exporting the demo {name} to {bundle} (once; cached while its checkpoint is unchanged)")
+            export(bundle, w)
+            stamp_file.write_text(json.dumps(stamp, indent=1))
+        out[name] = bundle
+    # The prompt templates the demo CLIP was trained with travel beside the bundles (the runtime reads them).
+    meta = json.loads((w / "clip_shapes.json").read_text())
+    (folder / "clip_templates.json").write_text(json.dumps(meta.get("templates", ["a {}."])))
+    return out

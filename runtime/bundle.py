@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,20 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+class TimedRunner:
+    """A runner that records the wall time of every ``run`` call (for summaries such as ``edgefm demo``)."""
+
+    def __init__(self, runner: Runner, log: list[float]) -> None:
+        self.inner, self.log = runner, log
+        self.spec, self.backend = runner.spec, runner.backend
+
+    def run(self, feeds: dict[str, Any]) -> dict[str, Any]:
+        t = time.perf_counter()
+        out = self.inner.run(feeds)
+        self.log.append(time.perf_counter() - t)
+        return out
+
+
 class Bundle:
     """An exported bundle folder. ``Bundle(path).runner("image_encoder")`` gives a ready component."""
 
@@ -30,6 +45,7 @@ class Bundle:
         verify: bool = True,
         threads: int | None = None,
         family: str | None = None,
+        timed: bool = False,
     ) -> None:
         self.path = Path(path)
         self.manifest: Manifest = read_manifest(self.path)
@@ -42,6 +58,8 @@ class Bundle:
         self.verify = verify
         self.threads = threads
         self._runners: dict[str, Runner] = {}
+        # component name -> seconds of each run call, filled when ``timed``
+        self.timings: dict[str, list[float]] | None = {} if timed else None
 
     @property
     def family(self) -> str:
@@ -90,5 +108,8 @@ class Bundle:
             options: dict[str, Any] = {}
             if self.backend.startswith("ort"):
                 options = {"threads": self.threads, "cache_dir": self.path / ".cache"}
-            self._runners[name] = open_runner(entry, self.path, self.backend, **options)
+            runner = open_runner(entry, self.path, self.backend, **options)
+            if self.timings is not None:
+                runner = TimedRunner(runner, self.timings.setdefault(name, []))
+            self._runners[name] = runner
         return self._runners[name]

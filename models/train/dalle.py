@@ -1,0 +1,458 @@
+"""Training of the small DALL·E shipped with edgefm, on the generated shapes world (the paper's recipe).
+
+Stage ``dvae`` (DALL·E paper, §2.1): at each cell of the 8×8 grid the encoder's logits over K codes are
+relaxed with gumbel-softmax at temperature τ and the decoder reads the relaxed one-hots. Loss per image:
+the logit-Laplace negative log-likelihood of the pixels plus β · KL(q(z | x) ‖ uniform over K codes),
+reported per pixel dimension (nats). τ anneals from 1 to 1/16 (cosine), β ramps linearly from 0 to 6.6,
+the step size decays cosine-wise. Evaluation decodes the *argmax* codes, as the runtime does.
+
+Stage ``prior``: images are turned into codes by the trained encoder (argmax) and captions into text ids
+framed exactly as :meth:`edgefm.runtime.dalle.generator.DalleGenerator.text_tokens` frames prompts
+(``<sot> ids <eot>`` then the padding id); the loss is the paper's 1/8 text + 7/8 image cross-entropy
+(:meth:`DallePrior.training_loss`).
+
+Data: :mod:`edgefm.runtime.shapes`, stream seed 0 for training, 1 for evaluation; the batch of step ``s``
+holds scenes ``s·B .. s·B + B - 1`` and the gumbel noise of step ``s`` is seeded by ``(seed, s)``, so a run
+stopped by ``--minutes`` and started again with the same arguments continues exactly where it stopped.
+
+Files in ``--out``: ``<stage>_state.pt`` (resumable state), ``dvae_shapes_{encoder,decoder}.safetensors``
+(fp32) and ``prior_shapes.safetensors`` (stored fp16: its two 49,409-row text tables dominate the size;
+the loaders upcast) each with ``<stem>.json`` (the prior's holds only ``PriorConfig`` fields + ``name``,
+what :func:`edgefm.export.dalle.resolve_prior_config` reads), and ``dalle_shapes_training.json`` (the
+commands, steps, times and metrics). ``--ship DIR`` copies the weights and their JSON to ``DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from edgefm.models.checkpoint import load_strict, read_state_dict
+from edgefm.models.dalle import (
+    DVAE_CONFIGS,
+    PRIOR_CONFIGS,
+    DallePrior,
+    Decoder,
+    DvaeConfig,
+    Encoder,
+    PriorConfig,
+    load_dvae_encoder,
+    map_pixels,
+    train_step,
+)
+from edgefm.runtime import shapes
+from edgefm.runtime.clip.tokenizer import ClipTokenizer
+
+# The shipped sizes, chosen to train within about 20 + 30 minutes on a shared 2-core CPU: 64² images -> an
+# 8×8 grid of 128 codes; a prior of 4 dense layers, width 64. Its text_len 8 holds single-object captions
+# ("<sot> an orange hexagon <eot>" is 6 ids); the 49,409-row text tables dominate its cost and size.
+SHAPES_DVAE = DvaeConfig(n_hid=16, n_init=16, n_blk_per_group=1, vocab_size=128)
+SHAPES_PRIOR = PriorConfig(text_len=8, image_vocab=128, image_grid=8, d_model=64, n_layers=4, n_heads=4)
+DVAE_SIZES = {"shapes": SHAPES_DVAE, **DVAE_CONFIGS}
+PRIOR_SIZES = {"shapes": SHAPES_PRIOR, **PRIOR_CONFIGS}
+IMAGE_SIZE = 64
+TRAIN_STREAM, EVAL_STREAM = 0, 1
+TAU_START, TAU_END = 1.0, 1 / 16  # paper: τ 1 -> 1/16
+# Paper: β ramps 0 -> 6.6. Kept: with β = 1 the argmax codes used even fewer entries (2 vs 9 of 128 at
+# step 260 of 520).
+KL_WEIGHT = 6.6
+PIXEL_TOLERANCE = 0.1  # a pixel is "right" when every channel is within this of the target (in [0, 1])
+STEM = {"encoder": "dvae_shapes_encoder", "decoder": "dvae_shapes_decoder", "prior": "prior_shapes"}
+RECORD = "dalle_shapes_training.json"
+
+
+# ---- data ----------------------------------------------------------------------------------------------
+
+
+def scene(stream: int, index: int, scene_share: float) -> shapes.Scene:
+    """Scene ``index`` of a stream: a multi-object scene with probability ``scene_share``, else one object."""
+    pick = np.random.default_rng([stream, index, 7]).random()
+    if pick < scene_share:
+        return shapes.random_scene(stream, index, IMAGE_SIZE, n_objects=(1, 3))
+    return shapes.single_object(stream, index, IMAGE_SIZE)
+
+
+def scene_batch(stream: int, start: int, n: int, scene_share: float) -> tuple[torch.Tensor, list[str]]:
+    """float32 ``[n, 3, 64, 64]`` in [0, 1] and the captions of scenes ``start .. start + n - 1``."""
+    items = [scene(stream, i, scene_share) for i in range(start, start + n)]
+    images = np.stack([s.image for s in items]).astype(np.float32).transpose(0, 3, 1, 2) / 255.0
+    return torch.from_numpy(images), [s.caption for s in items]
+
+
+class CaptionIds:
+    """Captions -> int64 ``[text_len]`` rows, framed as the runtime's ``DalleGenerator.text_tokens``."""
+
+    def __init__(self, config: PriorConfig, tokenizer: ClipTokenizer | None = None) -> None:
+        self.tokenizer = tokenizer or ClipTokenizer()
+        self.text_len, self.pad_id = config.text_len, config.pad_id
+        self._cache: dict[str, np.ndarray] = {}
+
+    def __call__(self, caption: str) -> np.ndarray:
+        if caption not in self._cache:
+            tok = self.tokenizer
+            ids = [tok.sot_token_id, *tok.encode(caption), tok.eot_token_id]
+            if len(ids) > self.text_len:  # cut, and still end with <eot> (as the runtime does)
+                ids = [*ids[: self.text_len - 1], tok.eot_token_id]
+            row = np.full(self.text_len, self.pad_id, np.int64)
+            row[: len(ids)] = ids
+            self._cache[caption] = row
+        return self._cache[caption]
+
+
+# ---- schedules and losses ------------------------------------------------------------------------------
+
+
+def cosine(step: int, total: int, start: float, end: float) -> float:
+    """``start`` at step 0 to ``end`` at ``total`` (held after), along half a cosine."""
+    t = min(step / max(total, 1), 1.0)
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def learning_rate(step: int, total: int, peak: float, warmup: int = 100) -> float:
+    """Linear warm-up then cosine decay to a tenth of ``peak``."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return cosine(step - warmup, total - warmup, peak, peak / 10)
+
+
+def logit_laplace_nll(stats: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """Per-image NLL (nats, summed over pixels) of ``image`` in [0, 1] under the decoder's logit-Laplace.
+
+    ``stats[:, :3]`` is μ (the mean in logit space), ``stats[:, 3:]`` ln b; pixels are mapped into
+    [eps, 1 - eps] first. Density of x: exp(-|logit x - μ| / b) / (2 b x (1 - x)).
+    """
+    x = map_pixels(image)
+    mu, log_b = stats[:, :3], stats[:, 3:].clamp(min=-7.0)  # b >= 1e-3: steps stay finite early on
+    nll = (torch.logit(x) - mu).abs() * torch.exp(-log_b) + log_b + math.log(2) + torch.log(x * (1 - x))
+    return nll.flatten(1).sum(1)
+
+
+def kl_to_uniform(logits: torch.Tensor) -> torch.Tensor:
+    """Per-image KL(q ‖ uniform) summed over grid cells; ``logits [B, K, h, w]``."""
+    logq = F.log_softmax(logits, dim=1)
+    return (logq.exp() * logq).sum(1).flatten(1).sum(1) + math.log(logits.shape[1]) * logits[0, 0].numel()
+
+
+def dvae_loss(
+    encoder: Encoder, decoder: Decoder, images: torch.Tensor, tau: float, beta: float
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The relaxed ELB loss per pixel dimension and its parts (gumbel noise from the global generator)."""
+    logits = encoder(map_pixels(images))
+    z = F.gumbel_softmax(logits, tau=tau, hard=False, dim=1)
+    nll = logit_laplace_nll(decoder(z), images).mean()
+    kl = kl_to_uniform(logits).mean()
+    dims = images[0].numel()
+    return (nll + beta * kl) / dims, {"nll": float(nll.detach()) / dims, "kl": float(kl.detach()) / dims}
+
+
+# ---- evaluation ----------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate_dvae(
+    encoder: Encoder, decoder: Decoder, images: torch.Tensor, batch: int = 64
+) -> dict[str, float]:
+    """Reconstruction through the *argmax* codes: MSE, PSNR, share of pixels within ``PIXEL_TOLERANCE``,
+    and code usage (perplexity of the code histogram, out of K)."""
+    encoder.eval(), decoder.eval()
+    recon, ids = [], []
+    for i in range(0, len(images), batch):
+        codes = encoder.encode_ids(images[i : i + batch])
+        ids.append(codes)
+        recon.append(decoder.decode_to_image(codes))
+    rec, codes = torch.cat(recon), torch.cat(ids)
+    mse = float(((rec - images) ** 2).mean())
+    ok = float(((rec - images).abs().amax(1) <= PIXEL_TOLERANCE).float().mean())
+    hist = torch.bincount(codes.flatten(), minlength=encoder.config.vocab_size).float()
+    p = hist[hist > 0] / hist.sum()
+    return {"mse": mse, "psnr": -10 * math.log10(max(mse, 1e-12)), "pixel_acc": ok,
+            "codes_perplexity": float(torch.exp(-(p * p.log()).sum()))}
+
+
+@torch.no_grad()
+def evaluate_prior(prior: DallePrior, text: torch.Tensor, codes: torch.Tensor, batch: int = 128) -> dict:
+    """Held-out cross-entropies (nats): text, image, and the paper's weighted sum."""
+    prior.eval()
+    t_sum = i_sum = 0.0
+    for i in range(0, len(text), batch):
+        t, c = text[i : i + batch], codes[i : i + batch]
+        tl, il = prior(t, c[:, :-1])
+        t_sum += float(F.cross_entropy(tl.flatten(0, 1), t[:, 1:].flatten(), reduction="sum")) / tl.shape[1]
+        i_sum += float(F.cross_entropy(il.flatten(0, 1), c.flatten(), reduction="sum")) / il.shape[1]
+    t_ce, i_ce = t_sum / len(text), i_sum / len(text)
+    return {"text_ce": t_ce, "image_ce": i_ce, "loss": t_ce / 8 + 7 * i_ce / 8}
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------------
+
+
+def save_state(path: Path, state: dict[str, Any]) -> None:
+    """torch.save to a temporary file, then rename: a run killed mid-write leaves the last good state."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def save_weights(
+    module: torch.nn.Module, path: Path, config: Any, dtype: torch.dtype = torch.float32
+) -> None:
+    """``module``'s state dict as safetensors (in ``dtype``) and its config fields as ``<stem>.json``."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to(dtype).contiguous() for k, v in module.state_dict().items()}
+    save_file(tensors, str(path.with_suffix(".tmp")))
+    os.replace(path.with_suffix(".tmp"), path)
+    fields = {"name": "shapes", **dataclasses.asdict(config)}
+    path.with_suffix(".json").write_text(json.dumps(fields, indent=1) + "\n")
+
+
+def update_record(out: Path, stage: str, info: dict[str, Any]) -> None:
+    path = out / RECORD
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    record[stage] = info
+    path.write_text(json.dumps(record, indent=1) + "\n")
+
+
+def _progress(total: int, initial: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
+
+
+# ---- stage 1: dVAE -------------------------------------------------------------------------------------
+
+
+def train_dvae(args: argparse.Namespace) -> dict[str, Any]:
+    out = Path(args.out)
+    config = _size(args.dvae_size, DVAE_SIZES)
+    torch.manual_seed(args.seed)
+    encoder, decoder = Encoder(config), Decoder(config)
+    params = [*encoder.parameters(), *decoder.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
+    state_path, step, elapsed = out / "dvae_state.pt", 0, 0.0
+    if state_path.is_file() and not args.restart:
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        encoder.load_state_dict(state["encoder"]), decoder.load_state_dict(state["decoder"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, elapsed = state["step"], state["elapsed"]
+    eval_images, _ = scene_batch(EVAL_STREAM, 0, args.eval_size, args.scene_share)
+    anneal, ramp = int(0.7 * args.steps), max(1, int(0.1 * args.steps))
+    history, deadline, t0 = [], time.monotonic() + 60 * args.minutes, time.monotonic()
+
+    def save() -> None:
+        save_state(state_path, {"encoder": encoder.state_dict(), "decoder": decoder.state_dict(),
+                                "optimizer": optimizer.state_dict(), "step": step,
+                                "elapsed": elapsed + time.monotonic() - t0})
+
+    bar = _progress(args.steps, step, "dVAE")
+    while step < min(args.steps, args.until or args.steps) and time.monotonic() < deadline:
+        encoder.train(), decoder.train()
+        torch.manual_seed(args.seed * 1_000_003 + step)  # gumbel noise of this step, whatever came before
+        tau, beta = cosine(step, anneal, TAU_START, TAU_END), args.kl_weight * min(1.0, step / ramp)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, args.steps, args.lr)
+        images, _ = scene_batch(TRAIN_STREAM, step * args.batch, args.batch, args.scene_share)
+        optimizer.zero_grad(set_to_none=True)
+        loss, parts = dvae_loss(encoder, decoder, images, tau, beta)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{float(loss.detach()):.3f}", nll=f"{parts['nll']:.3f}",
+                        kl=f"{parts['kl']:.4f}", tau=f"{tau:.3f}")
+        if step % args.eval_every == 0 or step == args.steps:
+            metrics = evaluate_dvae(encoder, decoder, eval_images)
+            history.append({"step": step, "loss": float(loss.detach()), **parts, "tau": tau, "beta": beta,
+                            **metrics})
+            bar.write(f"step {step}: eval " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            save()
+    bar.close()
+    save()
+    metrics = evaluate_dvae(encoder, decoder, eval_images)
+    info = {"command": _command(), "size": dataclasses.asdict(config), "steps": step, "planned": args.steps,
+            "batch": args.batch, "seconds": round(elapsed + time.monotonic() - t0, 1), "eval": metrics,
+            "eval_images": args.eval_size, "history": history, "finished": step >= args.steps}
+    # Written even when --minutes stopped the run early ("finished" in the record says which).
+    save_weights(encoder, out / f"{STEM['encoder']}.safetensors", config)
+    save_weights(decoder, out / f"{STEM['decoder']}.safetensors", config)
+    update_record(out, "dvae", info)
+    return info
+
+
+# ---- stage 2: prior ------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def encode_pairs(encoder: Encoder, captions: CaptionIds, stream: int, n: int, scene_share: float,
+                 batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """(text ids int64 [n, text_len], codes int64 [n, grid²]) for the first ``n`` scenes of ``stream``."""
+    encoder.eval()
+    texts, codes = [], []
+    for start in range(0, n, batch):
+        images, caps = scene_batch(stream, start, min(batch, n - start), scene_share)
+        codes.append(encoder.encode_ids(images).flatten(1))
+        texts.append(torch.from_numpy(np.stack([captions(c) for c in caps])))
+    return torch.cat(texts), torch.cat(codes)
+
+
+def prior_data(
+    args: argparse.Namespace, config: PriorConfig, captions: CaptionIds
+) -> dict[str, torch.Tensor]:
+    """The (text, codes) pairs, encoded once and cached in ``--out`` (keyed by the encoder file)."""
+    out = Path(args.out)
+    dvae = Path(args.dvae) if args.dvae else out / f"{STEM['encoder']}.safetensors"
+    cache = out / "prior_pairs.pt"
+    key = f"{dvae.resolve()}:{dvae.stat().st_mtime_ns}:{args.pairs}:{args.eval_size}:{args.scene_share}"
+    if cache.is_file():
+        data = torch.load(cache, map_location="cpu", weights_only=True)
+        if data.get("key") == key:
+            return data
+    encoder = load_dvae_encoder(dvae)
+    if encoder.config.vocab_size != config.image_vocab:
+        raise ValueError(f"{dvae} has {encoder.config.vocab_size} codes, the prior size "
+                         f"{args.prior_size!r} predicts {config.image_vocab}")
+    print(f"encoding {args.pairs} training and {args.eval_size} evaluation scenes with {dvae}", flush=True)
+    text, codes = encode_pairs(encoder, captions, TRAIN_STREAM, args.pairs, args.scene_share)
+    eval_text, eval_codes = encode_pairs(encoder, captions, EVAL_STREAM, args.eval_size, args.scene_share)
+    data = {"key": key, "text": text, "codes": codes, "eval_text": eval_text, "eval_codes": eval_codes}
+    save_state(cache, data)
+    return data
+
+
+def train_prior(args: argparse.Namespace) -> dict[str, Any]:
+    out = Path(args.out)
+    config = _size(args.prior_size, PRIOR_SIZES)
+    data = prior_data(args, config, CaptionIds(config))
+    torch.manual_seed(args.seed)
+    prior = DallePrior(config)
+    optimizer = torch.optim.AdamW(prior.parameters(), lr=args.lr, weight_decay=0.01)
+    state_path, step, elapsed = out / "prior_state.pt", 0, 0.0
+    if state_path.is_file() and not args.restart:
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        prior.load_state_dict(state["prior"]), optimizer.load_state_dict(state["optimizer"])
+        step, elapsed = state["step"], state["elapsed"]
+    n = len(data["text"])
+    history, deadline, t0 = [], time.monotonic() + 60 * args.minutes, time.monotonic()
+
+    def save() -> None:
+        save_state(state_path, {"prior": prior.state_dict(), "optimizer": optimizer.state_dict(),
+                                "step": step, "elapsed": elapsed + time.monotonic() - t0})
+
+    bar = _progress(args.steps, step, "prior")
+    while step < min(args.steps, args.until or args.steps) and time.monotonic() < deadline:
+        # Epoch-wise permutation seeded by (seed, epoch): batches are a pure function of the step.
+        per_epoch = n // args.batch
+        epoch, k = divmod(step, per_epoch)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed * 7919 + epoch))
+        idx = order[k * args.batch : (k + 1) * args.batch]
+        torch.manual_seed(args.seed * 1_000_003 + step)  # dropout, if the size has any
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, args.steps, args.lr)
+        loss = train_step(prior, optimizer, data["text"][idx], data["codes"][idx])
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}")
+        if step % args.eval_every == 0 or step == args.steps:
+            metrics = evaluate_prior(prior, data["eval_text"], data["eval_codes"])
+            history.append({"step": step, "train_loss": loss, **metrics})
+            bar.write(f"step {step}: eval " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            save()
+    bar.close()
+    save()
+    metrics = evaluate_prior(prior, data["eval_text"], data["eval_codes"])
+    info = {"command": _command(), "size": dataclasses.asdict(config), "steps": step, "planned": args.steps,
+            "batch": args.batch, "pairs": n, "seconds": round(elapsed + time.monotonic() - t0, 1),
+            "eval": metrics, "history": history, "finished": step >= args.steps}
+    save_weights(prior, out / f"{STEM['prior']}.safetensors", config, dtype=torch.float16)
+    update_record(out, "prior", info)
+    return info
+
+
+def load_prior_weights(path: str | Path, config: PriorConfig) -> DallePrior:
+    """A prior of ``config`` from a (possibly fp16) safetensors file, strict keys, fp32 parameters."""
+    prior = DallePrior(config)
+    load_strict(prior, read_state_dict(path), str(path), model_name="the shapes DALL·E prior")
+    return prior.eval()
+
+
+# ---- command line --------------------------------------------------------------------------------------
+
+
+def _size(name: str, registry: dict[str, Any]) -> Any:
+    if name not in registry:
+        raise SystemExit(f"unknown size {name!r}; known: {', '.join(registry)}")
+    return registry[name]
+
+
+def _command() -> str:
+    return "python -m edgefm.models.train.dalle " + " ".join(sys.argv[1:])
+
+
+DEFAULTS = {  # per stage: steps, batch, learning rate, evaluation period, evaluation set size
+    "dvae": {"steps": 520, "batch": 32, "lr": 2e-3, "eval_every": 130, "eval_size": 256, "scene_share": 0.25},
+    # single objects only: multi-object captions do not fit text_len 8
+    "prior": {"steps": 700, "batch": 64, "lr": 1e-3, "eval_every": 100, "eval_size": 512, "scene_share": 0.0},
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m edgefm.models.train.dalle",
+                                description=__doc__.split("\n")[0])
+    p.add_argument("--stage", choices=("dvae", "prior"), required=True)
+    p.add_argument("--out", required=True, help="folder for the state, the weights and the training record")
+    p.add_argument("--minutes", type=float, default=float("inf"),
+                   help="stop after this wall time (the state is saved; run again to continue)")
+    p.add_argument("--steps", type=int, help="planned optimisation steps (schedules are laid out on it)")
+    p.add_argument("--batch", type=int)
+    p.add_argument("--lr", type=float, help="peak step size")
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--eval-size", type=int, help="held-out scenes (stream 1) used by the evaluation")
+    p.add_argument("--scene-share", type=float, help="share of multi-object scenes in the data")
+    p.add_argument("--kl-weight", type=float, default=KL_WEIGHT, help="dvae stage: final β of the KL term")
+    p.add_argument("--seed", type=int, default=0)
+    # One intra-op thread: on a CPU shared with other jobs, two threads ran 5-10x *slower* (measured).
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--dvae-size", default="shapes", help=f"one of {', '.join(DVAE_SIZES)}")
+    p.add_argument("--prior-size", default="shapes", help=f"one of {', '.join(PRIOR_SIZES)}")
+    p.add_argument("--dvae", help="prior stage: the dVAE encoder "
+                   "(default: --out/dvae_shapes_encoder.safetensors)")
+    p.add_argument("--pairs", type=int, default=12000, help="prior stage: training (caption, codes) pairs")
+    p.add_argument("--until", type=int, help="stop at this step (schedules still follow --steps); run again "
+                   "without it to continue")
+    p.add_argument("--restart", action="store_true", help="ignore a saved state in --out")
+    p.add_argument("--ship", help="copy the finished weights and their JSON to this folder")
+    args = p.parse_args(argv)
+    for key, value in DEFAULTS[args.stage].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    info = train_dvae(args) if args.stage == "dvae" else train_prior(args)
+    print(json.dumps({k: info[k] for k in ("steps", "planned", "seconds", "eval")}, indent=1))
+    if args.ship:
+        stems = (STEM["encoder"], STEM["decoder"]) if args.stage == "dvae" else (STEM["prior"],)
+        Path(args.ship).mkdir(parents=True, exist_ok=True)
+        for stem in stems:
+            for suffix in (".safetensors", ".json"):
+                shutil.copy2(Path(args.out) / f"{stem}{suffix}", Path(args.ship) / f"{stem}{suffix}")
+    return info
+
+
+if __name__ == "__main__":
+    main()
