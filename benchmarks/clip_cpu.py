@@ -26,16 +26,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from common import machine, stats_ms, timed, versions
 
 # edgefm / official median time, from the CLIP issue (section 5); the e2e text rows are held to the same.
 TARGETS = {"image_b1": 0.6, "image_b32": 0.6, "text_b1": 0.3, "text_b80": 0.5,
@@ -54,22 +53,11 @@ CLASSNAME = "golden retriever"
 MODEL = "ViT-B-32-quickgelu"
 SEED = 0
 
-
-def stats_ms(samples: list[float]) -> dict[str, Any]:
-    """min / median / p90 / mean in milliseconds, from samples in seconds."""
-    a = np.asarray(samples, np.float64) * 1e3
-    return {"n": int(a.size), "min_ms": float(a.min()), "median_ms": float(np.median(a)),
-            "p90_ms": float(np.percentile(a, 90)), "mean_ms": float(a.mean()),
-            "samples_ms": [round(float(v), 3) for v in a]}
+DISTS = ("torch", "open-clip-torch", "onnxruntime", "numpy", "opencv-python-headless", "pillow", "onnx", "edgefm")
 
 
-def timed(fn, n: int) -> list[float]:
-    out = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
+
+
 
 
 def split(n: int, rounds: int) -> list[int]:
@@ -244,25 +232,8 @@ def cosines(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     return {"min_cosine": float((a * b).sum(-1).min()), "max_abs": float(np.abs(a - b).max())}
 
 
-def machine() -> dict[str, Any]:
-    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-    field = lambda key: next((ln.split(":", 1)[1].strip() for ln in cpuinfo if ln.startswith(key)), "")  # noqa: E731
-    simd = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
-    return {"cpu_model": field("model name"), "logical_cpus": os.cpu_count(),
-            "usable_cpus": len(os.sched_getaffinity(0)),
-            "simd": [f for f in simd if f in field("flags").split()], "platform": platform.platform(),
-            "python": platform.python_version()}
 
 
-def versions() -> dict[str, str]:
-    out = {}
-    for dist in ("torch", "open-clip-torch", "onnxruntime", "numpy", "opencv-python-headless", "pillow",
-                 "onnx", "edgefm"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = "not installed"
-    return out
 
 
 def run(args) -> dict[str, Any]:
@@ -273,7 +244,7 @@ def run(args) -> dict[str, Any]:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     res: dict[str, Any] = {
         "benchmark": "clip_cpu", "model": "tiny-vit (smoke run)" if args.quick else MODEL,
-        "weights": "random (open_clip initialisation, seed 0)", "machine": machine(), "versions": versions(),
+        "weights": "random (open_clip initialisation, seed 0)", "machine": machine(), "versions": versions(DISTS),
         "settings": {"iters": args.iters, "batch_iters": args.batch_iters, "warmup": args.warmup,
                      "rounds": args.rounds, "threads": args.threads, "index_images": args.index_images,
                      "index_runs": args.index_runs, "short_prompt": SHORT_PROMPT, "classname": CLASSNAME},

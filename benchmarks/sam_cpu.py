@@ -21,16 +21,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from common import machine, stats_ms, timed, versions
 
 TARGETS = {"image_encoder": 0.45, "predict": 0.2}  # edgefm / official, from the SAM issue (section 6)
 IMAGE_HW = (1500, 2250)  # the issue's non-square photo, (H, W)
@@ -41,22 +40,11 @@ PARTS = ("decoder", "upscale", "threshold")
 
 # --- helpers shared by parent and children: numpy + stdlib only (the edgefm child must stay torch-free) ---
 
-
-def stats_ms(samples: list[float]) -> dict[str, Any]:
-    """min / median / p90 / mean in milliseconds, from samples in seconds."""
-    a = np.asarray(samples, np.float64) * 1e3
-    return {"n": int(a.size), "min_ms": float(a.min()), "median_ms": float(np.median(a)),
-            "p90_ms": float(np.percentile(a, 90)), "mean_ms": float(a.mean()),
-            "samples_ms": [round(float(v), 3) for v in a]}
+DISTS = ("torch", "onnxruntime", "numpy", "opencv-python-headless", "onnx", "segment-anything", "edgefm")
 
 
-def timed(fn, n: int) -> list[float]:
-    out = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
+
+
 
 
 def rss_mb(field: str = "VmRSS") -> float:
@@ -323,28 +311,8 @@ def prepare(variant: str, precisions: list[str], work: Path, log) -> dict[str, A
     return exports
 
 
-def machine() -> dict[str, Any]:
-    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-    field = lambda key: next((ln.split(":", 1)[1].strip() for ln in cpuinfo if ln.startswith(key)), "")  # noqa: E731
-    meminfo = Path("/proc/meminfo").read_text().splitlines()
-    mem_kb = next(ln for ln in meminfo if ln.startswith("MemTotal")).split()[1]
-    simd = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile")
-    return {"cpu_model": field("model name"), "logical_cpus": os.cpu_count(),
-            "usable_cpus": len(os.sched_getaffinity(0)),
-            "simd": [f for f in simd if f in field("flags").split()],
-            "memory_gib": round(int(mem_kb) / 2**20, 1), "platform": platform.platform(),
-            "python": platform.python_version()}
 
 
-def versions() -> dict[str, str]:
-    out = {}
-    dists = ("torch", "onnxruntime", "numpy", "opencv-python-headless", "onnx", "segment-anything", "edgefm")
-    for dist in dists:
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = "not installed"
-    return out
 
 
 def split(n: int, rounds: int) -> list[int]:
@@ -374,7 +342,7 @@ def run(args) -> dict[str, Any]:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     predict_iters = args.predict_iters or max(10, 5 * args.iters)
     res: dict[str, Any] = {
-        "benchmark": "sam_cpu", "variant": args.variant, "machine": machine(), "versions": versions(),
+        "benchmark": "sam_cpu", "variant": args.variant, "machine": machine(), "versions": versions(DISTS),
         "settings": {"iters": args.iters, "predict_iters": predict_iters, "warmup": args.warmup,
                      "rounds": args.rounds, "threads": args.threads, "image_hw": list(IMAGE_HW),
                      "point_xy": list(POINT_XY), "multimask_output": True, "seed": SEED},
