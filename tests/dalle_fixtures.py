@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 _BUNDLE: dict[str, Path] = {}
 
@@ -56,3 +57,15 @@ def smooth_picture(h: int, w: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     image = smooth_images(1, max(h, w), seed=int(rng.integers(1 << 30)))[0, :, :h, :w]
     return np.ascontiguousarray((image.transpose(1, 2, 0) * 255).round().astype(np.uint8))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models run faster on the 2 shared cores without intra-op threading contention (autouse in every
+    test module that imports it)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

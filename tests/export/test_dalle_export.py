@@ -10,20 +10,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import assert_scaled_close
-from dalle_fixtures import tiny_bundle, tiny_models
+from dalle_fixtures import one_torch_thread, tiny_bundle, tiny_models  # noqa: F401 (fixture)
 from edgefm.export.dalle import add_export_args, export_dalle, run_export, smooth_images, text_parity_ids
 from edgefm.export.parity import cosine
 from edgefm.runtime.bundle import Bundle
 from edgefm.runtime.errors import EdgefmError, InputError, ParityError
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # 2 shared cores: tiny models run faster without intra-op threading contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from dalle_fixtures import seeded_
+from dalle_fixtures import one_torch_thread, seeded_  # noqa: F401 (fixture)
 from edgefm.runtime.bundle import Bundle
 from edgefm.runtime.cli import main
 from edgefm.runtime.dalle import DalleGenerator, DvaeCodec
@@ -24,15 +24,6 @@ from edgefm.runtime.errors import ManifestError
 
 PROMPT = "a small red cube on a wooden table"
 SOT, EOT, TREE = 49406, 49407, 2677  # CLIP BPE: <start_of_text>, <end_of_text>, "tree</w>"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # 2 shared cores: these small models run faster without intra-op threading contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
