@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BackendError, BundleError
+from ..errors import BackendError, BundleError, InputError
 from ..spec import ComponentSpec
 
 _PROVIDERS = {
@@ -34,7 +34,8 @@ def available_ort_backends() -> list[str]:
     return [name for name, providers in _PROVIDERS.items() if providers[0] in have]
 
 
-def _provider_options(backend: str, cache_dir: Path | None) -> list[tuple[str, dict[str, Any]]]:
+def _provider_options(backend: str, cache_dir: Path | None,
+                      cuda_options: dict[str, Any] | None = None) -> list[tuple[str, dict[str, Any]]]:
     out = []
     for p in _PROVIDERS[backend]:
         opts: dict[str, Any] = {}
@@ -45,7 +46,7 @@ def _provider_options(backend: str, cache_dir: Path | None) -> list[tuple[str, d
                 opts["trt_timing_cache_enable"] = True
         elif p == "CUDAExecutionProvider":
             # Exhaustive conv algo search pays once per session and wins on every call after.
-            opts = {"cudnn_conv_algo_search": "EXHAUSTIVE", "do_copy_in_default_stream": True}
+            opts = {"cudnn_conv_algo_search": "EXHAUSTIVE", "do_copy_in_default_stream": True, **(cuda_options or {})}
         out.append((p, opts))
     return out
 
@@ -61,13 +62,19 @@ class OrtRunner:
         threads: int | None = None,
         cache_dir: str | Path | None = None,
         spin: bool = False,
+        cuda_graph: bool = False,
+        cuda_options: dict[str, Any] | None = None,
     ) -> None:
         if backend not in _PROVIDERS:
             raise BackendError(f"unknown ONNX Runtime backend {backend!r}; expected one of {list(_PROVIDERS)}")
+        if cuda_graph and backend != "ort-cuda":
+            raise BackendError(f"cuda_graph=True needs the ort-cuda backend, not {backend!r}")
         rt = ort()
         self.spec = spec
         self.backend = backend
         self.path = Path(path)
+        self.cuda_graph = cuda_graph
+        self._graph: _CapturedGraph | None = None
         cache = Path(cache_dir) if cache_dir is not None else None
         so = rt.SessionOptions()
         so.graph_optimization_level = rt.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -88,15 +95,8 @@ class OrtRunner:
                 f"(it has {rt.get_available_providers()}); install onnxruntime-gpu "
                 "(pip install 'edgefm[gpu]') or choose --backend ort-cpu"
             )
-        try:
-            self.session = rt.InferenceSession(
-                str(self.path), sess_options=so, providers=_provider_options(backend, cache)
-            )
-        except Exception as exc:  # onnxruntime raises its own untyped errors for corrupt files
-            raise BundleError(
-                f"ONNX Runtime could not load {self.path} ({type(exc).__name__}: {str(exc)[:300]}); "
-                "the file is corrupt or truncated: re-export the bundle"
-            ) from exc
+        self._options, self._providers = so, _provider_options(backend, cache, cuda_options)
+        self.session = self._open(so, self._providers)
         got_in = [i.name for i in self.session.get_inputs()]
         got_out = [o.name for o in self.session.get_outputs()]
         if got_in != spec.input_names or got_out != spec.output_names:
@@ -106,8 +106,19 @@ class OrtRunner:
             )
         self.device = "cuda" if backend != "ort-cpu" else "cpu"
 
+    def _open(self, so, providers):
+        try:
+            return ort().InferenceSession(str(self.path), sess_options=so, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own untyped errors for corrupt files
+            raise BundleError(
+                f"ONNX Runtime could not load {self.path} ({type(exc).__name__}: {str(exc)[:300]}); "
+                "the file is corrupt or truncated: re-export the bundle"
+            ) from exc
+
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feeds = self.spec.check_feeds(feeds)
+        if self.cuda_graph:
+            return self._run_graph(feeds)
         if self.device == "cpu":
             outs = self.session.run(self.spec.output_names, feeds)
             return dict(zip(self.spec.output_names, outs))
@@ -116,18 +127,75 @@ class OrtRunner:
     def run_on_device(self, feeds: dict[str, Any], keep: tuple[str, ...] = ()) -> dict[str, Any]:
         """Run with IO binding. ``feeds`` values may be host arrays or device ``OrtValue``s (a previous
         component's outputs), so chained components never round-trip through the host. Returns
-        ``OrtValue``s; those named in ``keep`` stay on the device, the rest are bound to host memory."""
+        ``OrtValue``s; those named in ``keep`` stay on the runner's device, the rest are bound to host
+        memory. (On ort-cpu both are host memory: the same code path, testable without a GPU.)"""
         rt = ort()
         binding = self.session.io_binding()
         for name in self.spec.input_names:
             value = feeds[name]
             if isinstance(value, np.ndarray):
-                value = rt.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), "cuda", 0)
+                value = rt.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), self.device, 0)
             binding.bind_ortvalue_input(name, value)
         for name in self.spec.output_names:
             if name in keep:
-                binding.bind_output(name, "cuda", 0)
+                binding.bind_output(name, self.device, 0)
             else:
                 binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(binding)
         return dict(zip(self.spec.output_names, binding.get_outputs()))
+
+    def _run_graph(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Static shapes: the first call captures a CUDA graph for its input shapes, later calls replay it."""
+        if self._graph is None:
+            self._graph = _CapturedGraph(self, feeds)
+        shapes = {n: a.shape for n, a in feeds.items()}
+        if shapes != self._graph.shapes:
+            raise InputError(
+                f"{self.spec.name}: this runner captured a CUDA graph for input shapes {self._graph.shapes}, "
+                f"got {shapes}; CUDA graphs replay static shapes only: use one runner per shape, or "
+                "cuda_graph=False"
+            )
+        return self._graph.run(feeds)
+
+
+class _CapturedGraph:
+    """A CUDA-graph session fixed to one set of input shapes, with its device buffers bound once."""
+
+    def __init__(self, runner: OrtRunner, feeds: dict[str, np.ndarray]) -> None:
+        rt = ort()
+        self.shapes = {n: a.shape for n, a in feeds.items()}
+        sizes: dict[str, int] = {}
+        for t in runner.spec.inputs:
+            for axis, dim in enumerate(t.shape):
+                if isinstance(dim, str):
+                    sizes[dim] = feeds[t.name].shape[axis]
+        so = runner._options
+        # Every symbolic dim becomes a constant, so that ORT folds the shape arithmetic away at load time and
+        # every node lands on the CUDA provider (a captured graph cannot hold host-side shape nodes).
+        for dim, value in sizes.items():
+            so.add_free_dimension_override_by_name(dim, int(value))
+        # One provider only: a captured graph must hold every node. (On ort-cpu, used by the tests, this is
+        # a plain static-shape session with pre-bound buffers.)
+        first, opts = runner._providers[0]
+        if first == "CUDAExecutionProvider":
+            opts = {**opts, "enable_cuda_graph": "1"}
+        self.session = runner._open(so, [(first, opts)])
+        device = runner.device
+        self.inputs = {n: rt.OrtValue.ortvalue_from_numpy(a, device, 0) for n, a in feeds.items()}
+        self.outputs = {
+            t.name: rt.OrtValue.ortvalue_from_shape_and_type(
+                list(runner.spec.concrete_shape(t, "opt", **sizes)), np.dtype(t.dtype), device, 0)
+            for t in runner.spec.outputs
+        }
+        self.binding = self.session.io_binding()
+        for name, value in self.inputs.items():
+            self.binding.bind_ortvalue_input(name, value)
+        for name, value in self.outputs.items():
+            self.binding.bind_ortvalue_output(name, value)
+        self.session.run_with_iobinding(self.binding)  # allocation and capture
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for name, value in feeds.items():
+            self.inputs[name].update_inplace(value)
+        self.session.run_with_iobinding(self.binding)  # replay
+        return {name: value.numpy() for name, value in self.outputs.items()}

@@ -134,10 +134,7 @@ class _SamTask(Task):
 
     def _encode(self, pre: tuple[np.ndarray, tuple[int, int], tuple[int, int]]) -> None:
         # The same state SamPredictor.set_image leaves, with the resize/normalize already done upstream.
-        x, original_size, input_size = pre
-        p = self.predictor
-        p.features = p.encoder.run({"image": x})["image_embeddings"]
-        p.original_size, p.input_size = original_size, input_size
+        self.predictor.set_preprocessed(*pre)
 
     def _predict(self, points: np.ndarray | None, box: np.ndarray | None) -> tuple[np.ndarray, float]:
         labels = None if points is None else np.ones(len(points), np.float32)

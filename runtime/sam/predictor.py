@@ -41,6 +41,9 @@ class SamPredictor:
         self.prompt_encoder = self.bundle.runner(PROMPT_ENCODER)
         self.decoder = self.bundle.runner(MASK_DECODER)
         self.low_res_size = self.decoder.spec.outputs[1].shape[-1]
+        # ONNX Runtime on a GPU: chain the encoder into the decoder without a host round trip.
+        self._on_device = all(getattr(r, "device", "cpu") == "cuda" and hasattr(r, "run_on_device")
+                              for r in (self.encoder, self.decoder))
         self.reset_image()
 
     @property
@@ -65,13 +68,22 @@ class SamPredictor:
             image = np.ascontiguousarray(image[..., ::-1])
         resized = resize_longest_side(image, self.image_size)
         x = normalize_and_pad(resized, self.image_size, self.mean, self.std)
-        self.features = self.encoder.run({"image": x})["image_embeddings"]
-        self.original_size = image.shape[:2]
-        self.input_size = resized_shape(*image.shape[:2], self.image_size)
+        self.set_preprocessed(x, image.shape[:2], resized_shape(*image.shape[:2], self.image_size))
+
+    def set_preprocessed(self, x: np.ndarray, original_size: tuple[int, int], input_size: tuple[int, int]) -> None:
+        """``set_image`` with the resize/normalize/pad already done (``x``: 1x3xSxS float32), e.g. by a
+        camera pipeline's preprocessing stage."""
+        if self._on_device:
+            # The embedding stays in GPU memory (an OrtValue) and is bound straight into the decoder.
+            out = self.encoder.run_on_device({"image": x}, keep=("image_embeddings",))
+        else:
+            out = self.encoder.run({"image": x})
+        self.features = out["image_embeddings"]
+        self.original_size, self.input_size = tuple(original_size), tuple(input_size)
 
     def get_image_embedding(self) -> np.ndarray:
         self._need_image()
-        return self.features
+        return self.features.numpy() if self._on_device else self.features
 
     def predict(
         self,
@@ -127,7 +139,11 @@ class SamPredictor:
         emb = self.prompt_encoder.run(
             {"point_coords": coords, "point_labels": labels, "mask_input": mask_input, "has_mask_input": has_mask}
         )
-        out = self.decoder.run({"image_embeddings": self.features, **emb})
+        if self._on_device:
+            dev = self.decoder.run_on_device({"image_embeddings": self.features, **emb})
+            out = {k: v.numpy() for k, v in dev.items()}
+        else:
+            out = self.decoder.run({"image_embeddings": self.features, **emb})
         sel = slice(1, None) if multimask_output else slice(0, 1)
         iou = out["iou_predictions"][:, sel]
         low = out["low_res_masks"][:, sel]

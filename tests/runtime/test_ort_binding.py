@@ -1,0 +1,87 @@
+"""IO binding and static-shape (CUDA graph) plumbing of the ONNX Runtime backend, on the CPU provider.
+
+The GPU paths (``run_on_device`` keeping outputs in CUDA memory, ``cuda_graph=True``) bind buffers on the
+runner's device; on ort-cpu the same code binds host buffers, so everything except the CUDA provider itself is
+exercised here. The H100 run (benchmarks/gpu) covers the provider.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from edgefm.runtime.backends.onnxruntime import OrtRunner, _CapturedGraph
+from edgefm.runtime.bundle import Bundle
+from edgefm.runtime.errors import BackendError, InputError
+from edgefm.runtime.sam import SamPredictor
+
+from tests.conftest import scene
+
+
+def _prompts(b: int, n: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"point_coords": rng.uniform(0, 128, (b, n, 2)).astype(np.float32),
+            "point_labels": np.ones((b, n), np.float32),
+            "mask_input": np.zeros((b, 1, 64, 64), np.float32), "has_mask_input": np.zeros((b,), np.float32)}
+
+
+def test_run_on_device_chains_components_without_host_arrays(sam_tiny_bundle):
+    bundle = Bundle(sam_tiny_bundle, "ort-cpu")
+    enc, pe, dec = (bundle.runner(n) for n in ("image_encoder", "prompt_encoder", "mask_decoder"))
+    image = np.random.default_rng(0).standard_normal((1, 3, 256, 256)).astype(np.float32)
+    prompts = _prompts(2, 3, seed=1)
+    kept = enc.run_on_device({"image": image}, keep=("image_embeddings",))["image_embeddings"]
+    assert isinstance(kept, ort.OrtValue)
+    sparse = pe.run_on_device(prompts, keep=("sparse_embeddings", "dense_embeddings"))
+    chained = dec.run_on_device({"image_embeddings": kept, **sparse})
+    plain = dec.run({"image_embeddings": enc.run({"image": image})["image_embeddings"], **pe.run(prompts)})
+    for name in ("iou_predictions", "low_res_masks"):
+        np.testing.assert_array_equal(chained[name].numpy(), plain[name])
+
+
+def test_static_shape_session_matches_the_dynamic_one_and_replays_new_values(sam_tiny_bundle):
+    bundle = Bundle(sam_tiny_bundle, "ort-cpu")
+    runner = bundle.runner("prompt_encoder")
+    graph = _CapturedGraph(runner, runner.spec.check_feeds(_prompts(1, 2, seed=2)))
+    # Symbolic dims were fixed at load time, so the session reports concrete input shapes.
+    assert [i.shape for i in graph.session.get_inputs()][:2] == [[1, 2, 2], [1, 2]]
+    for seed in (3, 4):  # new values go into the same bound buffers
+        feeds = _prompts(1, 2, seed)
+        want = runner.run(feeds)
+        got = graph.run(feeds)
+        for name in want:
+            np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-6)
+
+
+def test_cuda_graph_needs_the_cuda_backend(sam_tiny_bundle):
+    entry = Bundle(sam_tiny_bundle, "ort-cpu").entry("image_encoder")
+    with pytest.raises(BackendError, match="cuda_graph=True needs the ort-cuda backend, not 'ort-cpu'"):
+        OrtRunner(sam_tiny_bundle / entry.file, entry.spec, "ort-cpu", cuda_graph=True)
+
+
+def test_a_captured_graph_refuses_other_shapes(sam_tiny_bundle):
+    bundle = Bundle(sam_tiny_bundle, "ort-cpu")
+    runner = bundle.runner("prompt_encoder")
+    runner._graph = _CapturedGraph(runner, runner.spec.check_feeds(_prompts(1, 2, seed=0)))
+    want = runner.run(_prompts(1, 2, 5))["dense_embeddings"]
+    runner.cuda_graph = True  # as an ort-cuda runner would be; the replay path itself is device-agnostic
+    np.testing.assert_allclose(runner.run(_prompts(1, 2, 5))["dense_embeddings"], want, rtol=0, atol=1e-6)
+    with pytest.raises(InputError, match=r"captured a CUDA graph for input shapes .* static shapes only"):
+        runner.run(_prompts(1, 3, seed=0))
+
+
+def test_predictor_keeps_the_embedding_as_a_bound_value_when_on_device(sam_tiny_bundle):
+    """The device-resident SamPredictor path (taken on ort-cuda) gives the host path's masks exactly."""
+    host = SamPredictor(sam_tiny_bundle, backend="ort-cpu")
+    dev = SamPredictor(sam_tiny_bundle, backend="ort-cpu")
+    dev._on_device = True  # what ort-cuda runners switch on; run_on_device binds host memory on ort-cpu
+    image = scene(96, 160, seed=3)
+    host.set_image(image)
+    dev.set_image(image)
+    assert isinstance(dev.features, ort.OrtValue)
+    np.testing.assert_array_equal(dev.get_image_embedding(), host.get_image_embedding())
+    box = np.array([20, 10, 90, 70], np.float32)
+    m_host, s_host, _ = host.predict(np.array([[50, 40]], np.float32), np.array([1], np.float32), box=box)
+    m_dev, s_dev, _ = dev.predict(np.array([[50, 40]], np.float32), np.array([1], np.float32), box=box)
+    np.testing.assert_array_equal(m_dev, m_host)
+    np.testing.assert_allclose(s_dev, s_host, rtol=0, atol=1e-6)
