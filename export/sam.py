@@ -28,9 +28,14 @@ from .parity import compare_outputs, gate
 class ImageEncoderGraph(nn.Module):
     """Normalized, padded image (B, 3, S, S) -> image embeddings (B, C, S/16, S/16)."""
 
-    def __init__(self, sam: Sam) -> None:
+    def __init__(self, sam: Sam, fused_attention: bool = False) -> None:
         super().__init__()
-        self.encoder = sam.image_encoder
+        if fused_attention:
+            from .sam_fused import with_fused_attention
+
+            self.encoder = with_fused_attention(sam.image_encoder)
+        else:
+            self.encoder = sam.image_encoder
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.encoder(image)
@@ -134,10 +139,16 @@ def export_sam(
     parity_gate: bool = True,
     overwrite: bool = False,
     progress=None,
+    attention: str = "plain",
 ) -> Path:
-    """Export a SAM (a model, or a checkpoint path loaded strictly as ``variant``) to a bundle at ``out``."""
+    """Export a SAM (a model, or a checkpoint path loaded strictly as ``variant``) to a bundle at ``out``.
+
+    ``attention="fused"`` writes the image encoder's attention as ONNX Runtime's fused MultiHeadAttention
+    (:mod:`edgefm.export.sam_fused`): fastest on ort-cuda, but not parsable by TensorRT."""
     if precision not in ("fp32", "fp16"):
         raise InputError(f"--precision {precision!r} is not supported for SAM; choose fp32 or fp16")
+    if attention not in ("plain", "fused"):
+        raise InputError(f"--attention {attention!r} is not supported; choose plain or fused")
     if opset < 17:
         raise InputError(f"--opset {opset} is too old: opset 17 is needed for one-op LayerNorm")
     cfg = SAM_CONFIGS[variant] if isinstance(variant, str) else variant
@@ -149,7 +160,7 @@ def export_sam(
                   "loader": "torch.load(weights_only=True) / safetensors, strict keys and shapes"}
     model = model.eval()
     specs = sam_specs(cfg.image_size, cfg.prompt_embed_dim, cfg.image_embedding_size)
-    graphs = {IMAGE_ENCODER: ImageEncoderGraph(model), PROMPT_ENCODER: PromptEncoderGraph(model),
+    graphs = {IMAGE_ENCODER: ImageEncoderGraph(model, attention == "fused"), PROMPT_ENCODER: PromptEncoderGraph(model),
               MASK_DECODER: MaskDecoderGraph(model)}
     feeds = parity_inputs(cfg)
     parity: dict[str, Any] = {"gate": parity_gate, "reference": f"PyTorch {torch.__version__} fp32, CPU",
@@ -165,6 +176,11 @@ def export_sam(
             work = writer.workdir(name)
             onnx_path = work / f"{name}.onnx"
             extra = onnx_from_module(graph, spec, onnx_path, example_inputs(spec, feeds[name]), opset)
+            info: dict[str, Any] = {"opset": opset}
+            if name == IMAGE_ENCODER and attention == "fused":
+                from .sam_fused import to_ort_attention
+
+                info["fused_attention"] = to_ort_attention(onnx_path)
             if precision == "fp16":
                 half_dir = writer.workdir(name + "-fp16")
                 extra = fp16_from_onnx(onnx_path, half_dir / onnx_path.name)
@@ -174,7 +190,7 @@ def export_sam(
             report["inputs"] = {k: list(v.shape) for k, v in feeds[name].items()}
             parity[name] = report
             gate(name, report, parity_gate)
-            writer.add(onnx_path, spec, "onnx", precision, extra, info={"opset": opset})
+            writer.add(onnx_path, spec, "onnx", precision, extra, info=info)
             if name == IMAGE_ENCODER:
                 feeds[MASK_DECODER] = {"image_embeddings": ref["image_embeddings"]}
             if name == PROMPT_ENCODER:

@@ -44,7 +44,8 @@ def cmd_export(args: argparse.Namespace) -> None:
         if args.checkpoint is None or not Path(args.checkpoint).is_file():
             raise InputError(f"--checkpoint {args.checkpoint!r} does not exist; pass the official .pth file")
         out = export_sam(args.checkpoint, args.out, args.variant, precision=args.precision, opset=args.opset,
-                         parity_gate=not args.no_parity_gate, overwrite=args.overwrite, progress=_progress)
+                         parity_gate=not args.no_parity_gate, overwrite=args.overwrite, progress=_progress,
+                         attention=args.attention)
     elif args.family == "clip":
         from edgefm.export.clip import export_clip
 
@@ -157,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
     e.add_argument("--opset", type=int, default=17)
     e.add_argument("--no-parity-gate", action="store_true", help="write the bundle even if parity fails")
+    e.add_argument("--attention", default="plain", choices=["plain", "fused"],
+                   help="sam: 'fused' writes the image encoder's attention as ONNX Runtime's MultiHeadAttention "
+                        "(fast on ort-cuda; not parsable by TensorRT)")
     e.add_argument("--overwrite", action="store_true")
     e.add_argument("--quick-gelu", dest="quick_gelu", action="store_true", default=None,
                    help="clip: QuickGELU activations (OpenAI archives imply it)")

@@ -1,0 +1,62 @@
+"""``export_sam(attention="fused")``: SAM's encoder attention as ONNX Runtime's fused MultiHeadAttention.
+
+The fused graph must compute what the plain one does (the GPU speed comes from the operator, not from
+different math): checked against the original PyTorch encoder and the plain export on the CPU provider.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from edgefm.runtime.bundle import Bundle
+from edgefm.runtime.errors import InputError
+
+
+@pytest.fixture(scope="module")
+def fused_bundle(sam_tiny, tmp_path_factory):
+    from edgefm.export.sam import export_sam
+
+    return export_sam(sam_tiny, tmp_path_factory.mktemp("fused") / "sam", "tiny", attention="fused")
+
+
+def test_fused_wrapper_equals_the_encoder_in_pytorch(sam_tiny):
+    import torch
+    from edgefm.export.sam_fused import with_fused_attention
+
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 3, 256, 256)).astype(np.float32))
+    with torch.no_grad():
+        want = sam_tiny.image_encoder(x)
+        got = with_fused_attention(sam_tiny.image_encoder)(x)
+    assert float((got - want).abs().max()) <= 1e-5 * max(1.0, float(want.abs().max()))
+    # The original model is untouched: its blocks still hold the plain attention.
+    assert all(type(b.attn).__name__ == "Attention" for b in sam_tiny.image_encoder.blocks)
+
+
+def test_every_block_becomes_one_multihead_attention_node(fused_bundle, sam_tiny):
+    model = onnx.load(str(fused_bundle / "image_encoder.onnx"))
+    mha = [n for n in model.graph.node if n.op_type == "MultiHeadAttention"]
+    assert len(mha) == len(sam_tiny.image_encoder.blocks)
+    assert {n.domain for n in mha} == {"com.microsoft"}
+    assert all(list(n.input)[3:5] == ["", ""] and n.input[5] for n in mha)  # attention_bias is input 5
+    assert not [n for n in model.graph.node if n.op_type == "Softmax"]
+    assert not [n for n in model.graph.node if n.domain == "edgefm"]
+    info = json.loads((fused_bundle / "manifest.json").read_text())["components"][0]["info"]
+    assert info["fused_attention"] == len(mha)
+
+
+def test_fused_graph_matches_the_plain_export(fused_bundle, sam_tiny_bundle):
+    image = np.random.default_rng(1).standard_normal((2, 3, 256, 256)).astype(np.float32)
+    plain = Bundle(sam_tiny_bundle, "ort-cpu").runner("image_encoder").run({"image": image})["image_embeddings"]
+    fused = Bundle(fused_bundle, "ort-cpu").runner("image_encoder").run({"image": image})["image_embeddings"]
+    assert np.abs(fused - plain).max() <= 1e-5 * max(1.0, np.abs(plain).max())
+
+
+def test_unknown_attention_kind_is_refused(sam_tiny, tmp_path):
+    from edgefm.export.sam import export_sam
+
+    with pytest.raises(InputError, match="--attention 'flash' is not supported; choose plain or fused"):
+        export_sam(sam_tiny, tmp_path / "x", "tiny", attention="flash")
+    assert not (tmp_path / "x").exists()
