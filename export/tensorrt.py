@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import importlib.util
 import json
 import os
 import re
@@ -234,6 +235,14 @@ def build_engine(bundle: str | Path, precision: str = "fp16", workspace: str | i
         raise InputError(f"--precision {precision!r} is not supported; choose one of {list(PRECISIONS)}")
     n_bytes = parse_size(workspace)
     overrides = dim_overrides(max_batch, max_points)
+    # edgefm's static check first (export/trt_compat.py): an incompatible graph fails with one clear message
+    # even where TensorRT is not installed. It needs onnx (the [export] extra, which the lean CLI may lack;
+    # the parser checks again anyway). The FP16-flag guess changes no source file, only a later error.
+    if importlib.util.find_spec("onnx") is not None:
+        from .trt_compat import assert_tensorrt_compatible
+
+        for step in plan_sources(manifest, precision, True, components):
+            assert_tensorrt_compatible(folder / step.source.file, skip_unreadable=True)
     trt = import_tensorrt("`edgefm build-engine`")
     steps = plan_sources(manifest, precision, hasattr(trt.BuilderFlag, "FP16"), components)
     gpu = current_gpu()
