@@ -87,7 +87,8 @@ class TextEncoderGraph(nn.Module):
         x = c.token_embedding(tokens) + c.positional_embedding[:length]  # B, L, D
         # Causal mask from the runtime length (not a slice of the 77 x 77 buffer, which tracing would fix).
         pos = torch.arange(length, device=tokens.device)
-        mask = torch.zeros(length, length).masked_fill(pos.unsqueeze(0) > pos.unsqueeze(1), float("-inf"))
+        mask = torch.zeros(length, length, device=tokens.device)
+        mask = mask.masked_fill(pos.unsqueeze(0) > pos.unsqueeze(1), float("-inf"))
         x = c.ln_final(_transformer(c.transformer, x, mask))
         return c.pool_eot(x, tokens) @ c.text_projection
 

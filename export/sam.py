@@ -52,7 +52,7 @@ class PromptEncoderGraph(nn.Module):
     def forward(self, point_coords, point_labels, mask_input, has_mask_input):
         pe = self.pe
         coords = point_coords + 0.5  # pixel centers, as the official prompt encoder shifts them
-        coords = coords / torch.tensor([self.image_size[1], self.image_size[0]], dtype=coords.dtype)
+        coords = coords / coords.new_tensor([self.image_size[1], self.image_size[0]])
         emb = pe.pe_layer._pe_encoding(coords)
         labels = point_labels.unsqueeze(-1)
         # Masked sums instead of boolean indexing: one branch-free graph for every label mix.
