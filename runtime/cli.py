@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -205,8 +206,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _StderrHandler(logging.Handler):
+    """Writes to whatever ``sys.stderr`` is at the time (not the stream at setup), as ``_progress`` does."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"edgefm: {record.getMessage()}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Library notes (e.g. which backend `--backend auto` chose) go to stderr, prefixed like the progress lines.
+    logger = logging.getLogger("edgefm")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        logger.addHandler(_StderrHandler())
+        logger.setLevel(logging.INFO)
     try:
         args.func(args)
     except EdgefmError as exc:

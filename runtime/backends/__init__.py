@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from ..errors import BackendError
@@ -9,6 +10,8 @@ from ..manifest import ComponentEntry
 from .base import BACKENDS, Runner
 
 __all__ = ["BACKENDS", "Runner", "available_backends", "resolve_backend", "open_runner"]
+
+log = logging.getLogger("edgefm")
 
 
 def _tensorrt_usable() -> bool:
@@ -45,10 +48,17 @@ def resolve_backend(name: str, formats: set[str] | None = None) -> str:
     if name == "auto":
         if not have:
             raise BackendError("no backend is available: install onnxruntime (pip install edgefm)")
+        log.info("backend auto -> %s (usable here, best first: %s)", have[0], ", ".join(have))
         return have[0]
     if name not in have:
-        why = "the bundle has no TensorRT engines (run `edgefm build-engine`)" if name == "tensorrt" and (
-            formats is not None and "tensorrt" not in formats) else "it is not installed or not usable here"
+        if name == "tensorrt" and formats is not None and "tensorrt" not in formats:
+            why = "the bundle has no TensorRT engines (run `edgefm build-engine`)"
+        elif name == "tensorrt":
+            why = "TensorRT is not importable or no GPU is visible (pip install 'edgefm[tensorrt]')"
+        else:
+            from .onnxruntime import unavailable_reason
+
+            why = unavailable_reason(name)
         raise BackendError(f"backend {name!r} cannot be used: {why}; available: {have}")
     return name
 

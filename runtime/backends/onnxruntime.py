@@ -6,6 +6,8 @@ caching are set here deliberately rather than left to defaults.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -28,10 +30,56 @@ def ort():
     return onnxruntime
 
 
+@functools.lru_cache(maxsize=1)
+def gpu_visible() -> bool:
+    """A CUDA device is visible (onnxruntime-gpu lists its CUDA provider on machines without any GPU)."""
+    from .tensorrt import current_gpu
+
+    return current_gpu() is not None
+
+
+@functools.lru_cache(maxsize=1)
+def tensorrt_libraries() -> bool:
+    """TensorRT's runtime library can be loaded: onnxruntime-gpu lists its TensorRT provider whether or not
+    TensorRT is installed, and a session asked for it then fails."""
+    try:
+        import tensorrt  # noqa: F401  (its wheels load libnvinfer into the process)
+
+        return True
+    except Exception:
+        pass
+    for name in ("libnvinfer.so.10", "libnvinfer.so.11", "libnvinfer.so"):
+        try:
+            ctypes.CDLL(name)
+            return True
+        except OSError:
+            continue
+    return False
+
+
 def available_ort_backends() -> list[str]:
-    """ORT-based backends whose execution provider this onnxruntime build offers."""
+    """ORT-based backends that can run here: the provider is built in *and* what it needs is present."""
     have = set(ort().get_available_providers())
-    return [name for name, providers in _PROVIDERS.items() if providers[0] in have]
+    out = []
+    if "CUDAExecutionProvider" in have and gpu_visible():
+        if "TensorrtExecutionProvider" in have and tensorrt_libraries():
+            out.append("ort-trt")
+        out.append("ort-cuda")
+    return out + ["ort-cpu"]
+
+
+def unavailable_reason(backend: str) -> str:
+    """Why an ORT backend is not in :func:`available_ort_backends`, for error messages."""
+    providers = ort().get_available_providers()
+    if backend in ("ort-cuda", "ort-trt") and "CUDAExecutionProvider" not in providers:
+        return (f"this onnxruntime build has no CUDA provider (it has {providers}); "
+                "install onnxruntime-gpu: pip install 'edgefm[gpu]'")
+    if backend in ("ort-cuda", "ort-trt") and not gpu_visible():
+        return "no CUDA GPU is visible (cuda-python and nvidia-smi found none)"
+    if backend == "ort-trt":
+        return ("TensorRT's libraries (libnvinfer) cannot be loaded: install TensorRT "
+                "(pip install 'edgefm[tensorrt]') or choose --backend ort-cuda")
+    return "it is not installed or not usable here"
 
 
 def _provider_options(backend: str, cache_dir: Path | None,

@@ -1,0 +1,77 @@
+"""``--backend auto`` and explicit backends: what is chosen from what is installed *and* usable, and why not.
+
+onnxruntime-gpu lists its CUDA and TensorRT providers whether or not a GPU or TensorRT's libraries exist
+(seen on the H100 machine: TensorrtExecutionProvider listed, no libnvinfer), so listing is not enough.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from edgefm.runtime import backends
+from edgefm.runtime.backends import onnxruntime as ortb
+from edgefm.runtime.errors import BackendError
+
+ALL = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    """Set what this 'machine' has: providers listed, a visible GPU, TensorRT libraries, TensorRT Python."""
+
+    def set_(providers=("CPUExecutionProvider",), gpu=False, trt_libs=False, trt_native=False):
+        monkeypatch.setattr(ortb.ort(), "get_available_providers", lambda: list(providers))
+        monkeypatch.setattr(ortb, "gpu_visible", lambda: gpu)
+        monkeypatch.setattr(ortb, "tensorrt_libraries", lambda: trt_libs)
+        monkeypatch.setattr(backends, "_tensorrt_usable", lambda: trt_native)
+
+    return set_
+
+
+@pytest.mark.parametrize("have, want", [
+    (dict(), ["ort-cpu"]),
+    (dict(providers=ALL), ["ort-cpu"]),  # onnxruntime-gpu on a machine without a GPU
+    (dict(providers=ALL, gpu=True), ["ort-cuda", "ort-cpu"]),  # ... with a GPU, without TensorRT
+    (dict(providers=ALL, gpu=True, trt_libs=True), ["ort-trt", "ort-cuda", "ort-cpu"]),
+    (dict(providers=ALL, gpu=True, trt_libs=True, trt_native=True), ["tensorrt", "ort-trt", "ort-cuda", "ort-cpu"]),
+])
+def test_available_backends_best_first(machine, have, want):
+    machine(**have)
+    assert backends.available_backends() == want
+
+
+def test_auto_prefers_native_tensorrt_only_for_bundles_with_engines(machine, caplog):
+    machine(providers=ALL, gpu=True, trt_libs=True, trt_native=True)
+    with caplog.at_level(logging.INFO, logger="edgefm"):
+        assert backends.resolve_backend("auto", {"onnx", "tensorrt"}) == "tensorrt"
+        assert backends.resolve_backend("auto", {"onnx"}) == "ort-trt"
+    assert "backend auto -> tensorrt (usable here, best first: tensorrt, ort-trt, ort-cuda, ort-cpu)" in caplog.text
+    assert "backend auto -> ort-trt" in caplog.text
+
+
+@pytest.mark.parametrize("have, name, why", [
+    (dict(), "ort-cuda", "this onnxruntime build has no CUDA provider"),
+    (dict(providers=ALL), "ort-cuda", "no CUDA GPU is visible"),
+    (dict(providers=ALL, gpu=True), "ort-trt", "TensorRT's libraries (libnvinfer) cannot be loaded"),
+    (dict(providers=ALL, gpu=True), "tensorrt", "TensorRT is not importable or no GPU is visible"),
+])
+def test_explicit_backend_that_cannot_run_says_why(machine, have, name, why):
+    machine(**have)
+    with pytest.raises(BackendError, match=f"backend '{name}' cannot be used: .*available: "):
+        backends.resolve_backend(name, {"onnx", "tensorrt"})
+    with pytest.raises(BackendError) as err:
+        backends.resolve_backend(name, {"onnx", "tensorrt"})
+    assert why in str(err.value)
+
+
+def test_native_tensorrt_needs_engines_in_the_bundle(machine):
+    machine(providers=ALL, gpu=True, trt_libs=True, trt_native=True)
+    with pytest.raises(BackendError, match=r"the bundle has no TensorRT engines \(run `edgefm build-engine`\)"):
+        backends.resolve_backend("tensorrt", {"onnx"})
+
+
+def test_unknown_backend_name(machine):
+    machine()
+    with pytest.raises(BackendError, match="unknown backend 'cuda'; choose one of"):
+        backends.resolve_backend("cuda")
