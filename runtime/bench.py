@@ -11,6 +11,11 @@ shapes at the spec's opt sizes with the batch dims (``batch``, ``image_batch``) 
 dtype (floats standard normal, integers in [0, 16)) unless the family says what is valid (SAM point labels in
 {-1, 0, 1, 2, 3}; token ids below the vocabulary size the manifest declares). Peak host memory is the process's
 peak RSS (``getrusage``), device memory the device-wide use reported by nvidia-smi (other processes included).
+
+Pipelines time the family's runtime API end to end on one seeded VGA frame (480x640): SAM ``set_image`` and
+one click; CLIP the 1000 ImageNet labels encoded once (timed once: a label index is built once and cached),
+then one frame classified against the cached embeddings; DALL·E one image per iteration (prefill, grid²
+sampling steps, dVAE decode), or only the dVAE decode of one code grid for a bundle without a prior.
 """
 
 from __future__ import annotations
@@ -23,8 +28,7 @@ import platform
 import resource
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -32,43 +36,17 @@ from typing import Any
 import cv2
 import numpy as np
 
+from .bench_pipelines import PIPELINES
 from .bundle import Bundle
 from .errors import InputError
 from .manifest import Manifest
 from .spec import ComponentSpec
+from .timing import latency_stats, time_calls
 
 SCHEMA = "edgefm.bench/1"
 BATCH_DIMS = ("batch", "image_batch")
 SMALL_INT = 16  # default upper bound of integer inputs: inside every vocabulary and position range
-SAM_IMAGE_HW = (480, 640)  # one VGA camera frame, (H, W)
 Rule = tuple  # ("uniform", lo, hi) | ("choice", values) | ("int", lo, hi)
-
-
-def latency_stats(samples_s: Sequence[float], items: int = 1) -> dict[str, Any]:
-    """Statistics of per-call times given in seconds; latencies in ms, throughput per second."""
-    a = np.asarray(samples_s, np.float64) * 1e3
-    total_s = float(a.sum()) / 1e3
-    qps = len(a) / total_s if total_s > 0 else float("inf")
-    return {
-        "iterations": int(a.size),
-        "latency_ms": {"min": float(a.min()), "median": float(np.median(a)), "mean": float(a.mean()),
-                       "p90": float(np.percentile(a, 90)), "p99": float(np.percentile(a, 99)),
-                       "max": float(a.max()), "std": float(a.std())},
-        "throughput": {"qps": qps, "items_per_s": qps * items},
-        "samples_ms": [round(float(v), 4) for v in a],
-    }
-
-
-def time_calls(fn: Callable[[], Any], iters: int, warmup: int) -> list[float]:
-    """Seconds of each of ``iters`` calls of ``fn`` after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
 
 
 def value_rules(manifest: Manifest) -> dict[str, Rule]:
@@ -148,29 +126,6 @@ def bench_component(bundle: Bundle, name: str, batch: int, iters: int, warmup: i
             split = _ort_device_split(runner, feeds, iters, warmup, stats["latency_ms"]["median"])
     return {"kind": "component", "format": entry.format, "precision": entry.precision, "file": entry.file,
             "batch": items, "inputs": {k: list(v.shape) for k, v in feeds.items()}, **stats, "transfer": split}
-
-
-def _sam_pipelines(bundle: Bundle, iters: int, warmup: int, rng: np.random.Generator) -> dict[str, Any]:
-    """SamPredictor end to end: set_image on one camera frame, then one foreground click -> 3 masks."""
-    from .sam import SamPredictor
-
-    predictor = SamPredictor(bundle)
-    h, w = SAM_IMAGE_HW
-    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-    point, label = np.array([[w / 2, h / 2]], np.float32), np.array([1], np.float32)
-    set_image = latency_stats(time_calls(lambda: predictor.set_image(image), iters, warmup))
-    predict = latency_stats(time_calls(lambda: predictor.predict(point, label, multimask_output=True), iters, warmup))
-    return {
-        "sam.set_image": {"kind": "pipeline", "batch": 1, "inputs": {"image": [h, w, 3]},
-                          "description": "HWC uint8 RGB -> resize, normalize, pad, image_encoder", **set_image},
-        "sam.predict": {"kind": "pipeline", "batch": 1, "inputs": {"point": [1, 2]},
-                        "description": "one foreground point -> 3 masks at full size (prompt encoder, "
-                                       "mask decoder, upscale, threshold)", **predict},
-    }
-
-
-# Family -> end-to-end figures on the runtime's pipelines (CLIP and DALL-E join here as their runtimes land).
-PIPELINES: dict[str, Callable[[Bundle, int, int, np.random.Generator], dict[str, Any]]] = {"sam": _sam_pipelines}
 
 
 def _version(dist: str, module: str | None = None) -> str | None:
@@ -287,6 +242,10 @@ def markdown_table(result: dict[str, Any]) -> str:
         if t:
             lines.append(f"- {name}: compute {t['compute_ms']:.3f} ms, host<->device {t['transfer_ms']:.3f} ms "
                          f"({t['method']})")
+    for name, r in result["pipelines"].items():
+        n = r["iterations"]
+        runs = "" if n == result["iters"] else " (timed once)" if n == 1 else f" ({n} timed runs)"
+        lines.append(f"- {name}: {r['description']}{runs}")
     mem = result["memory"]
     dev = f"{mem['device_used_after_mib']:.0f} MiB" if mem["device_used_after_mib"] is not None else (
         "not measured" if result["backend"] != "ort-cpu" else "n/a (CPU backend)")

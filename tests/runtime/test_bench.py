@@ -1,4 +1,5 @@
-"""``edgefm bench`` on ORT CPU with a tiny SAM bundle: JSON schema, statistics, table, chart, errors.
+"""``edgefm bench`` on ORT CPU with tiny SAM, CLIP and DALL·E bundles: JSON schema, statistics, table, chart,
+pipelines on the families' runtime APIs, errors.
 
 Speed is never asserted: only the structure and the internal consistency of the figures.
 """
@@ -11,7 +12,15 @@ import json
 import cv2
 import numpy as np
 import pytest
-from edgefm.runtime.bench import bench_bundle, dummy_feeds, latency_stats, register, value_rules
+from edgefm.runtime.bench import (
+    bench_bundle,
+    dummy_feeds,
+    latency_stats,
+    markdown_table,
+    register,
+    value_rules,
+)
+from edgefm.runtime.bench_pipelines import CAMERA_HW, _clip_pipelines
 from edgefm.runtime.bundle import Bundle
 from edgefm.runtime.dalle.spec import dvae_specs
 from edgefm.runtime.errors import BackendError, InputError
@@ -20,6 +29,17 @@ from edgefm.runtime.sam.spec import sam_specs
 
 COMPONENTS = ("image_encoder", "prompt_encoder", "mask_decoder")
 PIPELINES = ("sam.set_image", "sam.predict")
+
+
+def assert_sane(name: str, r: dict, iterations: int) -> None:
+    """One row's statistics are consistent with its samples (never a speed)."""
+    ms = r["latency_ms"]
+    assert r["iterations"] == iterations and len(r["samples_ms"]) == iterations, name
+    assert 0 < ms["min"] <= ms["median"] <= ms["p90"] <= ms["p99"] <= ms["max"], name
+    assert ms["min"] <= ms["mean"] <= ms["max"], name
+    assert ms["min"] == pytest.approx(min(r["samples_ms"]), abs=1e-3)
+    assert ms["max"] == pytest.approx(max(r["samples_ms"]), abs=1e-3)
+    assert r["throughput"]["items_per_s"] == pytest.approx(r["throughput"]["qps"] * r["batch"])
 
 
 def _cli(argv: list[str]) -> argparse.Namespace:
@@ -45,12 +65,7 @@ def test_json_stats_and_stamp(bench_run, capsys):
     assert (result["iters"], result["warmup"], result["batch"]) == (4, 1, 2)
     assert tuple(result["components"]) == COMPONENTS and tuple(result["pipelines"]) == PIPELINES
     for name, r in {**result["components"], **result["pipelines"]}.items():
-        ms = r["latency_ms"]
-        assert r["iterations"] == 4 and len(r["samples_ms"]) == 4, name
-        assert 0 < ms["min"] <= ms["median"] <= ms["p90"] <= ms["p99"] <= ms["max"], name
-        assert ms["min"] <= ms["mean"] <= ms["max"], name
-        assert ms["min"] == pytest.approx(min(r["samples_ms"]), abs=1e-3)
-        assert r["throughput"]["items_per_s"] == pytest.approx(r["throughput"]["qps"] * r["batch"])
+        assert_sane(name, r, 4)
     enc = result["components"]["image_encoder"]
     assert enc["inputs"] == {"image": [2, 3, 256, 256]} and enc["precision"] == "fp32" and enc["transfer"] is None
     dec = result["components"]["mask_decoder"]["inputs"]
@@ -112,3 +127,90 @@ def test_bad_backend_and_arguments(sam_tiny_bundle):
     args = _cli(["bench", str(sam_tiny_bundle), "--backend", "tensorrt", "--iters", "1"])
     with pytest.raises(BackendError, match="backend 'tensorrt' cannot be used"):
         args.func(args)
+
+
+# ---- CLIP and DALL·E pipelines ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def clip_bundle():
+    pytest.importorskip("open_clip")  # the tiny CLIP's weights are made through its open_clip twin
+    from clip_fixtures import tiny_bundle
+
+    return tiny_bundle("tiny-vit")
+
+
+def test_clip_cli_rows_table_and_chart(clip_bundle, tmp_path, capsys):
+    args = _cli(["bench", str(clip_bundle), "--backend", "ort-cpu", "--iters", "2", "--warmup", "1",
+                 "--threads", "1", "--json", str(tmp_path / "c.json"), "--plot", str(tmp_path / "c.png")])
+    args.func(args)
+    stdout = capsys.readouterr().out
+    result = json.loads((tmp_path / "c.json").read_text())
+    assert result["schema"] == "edgefm.bench/1" and result["family"] == "clip"
+    assert tuple(result["components"]) == ("image_encoder", "text_encoder")
+    assert tuple(result["pipelines"]) == ("clip.encode_labels", "clip.classify")
+    for name, r in result["components"].items():
+        assert_sane(name, r, 2)
+    labels, classify = result["pipelines"]["clip.encode_labels"], result["pipelines"]["clip.classify"]
+    assert_sane("clip.encode_labels", labels, 1)  # a label index is built once: one timed call
+    assert_sane("clip.classify", classify, 2)
+    assert labels["inputs"] == {"labels": [1000], "templates": [1]} and labels["batch"] == 1000
+    assert classify["inputs"] == {"image": [*CAMERA_HW, 3]} and classify["batch"] == 1
+    top5 = classify["output"]["top5"]
+    assert len(top5) == 5 and len({t["index"] for t in top5}) == 5
+    assert all(a["prob"] >= b["prob"] for a, b in zip(top5, top5[1:])) and 0 < top5[0]["prob"] <= 1
+    rows = [line for line in stdout.splitlines() if line.startswith("| ")]
+    assert len(rows) == 1 + 2 + 2
+    assert any(row.startswith("| clip.classify (pipeline) | - | image 480x640x3 |") for row in rows)
+    assert any(row.startswith("| clip.encode_labels (pipeline) | - | labels 1000, templates 1 |") and
+               "items/s" in row for row in rows)
+    assert "- clip.encode_labels: 1000 ImageNet-1k labels x 1 template ('simple')" in stdout
+    assert "ensemble; built once and cached (timed once)" in stdout
+    image = cv2.imread(str(tmp_path / "c.png"))
+    assert image is not None and image.shape[1] == 1000 and (image < 128).any()
+
+
+def test_clip_classify_times_the_real_zero_shot(clip_bundle):
+    """The timed classify is ClipModel.zero_shot on the cached labels: same top-5 and probabilities."""
+    from edgefm.runtime.clip.model import ClipModel
+    from edgefm.runtime.clip.zero_shot import imagenet_classnames
+
+    rows = _clip_pipelines(Bundle(clip_bundle, backend="ort-cpu", threads=1), 2, 0, np.random.default_rng(7))
+    image = np.random.default_rng(7).integers(0, 256, (*CAMERA_HW, 3), dtype=np.uint8)  # the rng's first draw
+    probs = ClipModel(clip_bundle, backend="ort-cpu", threads=1).zero_shot(image, imagenet_classnames(), "simple")
+    top5 = rows["clip.classify"]["output"]["top5"]
+    assert top5[0]["index"] == int(probs[0].argmax())
+    assert [t["index"] for t in top5] == list(np.argsort(-probs[0], kind="stable")[:5])
+    assert [t["label"] for t in top5] == [imagenet_classnames()[t["index"]] for t in top5]
+    np.testing.assert_allclose([t["prob"] for t in top5], np.sort(probs[0])[::-1][:5], rtol=1e-6)
+    assert rows["clip.encode_labels"]["iterations"] == 1 and rows["clip.classify"]["iterations"] == 2
+
+
+def test_dalle_generate_row(tmp_path_factory):
+    from dalle_fixtures import tiny_bundle
+
+    result = bench_bundle(tiny_bundle(tmp_path_factory), backend="ort-cpu", iters=2, warmup=1, threads=1)
+    assert set(result["components"]) == {"dvae_decoder", "dvae_encoder", "prior_prefill", "prior_step"}
+    assert tuple(result["pipelines"]) == ("dalle.generate",)
+    r = result["pipelines"]["dalle.generate"]
+    assert_sane("dalle.generate", r, 2)
+    assert (r["kind"], r["batch"], r["inputs"]) == ("pipeline", 1, {"text_tokens": [16]})
+    assert r["output"]["image"] == [64, 64, 3] and r["output"]["tokens_per_image"] == 64
+    assert r["output"]["tokens_per_s"] == pytest.approx(64e3 / r["latency_ms"]["median"])
+    assert "63 prior_step calls" in r["description"] and "- dalle.generate: one image per iteration" in \
+        markdown_table(result)
+    json.dumps(result)  # plain JSON types only
+
+
+def test_dalle_decode_row_without_prior(tmp_path_factory):
+    from dalle_fixtures import tiny_models
+    from edgefm.export.dalle import export_dalle
+
+    path = export_dalle(tmp_path_factory.mktemp("dvae") / "b", tiny_models()[0], image_size=64)
+    result = bench_bundle(path, backend="ort-cpu", iters=2, warmup=0, threads=1)
+    assert tuple(result["components"]) == ("dvae_decoder",) and tuple(result["pipelines"]) == ("dalle.decode",)
+    r = result["pipelines"]["dalle.decode"]
+    assert_sane("dalle.decode", r, 2)
+    assert r["inputs"] == {"ids": [8, 8]} and r["description"].endswith("HWC uint8 RGB 64x64")
+    rows = [line for line in markdown_table(result).splitlines() if line.startswith("| ")]
+    assert rows[-1].startswith("| dalle.decode (pipeline) | - | ids 8x8 |")
