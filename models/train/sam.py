@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -25,7 +26,8 @@ import torch.nn.functional as F
 from edgefm.runtime.sam.transforms import normalize_and_pad, resize_longest_side
 from edgefm.runtime.shapes import interior_point, random_scene
 
-from ..sam import Sam, SamConfig, build_sam
+from ..checkpoint import sha256_file
+from ..sam import Sam, SamConfig, build_sam, load_sam
 from .common import Trainer, add_common_args, cosine_lr, export_weights, seed_everything, step_rng
 
 #: The shipped variant: 128 px input, patch 8 -> 16 x 16 embedding, 64 x 64 mask logits (trained against
@@ -177,10 +179,15 @@ def evaluate(model: Sam, cfg: SamConfig, seed: int, n: int = 24) -> dict[str, fl
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m edgefm.models.train.sam", description=__doc__.split("\n")[0])
     add_common_args(parser, steps=1000, batch=8, lr=1e-3)
+    parser.add_argument("--init", type=Path, default=None,
+                        help="start from these weights (e.g. the shipped sam_shapes.safetensors) with a fresh "
+                             "optimizer and schedule: a fine-tuning leg; use another --seed for new scenes")
     args = parser.parse_args(argv)
     seed_everything(args.seed, args.threads)
     cfg = SHAPES_SAM
     model = build_sam(cfg)
+    if args.init is not None:
+        model.load_state_dict(load_sam(args.init, cfg).state_dict())
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=0.1)
     trainer = Trainer(model, optimizer, args.out, args.steps, args.eval_every, args.save_every, args.minutes)
 
@@ -214,6 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     export_weights(model, weights, {
         "family": "sam", "variant": "shapes", "loader": "edgefm.models.sam.load_sam(path, SamConfig(**config))",
         "config": dataclasses.asdict(cfg), "steps": args.steps, "batch": args.batch, "seed": args.seed,
+        "init": None if args.init is None else {"path": str(args.init), "sha256": sha256_file(args.init)},
         "eval": {k: v for k, v in final.items() if k != "time"},
     })
     print(f"wrote {weights} and {weights.with_suffix('.json')}")

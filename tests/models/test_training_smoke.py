@@ -80,3 +80,14 @@ def test_loop_runs_resumes_and_is_deterministic(module, extra, tmp_path):
     assert worst < 1e-3  # fp16 storage; threaded kernels may differ in the last bits
     meta = json.loads((tmp_path / "a" / "w.json").read_text())
     assert meta["steps"] == 3 and "command" in meta and meta["eval"]["step"] == 3
+
+
+def test_sam_fine_tuning_leg_starts_from_given_weights(tmp_path):
+    """``--init`` loads weights (a fresh optimizer and schedule follow): with a zero learning rate the written
+    weights are exactly the initial ones, and the JSON records where they came from."""
+    first = _run(train_sam, tmp_path / "a", 1, ["--batch", "2"])
+    init = tmp_path / "a" / "w.safetensors"
+    again = _run(train_sam, tmp_path / "b", 1, ["--batch", "2", "--lr", "0", "--seed", "3", "--init", str(init)])
+    assert max(float((first[k].float() - again[k].float()).abs().max()) for k in first) == 0.0
+    meta = json.loads((tmp_path / "b" / "w.json").read_text())
+    assert meta["init"]["path"] == str(init) and len(meta["init"]["sha256"]) == 64
