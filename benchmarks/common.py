@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import platform
-import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from edgefm.runtime.timing import time_calls
 
 
 def stats_ms(samples: list[float]) -> dict[str, Any]:
@@ -21,12 +21,8 @@ def stats_ms(samples: list[float]) -> dict[str, Any]:
 
 
 def timed(fn, n: int) -> list[float]:
-    out = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
+    """Seconds of each of ``n`` calls of ``fn`` (the runtime's own loop, without warm-up)."""
+    return time_calls(fn, n, 0)
 
 
 def machine() -> dict[str, Any]:
