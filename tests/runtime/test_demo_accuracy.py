@@ -73,8 +73,6 @@ def test_sam_one_point_miou(sam_ious):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 5 open: the shipped shapes SAM reaches box mIoU 0.9194 (< 0.92); "
-                   "it was still improving when training stopped")
 def test_sam_box_miou(sam_ious):
     miou = float(np.mean(sam_ious["box"]))
     print(f"SAM box mIoU {miou:.4f} over {len(sam_ious['box'])} objects")
