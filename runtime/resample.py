@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 import numpy as np
@@ -74,12 +76,41 @@ def coefficients(
     return index, fixed[:, :used]
 
 
-def resample_rows(image: np.ndarray, index: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """One PIL pass along axis 0 of a uint8 ``[rows, cols, C]`` array -> ``[len(index), cols, C]`` uint8."""
+_PARALLEL_MIN = 1 << 20  # output values below which one thread is faster than handing out work
+
+
+@functools.lru_cache(maxsize=1)
+def _pool() -> ThreadPoolExecutor:
+    # numpy releases the GIL in the gathers and integer ufuncs below, so row blocks run truly in parallel
+    # (a 1500x2250 photo's wide pass: 42 ms on one thread, 26 ms on two loaded cores).
+    return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="edgefm-resample")
+
+
+def _rows_into(out: np.ndarray, image: np.ndarray, index: np.ndarray, weights: np.ndarray) -> None:
     acc = np.full((index.shape[0], *image.shape[1:]), 1 << (_PRECISION_BITS - 1), dtype=np.int32)
     for k in range(index.shape[1]):
         acc += image[index[:, k]] * weights[:, k, None, None]  # uint8 * int32 -> int32, as PIL's int sums
-    return np.clip(acc >> _PRECISION_BITS, 0, 255).astype(np.uint8)
+    np.clip(acc >> _PRECISION_BITS, 0, 255, out=acc)
+    out[...] = acc
+
+
+def resample_rows(image: np.ndarray, index: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """One PIL pass along axis 0 of a uint8 ``[rows, cols, C]`` array -> ``[len(index), cols, C]`` uint8.
+
+    Large passes are split into blocks of output rows run on a small thread pool; every output row is
+    computed by the same integer arithmetic either way, so the result does not depend on the split."""
+    n = index.shape[0]
+    out = np.empty((n, *image.shape[1:]), dtype=np.uint8)
+    workers = _pool()._max_workers if out.size >= _PARALLEL_MIN else 1
+    if workers <= 1 or n < 2 * workers:
+        _rows_into(out, image, index, weights)
+        return out
+    bounds = np.linspace(0, n, workers + 1).astype(int)
+    jobs = [_pool().submit(_rows_into, out[a:b], image, index[a:b], weights[a:b])
+            for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    for job in jobs:
+        job.result()
+    return out
 
 
 def resample_axis(image: np.ndarray, axis: int, out_size: int, start: int, stop: int,

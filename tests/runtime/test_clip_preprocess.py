@@ -125,3 +125,13 @@ def test_bad_inputs_are_named():
         preprocess_batch([])
     with pytest.raises(InputError, match="bicubic_antialias"):
         preprocess(np.zeros((10, 10, 3), np.uint8), resize="lanczos")
+
+
+def test_large_resize_split_over_threads_is_still_pil_exact():
+    """SAM's 1500x2250 -> 683x1024: both passes are big enough to be split over the resample thread pool."""
+    from edgefm.runtime import resample
+
+    image = textured(1500, 2250, 3, seed=11)
+    expected = np.asarray(Image.fromarray(image).resize((1024, 683), Image.Resampling.BILINEAR))
+    assert resample._pool()._max_workers >= 1
+    assert np.array_equal(resample.resize(image, (683, 1024)), expected)
