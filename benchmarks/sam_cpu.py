@@ -12,6 +12,10 @@ processes on a shared machine falls on both sides alike; ratios are also given p
 - ``predict``: one foreground point -> 3 masks at full resolution (``multimask_output=True``) after
   set_image, and its parts: prompt encoder + mask decoder, upscaling the logits, thresholding.
 
+``--precisions fp32,int8`` times an int8 bundle beside fp32 (``export_sam(precision="int8")``: image
+encoder and mask decoder dynamically quantized, the prompt encoder fp32; the precision each component was
+written in is recorded per side).
+
 ``python benchmarks/sam_cpu.py`` (vit_b: 30-60 minutes on 2 shared cores) writes results/sam_cpu.{json,md};
 ``python benchmarks/sam_cpu.py --variant tiny --iters 2 --warmup 1 --out-dir /tmp/x`` is a smoke run.
 """
@@ -443,7 +447,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=2, help="untimed runs before the first timed round")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds to split timed runs into")
     ap.add_argument("--threads", type=int, default=2, help="torch threads and ONNX Runtime intra-op threads")
-    ap.add_argument("--precisions", default="fp32,fp16", help="edgefm bundles to export and time")
+    ap.add_argument("--precisions", default="fp32,fp16",
+                    help="edgefm bundles to export and time, comma-separated: fp32, fp16, int8")
     ap.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)

@@ -25,7 +25,7 @@ from edgefm.runtime.spec import ComponentSpec
 from torch import nn
 
 from .bundle import BundleWriter
-from .onnx import example_inputs, fp16_from_onnx, onnx_from_module
+from .onnx import INT8_INFO, example_inputs, fp16_from_onnx, int8_from_onnx, onnx_from_module
 from .parity import compare_outputs, gate
 
 PARITY_PROMPTS = ["a photo of a cat", "a diagram", "an extremely long and detailed description " * 3, ""]
@@ -147,9 +147,11 @@ def export_clip(
     """Export a CLIP (a model, or a checkpoint loaded strictly by ``load_clip``) to a bundle at ``out``.
 
     ``quick_gelu`` applies to paths only (``None``: decided by ``load_clip`` from the checkpoint).
+    ``precision="int8"`` quantizes both encoders dynamically (:func:`edgefm.export.onnx.int8_from_onnx`),
+    for CPUs; the parity gate then holds them to the int8 policy against PyTorch fp32.
     """
-    if precision not in ("fp32", "fp16"):
-        raise InputError(f"--precision {precision!r} is not supported for CLIP; choose fp32 or fp16")
+    if precision not in ("fp32", "fp16", "int8"):
+        raise InputError(f"--precision {precision!r} is not supported for CLIP; choose fp32, fp16 or int8")
     if opset < 17:
         raise InputError(f"--opset {opset} is too old: opset 17 is needed for one-op LayerNorm")
     if isinstance(model_or_path, nn.Module):
@@ -187,16 +189,18 @@ def export_clip(
             trace = feeds[name] if name == IMAGE_ENCODER else {"tokens": feeds[name]["tokens"][:, :16].copy()}
             with _mha_fastpath(False):
                 extra = onnx_from_module(graph, spec, onnx_path, example_inputs(spec, trace), opset)
-            if precision == "fp16":
-                half_dir = writer.workdir(name + "-fp16")
-                extra = fp16_from_onnx(onnx_path, half_dir / onnx_path.name)
-                onnx_path = half_dir / onnx_path.name
+            if precision in ("fp16", "int8"):
+                lower = fp16_from_onnx if precision == "fp16" else int8_from_onnx
+                low_dir = writer.workdir(f"{name}-{precision}")
+                extra = lower(onnx_path, low_dir / onnx_path.name)
+                onnx_path = low_dir / onnx_path.name
             got = OrtRunner(onnx_path, spec, "ort-cpu").run(feeds[name])
             report = compare_outputs(ref, got, precision)
             report["inputs"] = {k: list(v.shape) for k, v in feeds[name].items()}
             parity[name] = report
             gate(name, report, parity_gate)
-            writer.add(onnx_path, spec, "onnx", precision, extra, info={"opset": opset})
+            info: dict[str, Any] = {"opset": opset, **({"quantization": INT8_INFO} if precision == "int8" else {})}
+            writer.add(onnx_path, spec, "onnx", precision, extra, info=info)
         writer.copy_asset(DEFAULT_VOCAB, TOKENIZER_ASSET)
         manifest = Manifest(
             family="clip", variant=variant_name(config), source=source,

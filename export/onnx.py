@@ -1,4 +1,4 @@
-"""Export one component to ONNX from its spec, and the fp16 (mixed precision) rewrite.
+"""Export one component to ONNX from its spec, and the fp16 (mixed precision) and int8 (dynamic) rewrites.
 
 ``OnnxFromModule`` writes names and dynamic axes straight from the :class:`ComponentSpec`, so the graph,
 the manifest and the runtime checks can never disagree. Models over 2 GB (SAM ViT-H) are written with their
@@ -7,6 +7,8 @@ weights in one external data file beside the graph.
 
 from __future__ import annotations
 
+import logging
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -16,6 +18,12 @@ from edgefm.runtime.spec import ComponentSpec
 
 # Ops kept in fp32 in fp16 graphs: reductions that overflow or lose precision in half (DESIGN.md policy).
 FP32_OPS = ["LayerNormalization", "Softmax", "ReduceMean", "Pow", "Sqrt", "Erf", "Exp", "Sin", "Cos", "Div"]
+# Ops whose constant weights int8 graphs quantize. Conv stays fp32: ORT's ConvInteger has no fast CPU kernel
+# (CLIP ViT-B/32 at batch 32 on an AVX-512 VNNI CPU: 2.56 s with the patch Conv quantized, 2.10 s without).
+INT8_OPS = ["MatMul", "Gemm"]
+# Recorded in the manifest entry of every int8 component (``info["quantization"]``).
+INT8_INFO = {"method": "onnxruntime dynamic quantization", "ops": INT8_OPS,
+             "weights": "int8, symmetric, per output channel", "activations": "uint8 per tensor, at run time"}
 _TWO_GB = 2**31 - 1
 
 
@@ -99,11 +107,56 @@ def fp16_from_onnx(src: str | Path, dst: str | Path) -> list[str]:
     if len(keep) != len(half.graph.node):
         del half.graph.node[:]
         half.graph.node.extend(keep)
-    n_bytes = sum(len(t.raw_data) for t in half.graph.initializer)
+    return _save(half, dst)
+
+
+def int8_from_onnx(src: str | Path, dst: str | Path) -> list[str]:
+    """Dynamic int8: MatMul / Gemm weights stored as int8 (symmetric, one scale per output channel), their
+    activations quantized to uint8 per tensor at run time; everything else (LayerNorm, Softmax, GELU, Conv,
+    the attention's activation x activation MatMuls) stays fp32. Returns the extra files written beside
+    ``dst``, as :func:`onnx_from_module` does.
+
+    Dynamic rather than static quantization: the activation ranges are measured on each call, so there is
+    no calibration data set to choose or ship, and the graph's inputs, outputs and runtime stay exactly as
+    in fp32 (``DynamicQuantizeLinear`` + ``MatMulInteger``, fused by ORT into one kernel that uses VNNI
+    int8 dot products where the CPU has them). No reduced range (7-bit weights): it only helps x86 CPUs
+    without VNNI, whose u8 x s8 instruction can saturate pairwise sums, and costs accuracy everywhere. The
+    parity gate measures on the exporting CPU, so a bundle meant for a pre-VNNI CPU is worth checking there.
+    """
+    onnx = require("onnx", "export", "Exporting int8")
+    require("onnxruntime", "export", "Exporting int8")
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    src, dst = Path(src), Path(dst)
+    big = sum(p.stat().st_size for p in src.parent.iterdir() if p.name.startswith(src.name)) > _TWO_GB
+    with tempfile.TemporaryDirectory(prefix="edgefm-int8-", dir=dst.parent) as tmp:
+        out = Path(tmp) / dst.name
+        # quantize_dynamic logs (on the root logger) that pre-processing is advised: shape inference and
+        # fusions matter for static QDQ graphs, not for MatMul weights whose shapes are initializers.
+        root, level = logging.getLogger(), logging.getLogger().level
+        root.setLevel(logging.ERROR)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                quantize_dynamic(src, out, op_types_to_quantize=INT8_OPS, per_channel=True, reduce_range=False,
+                                 weight_type=QuantType.QInt8, use_external_data_format=big,
+                                 extra_options={"MatMulConstBOnly": True})
+        finally:
+            root.setLevel(level)
+        # Re-saved by our own rule (one data file named after the graph, only above 2 GB) instead of the
+        # quantizer's, so that every precision of a bundle lays its files out the same way.
+        model = onnx.load(str(out))
+    return _save(model, dst)
+
+
+def _save(model, dst: str | Path) -> list[str]:
+    """Save ``model`` as one file, or with its weights in ``<name>.data`` beside it above ONNX's 2 GB."""
+    onnx = require("onnx", "export", "Exporting")
+    n_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
     if n_bytes < _TWO_GB:
-        onnx.save_model(half, str(dst))
+        onnx.save_model(model, str(dst))
         return []
     data_name = Path(dst).name + ".data"
-    onnx.save_model(half, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+    onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data_name, size_threshold=1024)
     return [data_name] if (Path(dst).parent / data_name).exists() else []

@@ -21,8 +21,14 @@ from edgefm.runtime.spec import ComponentSpec
 from torch import nn
 
 from .bundle import BundleWriter
-from .onnx import example_inputs, fp16_from_onnx, onnx_from_module
+from .onnx import INT8_INFO, example_inputs, fp16_from_onnx, int8_from_onnx, onnx_from_module
 from .parity import compare_outputs, gate
+
+# What --precision int8 writes per component. The prompt encoder stays fp32: its only MatMul with a constant
+# weight is the Fourier feature projection of a handful of points (no time to win), whose random Gaussian
+# matrix int8 would blur; its Convs stay fp32 in any case (INT8_OPS). The mask decoder falls back to fp32 if
+# int8 misses the mask IoU policy.
+INT8_PRECISIONS = {IMAGE_ENCODER: "int8", PROMPT_ENCODER: "fp32", MASK_DECODER: "int8"}
 
 
 class ImageEncoderGraph(nn.Module):
@@ -116,6 +122,24 @@ def _torch_run(module: nn.Module, spec: ComponentSpec, feeds: dict[str, np.ndarr
     return {n: o.numpy() for n, o in zip(spec.output_names, outs)}
 
 
+def _lower(writer: BundleWriter, name: str, onnx_path: Path, precision: str, extra: list[str],
+           spec: ComponentSpec, feeds: dict[str, np.ndarray], ref: dict[str, np.ndarray]
+           ) -> tuple[Path, list[str], dict[str, Any]]:
+    """The fp32 graph at ``onnx_path`` rewritten to ``precision`` (unless fp32), run on ORT CPU against
+    ``ref``: ``(graph path, its extra files, parity report)``."""
+    from edgefm.runtime.backends.onnxruntime import OrtRunner
+
+    if precision in ("fp16", "int8"):
+        lower = fp16_from_onnx if precision == "fp16" else int8_from_onnx
+        low_dir = writer.workdir(f"{name}-{precision}")
+        extra = lower(onnx_path, low_dir / onnx_path.name)
+        onnx_path = low_dir / onnx_path.name
+    got = OrtRunner(onnx_path, spec, "ort-cpu").run(feeds)
+    report = compare_outputs(ref, got, precision, masks=("low_res_masks",))
+    report["inputs"] = {k: list(v.shape) for k, v in feeds.items()}
+    return onnx_path, extra, report
+
+
 def sam_preprocess(cfg: SamConfig) -> dict[str, Any]:
     return {
         "image_size": cfg.image_size,
@@ -144,9 +168,14 @@ def export_sam(
     """Export a SAM (a model, or a checkpoint path loaded strictly as ``variant``) to a bundle at ``out``.
 
     ``attention="fused"`` writes the image encoder's attention as ONNX Runtime's fused MultiHeadAttention
-    (:mod:`edgefm.export.sam_fused`): fastest on ort-cuda, but not parsable by TensorRT."""
-    if precision not in ("fp32", "fp16"):
-        raise InputError(f"--precision {precision!r} is not supported for SAM; choose fp32 or fp16")
+    (:mod:`edgefm.export.sam_fused`): fastest on ort-cuda, but not parsable by TensorRT.
+
+    ``precision="int8"`` (for CPUs) writes each component at the precision of :data:`INT8_PRECISIONS`,
+    dynamically quantized (:func:`edgefm.export.onnx.int8_from_onnx`) and gated by the int8 policy. A mask
+    decoder that misses it is written in fp32 instead, its int8 report kept in the manifest's parity entry
+    (``int8_rejected``); the manifest entry's precision always says what was written."""
+    if precision not in ("fp32", "fp16", "int8"):
+        raise InputError(f"--precision {precision!r} is not supported for SAM; choose fp32, fp16 or int8")
     if attention not in ("plain", "fused"):
         raise InputError(f"--attention {attention!r} is not supported; choose plain or fused")
     if opset < 17:
@@ -165,8 +194,6 @@ def export_sam(
     feeds = parity_inputs(cfg)
     parity: dict[str, Any] = {"gate": parity_gate, "reference": f"PyTorch {torch.__version__} fp32, CPU",
                               "backend": "onnxruntime CPU"}
-    from edgefm.runtime.backends.onnxruntime import OrtRunner
-
     with BundleWriter(out, overwrite=overwrite) as writer:
         for name in (IMAGE_ENCODER, PROMPT_ENCODER, MASK_DECODER):
             if progress:
@@ -181,16 +208,19 @@ def export_sam(
                 from .sam_fused import to_ort_attention
 
                 info["fused_attention"] = to_ort_attention(onnx_path)
-            if precision == "fp16":
-                half_dir = writer.workdir(name + "-fp16")
-                extra = fp16_from_onnx(onnx_path, half_dir / onnx_path.name)
-                onnx_path = half_dir / onnx_path.name
-            got = OrtRunner(onnx_path, spec, "ort-cpu").run(feeds[name])
-            report = compare_outputs(ref, got, precision, masks=("low_res_masks",))
-            report["inputs"] = {k: list(v.shape) for k, v in feeds[name].items()}
+            wanted = INT8_PRECISIONS[name] if precision == "int8" else precision
+            path, files, report = _lower(writer, name, onnx_path, wanted, extra, spec, feeds[name], ref)
+            if not report["passed"] and wanted == "int8" and name == MASK_DECODER and parity_gate:
+                # The encoder's int8 speed-up does not depend on the decoder: a usable bundle with an fp32
+                # decoder beats a refused export.
+                rejected = report
+                path, files, report = _lower(writer, name, onnx_path, "fp32", extra, spec, feeds[name], ref)
+                report["int8_rejected"] = rejected
             parity[name] = report
             gate(name, report, parity_gate)
-            writer.add(onnx_path, spec, "onnx", precision, extra, info=info)
+            if report["precision"] == "int8":
+                info["quantization"] = INT8_INFO
+            writer.add(path, spec, "onnx", report["precision"], files, info=info)
             if name == IMAGE_ENCODER:
                 feeds[MASK_DECODER] = {"image_embeddings": ref["image_embeddings"]}
             if name == PROMPT_ENCODER:

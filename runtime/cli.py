@@ -156,7 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", help="sam / clip: official checkpoint (.pth, .pt archive or .safetensors)")
     e.add_argument("--variant", default="vit_b", help="sam: vit_b | vit_l | vit_h | tiny")
     e.add_argument("--out", required=True, help="bundle folder to write")
-    e.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
+    e.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"],
+                   help="int8 (sam, clip; for CPUs): MatMul weights dynamically quantized, gated by the int8 "
+                        "parity policy (cosine >= 0.99, mask IoU >= 0.95)")
     e.add_argument("--opset", type=int, default=17)
     e.add_argument("--no-parity-gate", action="store_true", help="write the bundle even if parity fails")
     e.add_argument("--attention", default="plain", choices=["plain", "fused"],
