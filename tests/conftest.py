@@ -30,8 +30,9 @@ def sam_tiny():
     return model
 
 
-def official_sam(cfg, state_dict):
-    """The segment-anything model with the same numbers as ``cfg``, loaded strictly with ``state_dict``."""
+def official_sam(cfg, state_dict=None):
+    """The segment-anything model with the same numbers as ``cfg``, loaded strictly with ``state_dict``
+    (without one, it keeps its own random initialisation)."""
     from functools import partial
 
     import torch
@@ -59,7 +60,8 @@ def official_sam(cfg, state_dict):
         ),
         pixel_mean=list(cfg.pixel_mean), pixel_std=list(cfg.pixel_std),
     )
-    sam.load_state_dict(state_dict, strict=True)
+    if state_dict is not None:
+        sam.load_state_dict(state_dict, strict=True)
     return sam.eval()
 
 

@@ -17,30 +17,17 @@ import inspect
 import math
 import subprocess
 import sys
-from functools import partial
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 sa = pytest.importorskip("segment_anything")
+from conftest import official_sam  # noqa: E402
+from edgefm.models.sam import SAM_CONFIGS  # noqa: E402
 from edgefm.runtime.errors import InputError  # noqa: E402
 from edgefm.runtime.sam.amg import SamAutomaticMaskGenerator  # noqa: E402
-from segment_anything.modeling import (  # noqa: E402
-    ImageEncoderViT,
-    MaskDecoder,
-    PromptEncoder,
-    Sam,
-    TwoWayTransformer,
-)
-
-# Same numbers as edgefm.models.sam.SAM_CONFIGS["tiny"] (used instead when that module is importable).
-TINY = SimpleNamespace(
-    encoder_embed_dim=64, encoder_depth=4, encoder_num_heads=2, encoder_global_attn_indexes=(1, 3),
-    image_size=256, patch_size=16, window_size=4, prompt_embed_dim=32, mask_in_chans=4, decoder_depth=2,
-    decoder_num_heads=2, decoder_mlp_dim=64, iou_head_hidden_dim=32, iou_head_depth=3, num_multimask_outputs=3,
-)  # fmt: skip
+from segment_anything.modeling import Sam  # noqa: E402
 
 # Thresholds lowered for random weights (predicted IoUs here lie in ~[0.08, 0.24]).
 BASE = dict(pred_iou_thresh=0.1, stability_score_thresh=0.7)
@@ -49,40 +36,6 @@ CASES = {
     "crops": dict(points_per_side=8, crop_n_layers=1, **BASE),
     "min_area": dict(points_per_side=16, min_mask_region_area=300, **BASE),
 }
-
-
-def tiny_config():
-    try:
-        from edgefm.models.sam import SAM_CONFIGS
-    except ImportError:
-        return TINY
-    return SAM_CONFIGS["tiny"]
-
-
-def official_sam(cfg) -> Sam:
-    grid = cfg.image_size // cfg.patch_size
-    return Sam(
-        image_encoder=ImageEncoderViT(
-            depth=cfg.encoder_depth, embed_dim=cfg.encoder_embed_dim, img_size=cfg.image_size, mlp_ratio=4,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=cfg.encoder_num_heads,
-            patch_size=cfg.patch_size, qkv_bias=True, use_rel_pos=True,
-            global_attn_indexes=tuple(cfg.encoder_global_attn_indexes), window_size=cfg.window_size,
-            out_chans=cfg.prompt_embed_dim,
-        ),
-        prompt_encoder=PromptEncoder(
-            embed_dim=cfg.prompt_embed_dim, image_embedding_size=(grid, grid),
-            input_image_size=(cfg.image_size, cfg.image_size), mask_in_chans=cfg.mask_in_chans,
-        ),
-        mask_decoder=MaskDecoder(
-            num_multimask_outputs=cfg.num_multimask_outputs,
-            transformer=TwoWayTransformer(
-                depth=cfg.decoder_depth, embedding_dim=cfg.prompt_embed_dim, mlp_dim=cfg.decoder_mlp_dim,
-                num_heads=cfg.decoder_num_heads,
-            ),
-            transformer_dim=cfg.prompt_embed_dim, iou_head_depth=cfg.iou_head_depth,
-            iou_head_hidden_dim=cfg.iou_head_hidden_dim,
-        ),
-    ).eval()  # fmt: skip
 
 
 @torch.no_grad()
@@ -194,7 +147,7 @@ class TorchPointPredictor:
 def ref_sam() -> Sam:
     torch.manual_seed(0)
     with torch.no_grad():
-        return localize(official_sam(tiny_config()))
+        return localize(official_sam(SAM_CONFIGS["tiny"]))
 
 
 @pytest.fixture(scope="module")
