@@ -12,8 +12,8 @@ import numpy as np
 QUICK_GELU = {"tiny-vit": True, "tiny-rn": False}
 
 
-def reference_for(config):
-    """open_clip's CLIP with the shapes (and activation) of ``config``."""
+def reference_for(config, quick_gelu: bool | None = None):
+    """open_clip's CLIP with the shapes of ``config`` and its activation (or ``quick_gelu`` when given)."""
     import open_clip
 
     if config.is_vit:
@@ -24,17 +24,19 @@ def reference_for(config):
                       width=config.vision_width)
     text = dict(context_length=config.context_length, vocab_size=config.vocab_size, width=config.text_width,
                 heads=config.text_heads, layers=config.text_layers)
-    return open_clip.model.CLIP(config.embed_dim, vision, text, quick_gelu=config.quick_gelu).eval()
+    quick_gelu = config.quick_gelu if quick_gelu is None else quick_gelu
+    return open_clip.model.CLIP(config.embed_dim, vision, text, quick_gelu=quick_gelu).eval()
 
 
-def randomize_all_(model, seed: int):
-    """Every float tensor random (open_clip zero-inits some; BatchNorm statistics made non-trivial)."""
+def randomize_all_(model, seed: int, logit_scale: bool = False):
+    """Every float tensor random (open_clip zero-inits some; BatchNorm statistics made non-trivial); the
+    temperature ``logit_scale`` too only when asked (exported bundles keep a realistic one)."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, t in model.state_dict().items():
-            if not t.is_floating_point() or name.endswith("logit_scale"):
+            if not t.is_floating_point() or (name.endswith("logit_scale") and not logit_scale):
                 continue
             if name.endswith("running_var"):
                 t.copy_(torch.rand(t.shape, generator=g) + 0.5)

@@ -14,6 +14,7 @@ import torch
 
 open_clip = pytest.importorskip("open_clip")
 
+from clip_fixtures import randomize_all_, reference_for  # noqa: E402
 from edgefm.models.clip import (  # noqa: E402
     CLIP,
     CLIP_CONFIGS,
@@ -33,43 +34,6 @@ PROMPTS = [
 ]
 
 
-def reference_for(config, quick_gelu: bool) -> torch.nn.Module:
-    """open_clip's CLIP with the shapes of ``config``."""
-    if config.is_vit:
-        vision = dict(
-            image_size=config.image_size,
-            layers=config.vision_layers,
-            width=config.vision_width,
-            patch_size=config.vision_patch_size,
-        )
-    else:
-        vision = dict(
-            image_size=config.image_size, layers=list(config.vision_layers), width=config.vision_width
-        )
-    text = dict(
-        context_length=config.context_length,
-        vocab_size=config.vocab_size,
-        width=config.text_width,
-        heads=config.text_heads,
-        layers=config.text_layers,
-    )
-    return open_clip.model.CLIP(config.embed_dim, vision, text, quick_gelu=quick_gelu).eval()
-
-
-def randomize_all_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Every float parameter and buffer random (open_clip zero-inits some, BN stats are trivial)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if not t.is_floating_point():
-                continue
-            if name.endswith("running_var"):
-                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
-            else:
-                t.copy_(torch.randn(t.shape, generator=g) * (0.05 if t.dim() > 1 else 0.2))
-    return model
-
-
 def assert_close(ours: torch.Tensor, ref: torch.Tensor) -> float:
     err = (ours - ref).abs().max().item()
     scale = max(1.0, ref.abs().max().item())
@@ -86,7 +50,7 @@ def features(model, images, tokens):
 def test_same_features_as_open_clip(name, quick_gelu):
     torch.manual_seed(0)
     config = dataclasses.replace(CLIP_CONFIGS[name], quick_gelu=quick_gelu)
-    ref = randomize_all_(reference_for(config, quick_gelu), seed=1)
+    ref = randomize_all_(reference_for(config, quick_gelu), seed=1, logit_scale=True)
     ours = build_clip(config)
     ours.load_state_dict(ref.state_dict(), strict=True)
     images = torch.randn(3, 3, config.image_size, config.image_size)
@@ -147,7 +111,7 @@ def openai_style_archive(name: str, path) -> tuple[torch.nn.Module, torch.Tensor
     fp16 weights where OpenAI's are, metadata buffers. Returns the reference (with the fp16-rounded
     weights) and example inputs."""
     config = CLIP_CONFIGS[name]
-    ref = randomize_all_(reference_for(config, quick_gelu=True), seed=3)
+    ref = randomize_all_(reference_for(config, quick_gelu=True), seed=3, logit_scale=True)
     for key, value in (
         ("input_resolution", config.image_size),
         ("context_length", 77),
@@ -218,7 +182,8 @@ def test_archive_with_foreign_globals_is_refused(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_state_dict():
     torch.manual_seed(0)
-    return randomize_all_(reference_for(CLIP_CONFIGS["tiny-vit"], quick_gelu=False), seed=4).state_dict()
+    ref = randomize_all_(reference_for(CLIP_CONFIGS["tiny-vit"], quick_gelu=False), seed=4, logit_scale=True)
+    return ref.state_dict()
 
 
 def test_open_clip_files_and_quick_gelu_decision(tiny_state_dict, tmp_path):
@@ -269,7 +234,7 @@ def test_missing_unexpected_and_misshapen_keys_are_named(tiny_state_dict, tmp_pa
 
 
 def test_batchnorm_counters_may_be_absent():
-    sd = randomize_all_(reference_for(CLIP_CONFIGS["tiny-rn"], quick_gelu=False), seed=5).state_dict()
+    sd = randomize_all_(reference_for(CLIP_CONFIGS["tiny-rn"], quick_gelu=False), seed=5, logit_scale=True).state_dict()
     kept = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
     assert len(kept) < len(sd)
     model, _ = clip_from_state_dict(kept, quick_gelu=False)
