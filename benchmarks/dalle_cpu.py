@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from importlib import metadata
@@ -41,22 +42,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+# The tests' seeding of biases and LayerNorm scales, so that the benchmark times the models the tests check.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from dalle_fixtures import seeded_  # noqa: E402
+
 TARGETS = {"vs_recompute": 10.0, "vs_torch_cache": 1.2, "dvae_decoder": 0.6}  # DALL·E issue, section 5
 PROMPT = "a small red cube on a wooden table"
 SIDES = ("edgefm", "torch_cache", "torch_recompute")
-
-
-def seeded_(module: torch.nn.Module, seed: int, std: float = 0.1) -> torch.nn.Module:
-    """Random biases and LayerNorm scales (inits leave them 0 / 1): work is the same, outputs less trivial."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf in ("b", "bias"):
-                p.copy_(std * torch.randn(p.shape, generator=g))
-            elif leaf == "weight" and (".ln_" in name or name.startswith("ln_")):
-                p.copy_(1 + std * torch.randn(p.shape, generator=g))
-    return module.eval()
 
 
 def stats(samples: list[float]) -> dict[str, Any]:
