@@ -94,15 +94,15 @@ def fp16_from_onnx(src: str | Path, dst: str | Path) -> list[str]:
         warnings.simplefilter("ignore")
         half = convert_float_to_float16(model, keep_io_types=True, op_block_list=FP32_OPS)
     # onnxruntime 1.31's converter can insert the same Cast twice (same input, same output name) when one
-    # tensor feeds two blocked ops; ORT then refuses the graph. Keep the first of identical nodes.
+    # tensor feeds two blocked ops; ORT then refuses the graph. Keep the first of identical Casts.
     made: set[tuple] = set()
     keep = []
     for node in half.graph.node:
-        key = (node.op_type, tuple(node.input), tuple(node.output), node.SerializeToString(deterministic=True)
-               if node.op_type != "Cast" else tuple((a.name, a.i) for a in node.attribute))
-        if node.op_type == "Cast" and key in made:
-            continue
-        made.add(key)
+        if node.op_type == "Cast":
+            key = (tuple(node.input), tuple(node.output), tuple((a.name, a.i) for a in node.attribute))
+            if key in made:
+                continue
+            made.add(key)
         keep.append(node)
     if len(keep) != len(half.graph.node):
         del half.graph.node[:]
