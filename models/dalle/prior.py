@@ -53,6 +53,10 @@ class PriorConfig:
     dropout: float = 0.0
     attention: tuple[str, ...] = ()
     conv_kernel: int = 11  # side of the causal neighbourhood of the "conv" mask (odd)
+    # Sampling default, not a size: the classifier-free guidance scale s (image logits = u + s·(c − u), c
+    # conditioned on the prompt, u on the empty prompt). 1 = no guidance, the only sensible value for a prior
+    # never trained on empty captions.
+    guidance_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
@@ -64,6 +68,8 @@ class PriorConfig:
             raise ValueError(f"unknown attention pattern(s) {unknown}; known: {ATTENTION_PATTERNS}")
         if self.conv_kernel % 2 != 1:
             raise ValueError(f"conv_kernel must be odd, got {self.conv_kernel}")
+        if not self.guidance_scale >= 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
 
     @property
     def image_len(self) -> int:
@@ -282,11 +288,25 @@ class DallePrior(nn.Module):
         t = self.config.text_len
         return self.text_logits(h[:, : t - 1]), self.image_logits(h[:, t - 1 :])
 
-    def training_loss(self, text_ids: torch.Tensor, image_ids: torch.Tensor) -> torch.Tensor:
-        """Paper loss: 1/8 · CE(text) + 7/8 · CE(image); ``image_ids`` int64 [B, N] (all grid codes)."""
-        text_logits, image_logits = self(text_ids, image_ids[:, :-1])
-        text_loss = F.cross_entropy(text_logits.flatten(0, 1), text_ids[:, 1:].flatten())
-        image_loss = F.cross_entropy(image_logits.flatten(0, 1), image_ids.flatten())
+    def training_loss(
+        self, text_ids: torch.Tensor, image_ids: torch.Tensor, text_vocab: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Paper loss: 1/8 · CE(text) + 7/8 · CE(image); ``image_ids`` int64 [B, N] (all grid codes).
+
+        ``text_vocab`` (sorted int64 ids that hold every text target) restricts the text softmax to those
+        rows of the head. A small training world uses a few dozen of the tokenizer's 49,409 ids; the others
+        are never a target, and the full softmax would only keep pushing their logits down at the cost of
+        most of a step (the image loss and the sampled image tokens do not depend on them)."""
+        h = self.hidden(text_ids, image_ids[:, :-1])
+        t = self.config.text_len
+        targets = text_ids[:, 1:].flatten()
+        if text_vocab is None:
+            text_logits = self.text_logits(h[:, : t - 1])
+        else:
+            text_logits = F.linear(h[:, : t - 1], self.to_logits.weight[text_vocab], self.to_logits.bias[text_vocab])
+            targets = torch.searchsorted(text_vocab, targets)
+        text_loss = F.cross_entropy(text_logits.flatten(0, 1), targets)
+        image_loss = F.cross_entropy(self.image_logits(h[:, t - 1 :]).flatten(0, 1), image_ids.flatten())
         return TEXT_LOSS_WEIGHT * text_loss + IMAGE_LOSS_WEIGHT * image_loss
 
     # ---- incremental decoding -------------------------------------------------------------------------
@@ -338,10 +358,20 @@ class DallePrior(nn.Module):
         top_k: int | None = None,
         greedy: bool = False,
         generator: torch.Generator | None = None,
+        guidance: float = 1.0,
+        empty_text_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Image codes int64 [B, N] for text ids [B, T]; ``use_cache=False`` recomputes the whole
-        sequence for every token (the naive reference the KV cache is measured against)."""
+        sequence for every token (the naive reference the KV cache is measured against).
+
+        ``guidance`` != 1: classifier-free guidance against ``empty_text_ids`` ([T], the empty caption), each
+        token drawn from ``u + guidance · (c - u)`` of the conditional and unconditional image logits."""
         c = self.config
+        b = text_ids.shape[0]
+        if guidance != 1:
+            if empty_text_ids is None:
+                raise ValueError("guidance != 1 needs empty_text_ids (the framed empty caption)")
+            text_ids = torch.cat([text_ids, empty_text_ids.expand(b, -1)])
         image = text_ids.new_zeros(text_ids.shape[0], 0)
         k_cache = v_cache = None
         for j in range(c.image_len):
@@ -351,9 +381,13 @@ class DallePrior(nn.Module):
                 logits, k_cache, v_cache = self.prefill(text_ids)
             else:
                 logits, k_cache, v_cache = self.step(image[:, -1], c.text_len + j - 1, k_cache, v_cache)
+            if guidance != 1:
+                logits = logits[b:] + guidance * (logits[:b] - logits[b:])
             token = _choose(logits, temperature, top_k, greedy, generator)
+            if guidance != 1:
+                token = torch.cat([token, token])
             image = torch.cat([image, token[:, None]], dim=1)
-        return image
+        return image[:b]
 
 
 def _choose(
@@ -373,12 +407,13 @@ def _choose(
 
 
 def train_step(
-    model: DallePrior, optimizer: torch.optim.Optimizer, text_ids: torch.Tensor, image_ids: torch.Tensor
+    model: DallePrior, optimizer: torch.optim.Optimizer, text_ids: torch.Tensor, image_ids: torch.Tensor,
+    text_vocab: torch.Tensor | None = None,
 ) -> float:
     """One optimisation step on the paper loss; returns the loss before the update."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    loss = model.training_loss(text_ids, image_ids)
+    loss = model.training_loss(text_ids, image_ids, text_vocab)
     loss.backward()
     optimizer.step()
     return float(loss.detach())

@@ -9,7 +9,10 @@ the step size decays cosine-wise. Evaluation decodes the *argmax* codes, as the 
 Stage ``prior``: images are turned into codes by the trained encoder (argmax) and captions into text ids
 framed exactly as :meth:`edgefm.runtime.dalle.generator.DalleGenerator.text_tokens` frames prompts
 (``<sot> ids <eot>`` then the padding id); the loss is the paper's 1/8 text + 7/8 image cross-entropy
-(:meth:`DallePrior.training_loss`).
+(:meth:`DallePrior.training_loss`), its text softmax restricted to the ids the captions use (the rest of
+CLIP's 49,409 are never a target). Two additions to the paper, for sampling with classifier-free guidance as
+DALL·E mini / min-dalle do: ``--uncond-share`` of the captions (seeded per step) is replaced by the empty
+caption ``<sot> <eot>``, and ``--guidance`` is written into the prior's config as its default scale.
 
 Data: :mod:`edgefm.runtime.shapes`, stream seed 0 for training, 1 for evaluation; the batch of step ``s``
 holds scenes ``s·B .. s·B + B - 1`` and the gumbel noise of step ``s`` is seeded by ``(seed, s)``, so a run
@@ -58,14 +61,14 @@ from edgefm.models.dalle import (
 from .dalle_data import CaptionIds, scene_batch, scene_batches
 
 # The shipped sizes, small enough to train on a shared 2-core CPU within about an hour per stage: 64² images
-# -> an 8×8 grid of 512 codes; a prior of 4 dense layers, width 64. Its text_len 8 holds single-object captions
-# ("<sot> an orange hexagon <eot>" is 6 ids); the 49,409-row text tables dominate its cost and size.
+# -> an 8×8 grid of 512 codes; a prior of 8 dense layers, width 64. Its text_len 8 holds single-object captions
+# ("<sot> an orange hexagon <eot>" is 6 ids); the 49,409-row text tables dominate its size.
 # 512 codes, not 128 (issue 5): with 128, the 8-pixel cells of six colors over varied backgrounds left no codes
 # for the objects' outlines (held-out dVAE reconstructions classified correctly by the shapes CLIP: 0.54 with
 # 128 codes vs 0.61 with 512 after the same 3,200 GPU steps; n_hid 32 gave 0.64 at four times the CPU cost,
 # 1,024 codes 0.36).
 SHAPES_DVAE = DvaeConfig(n_hid=16, n_init=16, n_blk_per_group=1, vocab_size=512)
-SHAPES_PRIOR = PriorConfig(text_len=8, image_vocab=512, image_grid=8, d_model=64, n_layers=4, n_heads=4)
+SHAPES_PRIOR = PriorConfig(text_len=8, image_vocab=512, image_grid=8, d_model=64, n_layers=8, n_heads=4)
 DVAE_SIZES = {"shapes": SHAPES_DVAE, **DVAE_CONFIGS}
 PRIOR_SIZES = {"shapes": SHAPES_PRIOR, **PRIOR_CONFIGS}
 TRAIN_STREAM, EVAL_STREAM = 0, 1
@@ -151,15 +154,20 @@ def evaluate_dvae(
 
 
 @torch.no_grad()
-def evaluate_prior(prior: DallePrior, text: torch.Tensor, codes: torch.Tensor, batch: int = 128) -> dict:
-    """Held-out cross-entropies (nats): text, image, and the paper's weighted sum."""
+def evaluate_prior(prior: DallePrior, text: torch.Tensor, codes: torch.Tensor, batch: int = 128,
+                   text_vocab: torch.Tensor | None = None) -> dict:
+    """Held-out cross-entropies (nats): text (over ``text_vocab`` when given, as trained), image, and the
+    paper's weighted sum."""
     prior.eval()
     t_sum = i_sum = 0.0
     device = next(prior.parameters()).device
     for i in range(0, len(text), batch):
         t, c = text[i : i + batch].to(device), codes[i : i + batch].to(device)
         tl, il = prior(t, c[:, :-1])
-        t_sum += float(F.cross_entropy(tl.flatten(0, 1), t[:, 1:].flatten(), reduction="sum")) / tl.shape[1]
+        target = t[:, 1:].flatten()
+        if text_vocab is not None:
+            tl, target = tl[..., text_vocab], torch.searchsorted(text_vocab, target)
+        t_sum += float(F.cross_entropy(tl.flatten(0, 1), target, reduction="sum")) / tl.shape[1]
         i_sum += float(F.cross_entropy(il.flatten(0, 1), c.flatten(), reduction="sum")) / il.shape[1]
     t_ce, i_ce = t_sum / len(text), i_sum / len(text)
     return {"text_ce": t_ce, "image_ce": i_ce, "loss": t_ce / 8 + 7 * i_ce / 8}
@@ -311,6 +319,11 @@ def train_prior(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     config = _size(args.prior_size, PRIOR_SIZES)
     data = prior_data(args, config, CaptionIds(config))
+    if args.uncond_share > 0:  # the scale it will be sampled with travels in the config (and the bundle)
+        config = dataclasses.replace(config, guidance_scale=args.guidance)
+    empty = torch.from_numpy(CaptionIds(config)(""))
+    # Every id a text target can take (the captions' and the empty caption's), for the restricted text softmax.
+    text_vocab = torch.unique(torch.cat([data["text"].flatten(), empty])).to(args.device)
     torch.manual_seed(args.seed)
     prior = DallePrior(config).to(args.device)
     optimizer = torch.optim.AdamW(prior.parameters(), lr=args.lr, weight_decay=0.01)
@@ -336,18 +349,22 @@ def train_prior(args: argparse.Namespace) -> dict[str, Any]:
         torch.manual_seed(args.seed * 1_000_003 + step)  # dropout, if the size has any
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args.steps, args.lr)
-        loss = train_step(prior, optimizer, data["text"][idx].to(args.device), data["codes"][idx].to(args.device))
+        text = data["text"][idx]
+        # Classifier-free guidance needs the unconditional model too: a share of the captions is emptied.
+        drop = torch.rand(len(idx), generator=torch.Generator().manual_seed(args.seed * 104_729 + step))
+        text = torch.where((drop < args.uncond_share)[:, None], empty, text)
+        loss = train_step(prior, optimizer, text.to(args.device), data["codes"][idx].to(args.device), text_vocab)
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}")
         if step % args.eval_every == 0 or step == args.steps:
-            metrics = evaluate_prior(prior, data["eval_text"], data["eval_codes"])
+            metrics = evaluate_prior(prior, data["eval_text"], data["eval_codes"], text_vocab=text_vocab)
             history.append({"step": step, "train_loss": loss, **metrics})
             bar.write(f"step {step}: eval " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             save()
     bar.close()
     save()
-    metrics = evaluate_prior(prior, data["eval_text"], data["eval_codes"])
+    metrics = evaluate_prior(prior, data["eval_text"], data["eval_codes"], text_vocab=text_vocab)
     info = {"command": _command(), "size": dataclasses.asdict(config), "steps": step, "planned": args.steps,
             "batch": args.batch, "pairs": n, "seconds": round(elapsed + time.monotonic() - t0, 1),
             "eval": metrics, "history": history, "finished": step >= args.steps}
@@ -380,7 +397,7 @@ DEFAULTS = {  # per stage: steps, batch, learning rate, evaluation period, evalu
     # 6,000 steps: at 520 (the first shipped dVAE) about 14 codes were in use and colors were confused
     "dvae": {"steps": 6000, "batch": 32, "lr": 2e-3, "eval_every": 500, "eval_size": 256, "scene_share": 0.25},
     # single objects only: multi-object captions do not fit text_len 8
-    "prior": {"steps": 1800, "batch": 128, "lr": 1.5e-3, "eval_every": 200, "eval_size": 512, "scene_share": 0.0},
+    "prior": {"steps": 4000, "batch": 128, "lr": 1.5e-3, "eval_every": 400, "eval_size": 512, "scene_share": 0.0},
 }
 
 
@@ -412,6 +429,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--until", type=int, help="stop at this step (schedules still follow --steps); run again "
                    "without it to continue")
     p.add_argument("--restart", action="store_true", help="ignore a saved state in --out")
+    p.add_argument("--uncond-share", type=float, default=0.2,
+                   help="prior stage: share of captions replaced by the empty caption (classifier-free guidance; "
+                   "0 trains a purely conditional prior)")
+    p.add_argument("--guidance", type=float, default=3.0,
+                   help="prior stage: the guidance scale written into the prior's config as its sampling default "
+                   "(only when --uncond-share > 0)")
     p.add_argument("--ship", help="copy the finished weights and their JSON to this folder")
     args = p.parse_args(argv)
     for key, value in DEFAULTS[args.stage].items():

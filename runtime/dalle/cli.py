@@ -63,7 +63,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     gen = DalleGenerator(args.bundle, backend=args.backend, threads=args.threads)
     t0 = time.perf_counter()
     result = gen.generate(args.prompt, n=args.n, seed=args.seed, temperature=args.temperature,
-                          top_k=args.top_k, top_p=args.top_p, rerank=reranker, progress=not args.no_progress)
+                          top_k=args.top_k, top_p=args.top_p, rerank=reranker, progress=not args.no_progress,
+                          guidance=args.guidance)
     seconds = time.perf_counter() - t0
     if result.truncated:
         print(f"note: the prompt is longer than the prior's {gen.text_len} text tokens and was cut")
@@ -75,7 +76,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     else:
         labels = [f"#{i}" for i in order]
     write_image(args.out, image_grid([result.images[i] for i in order], labels))
-    print(f"wrote {args.out}  ({len(order)} images, seed {args.seed}, "
+    print(f"wrote {args.out}  ({len(order)} images, seed {args.seed}, guidance {result.guidance:g}, "
           f"{seconds:.1f} s on {gen.bundle.backend})")
     if args.tokens_out:
         np.savez_compressed(args.tokens_out, tokens=result.tokens, text_tokens=result.text_tokens,
@@ -134,6 +135,9 @@ def register(sub: Any) -> None:
     g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=None, help="sample among the k most likely codes")
     g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
+    g.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: the bundle's; 1 = none; needs a prior trained "
+                   "with empty captions)")
     g.add_argument("--rerank", metavar="CLIP_BUNDLE",
                    help="order the images by CLIP similarity to the prompt (the paper's reranking)")
     g.add_argument("--out", required=True, help="grid picture (.png / .jpg)")

@@ -10,6 +10,12 @@ top-k (keep logits >= the k-th largest), then top-p (keep the smallest set of mo
 probability reaches p), then one inverse-CDF draw per sample. ``temperature=0`` is greedy (argmax).
 The n samples of a prompt run as one batch (split at the bundle's batch limit), in a fixed draw order,
 so a seed gives the same images on every backend whose logits agree.
+
+Classifier-free guidance (min-dalle's "supercondition_factor"): with a scale s != 1 each sample runs twice in
+the batch, once on the prompt and once on the empty prompt ``<start_of_text> <end_of_text>``, and the token is
+drawn from ``u + s · (c - u)`` of their image logits; both rows are fed the drawn token. It needs a prior
+trained with some empty captions; the bundle's ``config["prior"]["guidance_scale"]`` is the default (1, no
+guidance, for a prior that records none).
 """
 
 from __future__ import annotations
@@ -34,10 +40,13 @@ _INTERPOLATION = {"lanczos": cv2.INTER_LANCZOS4, "bicubic": cv2.INTER_CUBIC, "bi
 # ---- sampling ------------------------------------------------------------------------------------------
 
 
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    """Raise InputError for a temperature < 0, top_k < 1 or top_p outside (0, 1]."""
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None, guidance: float = 1.0) -> None:
+    """Raise InputError for a temperature < 0, top_k < 1, top_p outside (0, 1] or a guidance scale < 0."""
     def number(x: Any) -> bool:
         return isinstance(x, (int, float, np.number)) and not isinstance(x, bool)
+
+    if not number(guidance) or not np.isfinite(guidance) or guidance < 0:
+        raise InputError(f"guidance (the classifier-free guidance scale) must be >= 0 (1 = none), got {guidance}")
 
     if not number(temperature) or not np.isfinite(temperature) or temperature < 0:
         raise InputError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
@@ -62,6 +71,12 @@ def filter_logits(logits: np.ndarray, top_k: int | None = None, top_p: float | N
         drop[:, 0] = False
         np.put_along_axis(x, order, np.where(drop, -np.inf, np.take_along_axis(x, order, axis=-1)), axis=-1)
     return x
+
+
+def guided_logits(conditional: np.ndarray, unconditional: np.ndarray, scale: float) -> np.ndarray:
+    """Classifier-free guidance: ``u + scale · (c - u)`` (float64); scale 1 gives ``c``, 0 gives ``u``."""
+    c, u = np.asarray(conditional, np.float64), np.asarray(unconditional, np.float64)
+    return u + scale * (c - u)
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -116,6 +131,7 @@ class GenerationResult:
     text_tokens: np.ndarray  # int64 [text_len], as fed to the prior
     truncated: bool  # the prompt was longer than text_len tokens and was cut
     seed: int
+    guidance: float = 1.0  # the classifier-free guidance scale used (1 = none)
     scores: np.ndarray | None = None  # float [n], CLIP cosine similarity to the prompt
     order: np.ndarray | None = None  # int [n]
 
@@ -257,6 +273,7 @@ class DalleGenerator:
         self.prefill = self.bundle.runner(PRIOR_PREFILL)
         self.step = self.bundle.runner(PRIOR_STEP)
         self.batch_limit = self.prefill.spec.dims["batch"].max
+        self.guidance_scale = float((cfg.get("prior") or {}).get("guidance_scale", 1.0))
         self._tokenizer = tokenizer
 
     @property
@@ -275,9 +292,12 @@ class DalleGenerator:
         truncated = len(ids) > self.text_len
         if truncated:
             ids = [*ids[: self.text_len - 1], self.eot_id]
-        out = np.full(self.text_len, self.pad_id, np.int64)
-        out[: len(ids)] = ids
-        return out, truncated
+        return _framed(ids, self.text_len, self.pad_id), truncated
+
+    @property
+    def empty_text_tokens(self) -> np.ndarray:
+        """The empty prompt, ``<start_of_text> <end_of_text>`` then padding: the unconditional row of guidance."""
+        return _framed([self.sot_id, self.eot_id], self.text_len, self.pad_id)
 
     def generate(
         self,
@@ -289,19 +309,24 @@ class DalleGenerator:
         top_p: float | None = None,
         rerank: Reranker | None = None,
         progress: bool = False,
+        guidance: float | None = None,
     ) -> GenerationResult:
-        """``n`` images for ``prompt``; with ``rerank`` (a CLIP model), scores and a best-first order."""
+        """``n`` images for ``prompt``; with ``rerank`` (a CLIP model), scores and a best-first order.
+        ``guidance`` is the classifier-free guidance scale (None: the bundle's default, 1: none)."""
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise InputError(f"n (the number of images) must be a whole number >= 1, got {n}")
-        check_sampling(temperature, top_k, top_p)
+        guidance = self.guidance_scale if guidance is None else guidance
+        check_sampling(temperature, top_k, top_p, guidance)
         text, truncated = self.text_tokens(prompt)
         rng = np.random.default_rng(seed)
+        # A guided sample takes two rows of the batch (prompt and empty prompt).
+        limit = self.batch_limit if guidance == 1 else max(1, self.batch_limit // 2)
         tokens = np.concatenate([
-            self.sample_tokens(text, s.stop - s.start, rng, temperature, top_k, top_p, progress)
-            for s in _batches(int(n), self.batch_limit)
+            self.sample_tokens(text, s.stop - s.start, rng, temperature, top_k, top_p, progress, guidance)
+            for s in _batches(int(n), limit)
         ])
         images = to_uint8(self.codec.decode_float(tokens))
-        result = GenerationResult(prompt, images, tokens, text, truncated, seed)
+        result = GenerationResult(prompt, images, tokens, text, truncated, seed, float(guidance))
         if rerank is not None:
             result.scores, result.order = rerank_scores(rerank, images, prompt)
         return result
@@ -315,21 +340,28 @@ class DalleGenerator:
         top_k: int | None = None,
         top_p: float | None = None,
         progress: bool = False,
+        guidance: float = 1.0,
     ) -> np.ndarray:
         """Image codes int64 ``[n, grid, grid]`` for text ids ``[text_len]``: prefill once, then one step per
-        token with the fixed-size KV cache fed back (kept on the device by IO binding on CUDA)."""
+        token with the fixed-size KV cache fed back (kept on the device by IO binding on CUDA). With
+        ``guidance`` != 1 the batch holds n prompt rows then n empty-prompt rows."""
         g, t = self.grid, self.text_len
-        feeds = {"text_tokens": np.repeat(text[None], n, axis=0)}
-        out = self._run(self.prefill, feeds, ("k_cache", "v_cache"))
+        guided = guidance != 1
+        rows = np.repeat(text[None], n, axis=0)
+        if guided:
+            rows = np.concatenate([rows, np.repeat(self.empty_text_tokens[None], n, axis=0)])
+        out = self._run(self.prefill, {"text_tokens": rows}, ("k_cache", "v_cache"))
         logits, k, v = out["logits"], out["k_cache"], out["v_cache"]
         tokens = np.empty((n, g * g), np.int64)
         bar = _progress_bar(g, progress)
         try:
             for j in range(g * g):
+                if guided:
+                    logits = guided_logits(logits[:n], logits[n:], guidance)
                 tokens[:, j] = sample_tokens(logits, rng, temperature, top_k, top_p)
                 if j + 1 < g * g:
-                    feeds = {"token": tokens[:, j].copy(), "position": np.array([t + j], np.int64),
-                             "k_cache": k, "v_cache": v}
+                    fed = np.concatenate([tokens[:, j], tokens[:, j]]) if guided else tokens[:, j].copy()
+                    feeds = {"token": fed, "position": np.array([t + j], np.int64), "k_cache": k, "v_cache": v}
                     out = self._run(self.step, feeds, ("k_cache_out", "v_cache_out"))
                     logits, k, v = out["logits"], out["k_cache_out"], out["v_cache_out"]
                 if bar is not None and (j + 1) % g == 0:
@@ -346,6 +378,12 @@ class DalleGenerator:
             outs = runner.run_on_device(feeds, keep=keep)
             return {k: (v if k in keep else v.numpy()) for k, v in outs.items()}
         return runner.run(feeds)
+
+
+def _framed(ids: list[int], text_len: int, pad_id: int) -> np.ndarray:
+    out = np.full(text_len, pad_id, np.int64)
+    out[: len(ids)] = ids
+    return out
 
 
 def _progress_bar(rows: int, enabled: bool) -> Any:

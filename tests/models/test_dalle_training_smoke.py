@@ -7,6 +7,7 @@ determinism and exact resumption, and weights + JSON that the exporter's loaders
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from types import SimpleNamespace
@@ -75,6 +76,8 @@ def test_caption_ids_equal_the_runtime_framing():
         want, _ = DalleGenerator.text_tokens(runtime, caption)
         np.testing.assert_array_equal(captions(caption), want)
     assert captions("a red triangle").tolist() == [49406, 320, 736, 14615, 49407, *[49408] * 3]
+    # the unconditional row of classifier-free guidance: trained on what the runtime feeds
+    np.testing.assert_array_equal(captions(""), DalleGenerator.empty_text_tokens.fget(runtime))
 
 
 def test_dvae_stage_writes_loadable_weights(dvae_run):
@@ -111,13 +114,42 @@ def test_prior_stage_trains_on_the_dvae_codes(dvae_run, tmp_path):
     info = train.main([*PRIOR_ARGS, "--out", str(tmp_path), "--dvae", dvae])
     assert info["steps"] == 3 and info["pairs"] == 16
     first = info["history"][0]
-    # an untrained prior is near uniform: the paper-weighted loss is close to 1/8 ln(text) + 7/8 ln(image)
+    pairs = torch.load(tmp_path / "prior_pairs.pt", weights_only=True)
+    # an untrained prior is near uniform: the paper-weighted loss is close to 1/8 ln(text ids the captions
+    # use, the empty caption's included) + 7/8 ln(image codes)
+    used = len(torch.unique(torch.cat([pairs["text"].flatten(), torch.tensor([49406, 49407, 49408])])))
     config = train.PRIOR_SIZES["tiny"]
-    assert first["loss"] == pytest.approx(math.log(config.text_vocab) / 8 + 7 * math.log(64) / 8, rel=0.1)
+    assert first["loss"] == pytest.approx(math.log(used) / 8 + 7 * math.log(64) / 8, rel=0.1)
     weights = tmp_path / "prior_shapes.safetensors"
     assert all(t.dtype == torch.float16 for t in _tensors(weights).values())
     name, prior = load_prior(weights)  # sizes from prior_shapes.json beside it, strict keys
-    assert name == "shapes" and prior.config == config
-    pairs = torch.load(tmp_path / "prior_pairs.pt", weights_only=True)
+    # trained with empty captions (the default share), so the default guidance scale travels in the config
+    assert name == "shapes" and prior.config == dataclasses.replace(config, guidance_scale=3.0)
     assert pairs["codes"].shape == (16, 64) and int(pairs["codes"].max()) < 64
+    # a prior trained without empty captions has no unconditional model: no guidance by default
+    train.main([*PRIOR_ARGS, "--out", str(tmp_path), "--dvae", dvae, "--restart", "--uncond-share", "0"])
+    assert load_prior(weights)[1].config.guidance_scale == 1.0
     assert pairs["text"].shape == (16, config.text_len) and int(pairs["text"][:, 0].min()) == 49406
+
+
+def test_restricted_text_softmax_is_the_cross_entropy_over_those_ids():
+    """``training_loss(..., text_vocab)``: the text term is the CE among the listed ids only; listing every id
+    gives the paper's full loss back."""
+    from edgefm.models.dalle import DallePrior
+
+    torch.manual_seed(0)
+    prior = DallePrior(train.PRIOR_SIZES["tiny"]).eval()
+    c = prior.config
+    text = torch.tensor([[49406, 320, 736, 49407] + [c.pad_id] * (c.text_len - 4)] * 2)
+    codes = torch.randint(0, c.image_vocab, (2, c.image_len))
+    vocab = torch.unique(text)
+    with torch.no_grad():
+        text_logits, image_logits = prior(text, codes[:, :-1])
+        image_ce = torch.nn.functional.cross_entropy(image_logits.flatten(0, 1), codes.flatten())
+        restricted = torch.nn.functional.cross_entropy(
+            text_logits[..., vocab].flatten(0, 1), torch.searchsorted(vocab, text[:, 1:].flatten()))
+        assert prior.training_loss(text, codes, vocab) == pytest.approx(
+            float(restricted / 8 + 7 * image_ce / 8), rel=1e-5)
+        full = prior.training_loss(text, codes)
+        assert prior.training_loss(text, codes, torch.arange(c.text_vocab)) == pytest.approx(float(full), rel=1e-5)
+        assert float(full) > float(prior.training_loss(text, codes, vocab))  # 49,409 ids vs 5

@@ -68,6 +68,42 @@ def test_greedy_generation_equals_pytorch(gen, models):
     assert np.abs(np.stack(result.images).astype(int) - want).max() <= 1  # rounding at .5 may differ
 
 
+@pytest.mark.parametrize("scale", [0.0, 8.0])
+def test_guided_greedy_generation_equals_pytorch(gen, models, scale):
+    """Classifier-free guidance: the runtime's doubled batch (prompt rows, then empty-prompt rows) and its
+    ``u + s·(c - u)`` pick the same codes as the PyTorch reference; scale 0 is the unconditional model."""
+    import torch
+
+    result = gen.generate(PROMPT, n=2, temperature=0, guidance=scale)
+    assert result.guidance == scale
+    assert list(gen.empty_text_tokens[:3]) == [49406, 49407, 49408]
+    with torch.no_grad():
+        text = torch.from_numpy(np.repeat(result.text_tokens[None], 2, 0))
+        ref = models[2].generate(text, greedy=True, guidance=scale,
+                                 empty_text_ids=torch.from_numpy(gen.empty_text_tokens))
+        plain = models[2].generate(text, greedy=True)
+    np.testing.assert_array_equal(result.tokens.reshape(2, -1), ref.numpy())
+    if scale == 0:  # the unconditional model: the prompt no longer matters
+        other = gen.generate("a completely different prompt", n=1, temperature=0, guidance=0.0)
+        np.testing.assert_array_equal(other.tokens[0], result.tokens[0])
+    else:  # guidance changed the drawing, so the equality above is not the unguided one's
+        assert (ref != plain).any()
+
+
+def test_guidance_default_comes_from_the_bundle(bundle_path, tmp_path):
+    """A bundle without a recorded scale samples unguided; a recorded one is the default and can be overridden."""
+    plain = DalleGenerator(Bundle(bundle_path, backend="ort-cpu", threads=1))
+    assert plain.guidance_scale == 1 and plain.generate(PROMPT, temperature=0).guidance == 1
+
+    def record(m):
+        m["config"]["prior"]["guidance_scale"] = 2.5
+
+    edited = _edited_bundle(bundle_path, tmp_path / "guided", record)
+    gen = DalleGenerator(Bundle(edited, backend="ort-cpu", threads=1))
+    assert gen.generate(PROMPT, temperature=0).guidance == 2.5
+    assert gen.generate(PROMPT, temperature=0, guidance=1.0).guidance == 1.0
+
+
 def test_seeded_sampling_is_reproducible(gen):
     a = gen.generate(PROMPT, n=3, seed=1, top_k=32)
     b = gen.generate(PROMPT, n=3, seed=1, top_k=32)
@@ -225,6 +261,7 @@ def test_cli_rerank_without_clip_runtime_says_so(bundle_path, tmp_path, monkeypa
     (dict(top_p=0.0), r"top_p must be in \(0, 1\]"), (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
     (dict(top_k=0), "top_k must be"), (dict(top_k=2.5), "top_k must be"),
     (dict(temperature=-1.0), "temperature must be >= 0"), (dict(n="3"), "n .* >= 1"),
+    (dict(guidance=-1.0), "guidance .* must be >= 0"), (dict(guidance=float("nan")), "guidance .* must be >= 0"),
 ])
 def test_bad_generation_inputs(gen, kwargs, message):
     kwargs = {"prompt": PROMPT, **kwargs}
