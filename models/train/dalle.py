@@ -59,6 +59,7 @@ from edgefm.models.dalle import (
 )
 
 from .dalle_data import CaptionIds, scene_batch, scene_batches
+from .dalle_decoder import train_decoder
 
 # The shipped sizes, small enough to train on a shared 2-core CPU within about an hour per stage: 64² images
 # -> an 8×8 grid of 512 codes; a prior of 8 dense layers, width 64. Its text_len 8 holds single-object captions
@@ -398,13 +399,16 @@ DEFAULTS = {  # per stage: steps, batch, learning rate, evaluation period, evalu
     "dvae": {"steps": 6000, "batch": 32, "lr": 2e-3, "eval_every": 500, "eval_size": 256, "scene_share": 0.25},
     # single objects only: multi-object captions do not fit text_len 8
     "prior": {"steps": 4000, "batch": 128, "lr": 1.5e-3, "eval_every": 400, "eval_size": 512, "scene_share": 0.0},
+    "decoder": {"steps": 2500, "batch": 32, "lr": 1.5e-3, "eval_every": 250, "eval_size": 256, "scene_share": 0.25},
 }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m edgefm.models.train.dalle",
                                 description=__doc__.split("\n")[0])
-    p.add_argument("--stage", choices=("dvae", "prior"), required=True)
+    p.add_argument("--stage", choices=("dvae", "prior", "decoder"), required=True,
+                   help="dvae, then prior (on the dVAE's codes); decoder (optional) fine-tunes the dVAE decoder "
+                   "on the frozen encoder's hard codes")
     p.add_argument("--out", required=True, help="folder for the state, the weights and the training record")
     p.add_argument("--minutes", type=float, default=float("inf"),
                    help="stop after this wall time (the state is saved; run again to continue)")
@@ -423,7 +427,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(0: drawn in the loop; same data either way)")
     p.add_argument("--dvae-size", default="shapes", help=f"one of {', '.join(DVAE_SIZES)}")
     p.add_argument("--prior-size", default="shapes", help=f"one of {', '.join(PRIOR_SIZES)}")
-    p.add_argument("--dvae", help="prior stage: the dVAE encoder "
+    p.add_argument("--init-decoder", help="decoder stage: the decoder to start from "
+                   "(default: --out/dvae_shapes_decoder.safetensors)")
+    p.add_argument("--dvae", help="prior and decoder stages: the dVAE encoder "
                    "(default: --out/dvae_shapes_encoder.safetensors)")
     p.add_argument("--pairs", type=int, default=40000, help="prior stage: training (caption, codes) pairs")
     p.add_argument("--until", type=int, help="stop at this step (schedules still follow --steps); run again "
@@ -447,10 +453,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    info = train_dvae(args) if args.stage == "dvae" else train_prior(args)
+    stage = {"dvae": train_dvae, "prior": train_prior, "decoder": train_decoder}[args.stage]
+    info = stage(args)
     print(json.dumps({k: info[k] for k in ("steps", "planned", "seconds", "eval")}, indent=1))
     if args.ship:
-        stems = (STEM["encoder"], STEM["decoder"]) if args.stage == "dvae" else (STEM["prior"],)
+        stems = {"dvae": (STEM["encoder"], STEM["decoder"]), "prior": (STEM["prior"],),
+                 "decoder": (STEM["decoder"],)}[args.stage]
         Path(args.ship).mkdir(parents=True, exist_ok=True)
         for stem in stems:
             for suffix in (".safetensors", ".json"):

@@ -153,3 +153,35 @@ def test_restricted_text_softmax_is_the_cross_entropy_over_those_ids():
         full = prior.training_loss(text, codes)
         assert prior.training_loss(text, codes, torch.arange(c.text_vocab)) == pytest.approx(float(full), rel=1e-5)
         assert float(full) > float(prior.training_loss(text, codes, vocab))  # 49,409 ids vs 5
+
+
+def test_decoder_stage_fine_tunes_only_the_decoder_on_hard_codes(dvae_run, tmp_path):
+    """The decoder stage keeps the encoder (the prior's codes stay valid), moves the decoder, lowers its
+    reconstruction error on the hard codes, and writes a decoder the loaders read."""
+    from edgefm.models.dalle import load_dvae_decoder
+
+    out, _ = dvae_run
+    encoder = out / "dvae_shapes_encoder.safetensors"
+    start = out / "dvae_shapes_decoder.safetensors"
+    info = train.main(["--stage", "decoder", "--steps", "8", "--batch", "4", "--eval-every", "4", "--eval-size", "8",
+                       "--lr", "0.2", "--out", str(tmp_path), "--dvae", str(encoder), "--init-decoder", str(start)])
+    assert info["steps"] == 8
+
+    def hard_code_nll(decoder_path):  # the stage's objective, on held-out scenes
+        from edgefm.models.dalle import load_dvae_encoder
+
+        images, _ = train.scene_batch(train.EVAL_STREAM, 0, 16, 0.25)
+        enc, dec = load_dvae_encoder(encoder), load_dvae_decoder(decoder_path)
+        with torch.no_grad():
+            codes = torch.nn.functional.one_hot(enc.encode_ids(images), 64).permute(0, 3, 1, 2).float()
+            return float(train.logit_laplace_nll(dec(codes), images).mean())
+
+    assert hard_code_nll(tmp_path / "dvae_shapes_decoder.safetensors") < hard_code_nll(start)
+    before, after = _tensors(start), _tensors(tmp_path / "dvae_shapes_decoder.safetensors")
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+    assert load_dvae_decoder(tmp_path / "dvae_shapes_decoder.safetensors").config.vocab_size == 64
+    assert not (tmp_path / "dvae_shapes_encoder.safetensors").exists()  # the encoder is read, never written
+    record = json.loads((tmp_path / "dalle_shapes_training.json").read_text())
+    assert record["decoder"]["init_decoder"] == str(start)
+    with pytest.raises(FileNotFoundError, match="--init-decoder"):
+        train.main(["--stage", "decoder", "--out", str(tmp_path / "empty"), "--dvae", str(encoder)])

@@ -1,0 +1,91 @@
+"""Stage ``decoder`` of :mod:`edgefm.models.train.dalle`: the dVAE decoder fine-tuned on hard codes.
+
+The paper trains the dVAE with gumbel-softmax relaxed codes only; at sampling time the decoder reads the
+prior's *hard* codes (one-hots), which it never saw exactly. This stage freezes the encoder (so the codes,
+and any prior trained on them, stay valid) and fine-tunes the decoder on one-hots of the encoder's argmax,
+with the same logit-Laplace likelihood. Scenes are new ones of the training stream (indices from
+``FRESH_SCENES``), in the dVAE's mix of single objects and multi-object scenes. Resumable like the other
+stages (``decoder_state.pt``); it rewrites ``dvae_shapes_decoder.safetensors`` in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from edgefm.models.dalle import load_dvae_decoder, load_dvae_encoder
+
+from .dalle_data import scene_batch, scene_batches
+
+FRESH_SCENES = 5_000_000  # first scene index of this stage: past what the dVAE stage draws
+WARMUP = 50
+
+
+def train_decoder(args: argparse.Namespace) -> dict[str, Any]:
+    from . import dalle as T
+
+    out = Path(args.out)
+    encoder_path = Path(args.dvae) if args.dvae else out / f"{T.STEM['encoder']}.safetensors"
+    decoder_path = Path(args.init_decoder) if args.init_decoder else out / f"{T.STEM['decoder']}.safetensors"
+    for what, path in (("--dvae (the frozen encoder)", encoder_path), ("--init-decoder", decoder_path)):
+        if not path.is_file():
+            raise FileNotFoundError(f"{what}: {path} does not exist; train the dvae stage first or pass the file")
+    encoder = load_dvae_encoder(encoder_path).to(args.device).eval()
+    decoder = load_dvae_decoder(decoder_path).to(args.device)
+    if decoder.config.vocab_size != encoder.config.vocab_size:
+        raise ValueError(f"{decoder_path} reads {decoder.config.vocab_size} codes, {encoder_path} writes "
+                         f"{encoder.config.vocab_size}")
+    torch.manual_seed(args.seed)
+    optimizer = torch.optim.AdamW(decoder.parameters(), lr=args.lr, weight_decay=1e-4)
+    state_path, step, elapsed = out / "decoder_state.pt", 0, 0.0
+    if state_path.is_file() and not args.restart:
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        decoder.load_state_dict(state["decoder"]), optimizer.load_state_dict(state["optimizer"])
+        step, elapsed = state["step"], state["elapsed"]
+    eval_images, _ = scene_batch(T.EVAL_STREAM, 0, args.eval_size, args.scene_share)
+    history, deadline, t0 = [], time.monotonic() + 60 * args.minutes, time.monotonic()
+
+    def save() -> None:
+        T.save_state(state_path, {"decoder": decoder.state_dict(), "optimizer": optimizer.state_dict(),
+                                  "step": step, "elapsed": elapsed + time.monotonic() - t0})
+
+    start = T.evaluate_dvae(encoder, decoder, eval_images)
+    bar = T._progress(args.steps, step, "decoder")
+    stop = min(args.steps, args.until or args.steps)
+    jobs = ((T.TRAIN_STREAM, FRESH_SCENES + s * args.batch, args.batch, args.scene_share) for s in range(step, stop))
+    batches = scene_batches(jobs, args.workers)
+    while step < stop and time.monotonic() < deadline:
+        for group in optimizer.param_groups:
+            group["lr"] = T.learning_rate(step, args.steps, args.lr, warmup=WARMUP)
+        images = next(batches)[0].to(args.device)
+        with torch.no_grad():
+            codes = F.one_hot(encoder.encode_ids(images), encoder.config.vocab_size).permute(0, 3, 1, 2).float()
+        decoder.train()
+        loss = T.logit_laplace_nll(decoder(codes), images).mean() / images[0].numel()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(nll=f"{float(loss.detach()):.3f}")
+        if step % args.eval_every == 0 or step == args.steps:
+            metrics = T.evaluate_dvae(encoder, decoder, eval_images)
+            history.append({"step": step, "nll": float(loss.detach()), **metrics})
+            bar.write(f"step {step}: eval " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            save()
+    batches.close()
+    bar.close()
+    save()
+    metrics = T.evaluate_dvae(encoder, decoder, eval_images)
+    info = {"command": T._command(), "encoder": str(encoder_path), "init_decoder": str(decoder_path),
+            "steps": step, "planned": args.steps, "batch": args.batch,
+            "seconds": round(elapsed + time.monotonic() - t0, 1), "eval_before": start, "eval": metrics,
+            "history": history, "finished": step >= args.steps}
+    T.save_weights(decoder, out / f"{T.STEM['decoder']}.safetensors", decoder.config)
+    T.update_record(out, "decoder", info)
+    return info
+
