@@ -323,8 +323,10 @@ def train_prior(args: argparse.Namespace) -> dict[str, Any]:
     if args.uncond_share > 0:  # the scale it will be sampled with travels in the config (and the bundle)
         config = dataclasses.replace(config, guidance_scale=args.guidance)
     empty = torch.from_numpy(CaptionIds(config)(""))
-    # Every id a text target can take (the captions' and the empty caption's), for the restricted text softmax.
-    text_vocab = torch.unique(torch.cat([data["text"].flatten(), empty])).to(args.device)
+    # Every id a text target can take (training and held-out captions', the empty caption's): the restricted
+    # text softmax and its evaluation.
+    text_vocab = torch.unique(torch.cat([data["text"].flatten(), data["eval_text"].flatten(), empty]))
+    text_vocab = text_vocab.to(args.device)
     torch.manual_seed(args.seed)
     prior = DallePrior(config).to(args.device)
     optimizer = torch.optim.AdamW(prior.parameters(), lr=args.lr, weight_decay=0.01)
