@@ -431,6 +431,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prior-size", default="shapes", help=f"one of {', '.join(PRIOR_SIZES)}")
     p.add_argument("--init-decoder", help="decoder stage: the decoder to start from "
                    "(default: --out/dvae_shapes_decoder.safetensors)")
+    p.add_argument("--decoder-hid", type=int, help="decoder stage: start from a fresh decoder of this width "
+                   "instead of --init-decoder")
     p.add_argument("--dvae", help="prior and decoder stages: the dVAE encoder "
                    "(default: --out/dvae_shapes_encoder.safetensors)")
     p.add_argument("--pairs", type=int, default=40000, help="prior stage: training (caption, codes) pairs")

@@ -4,20 +4,23 @@ The paper trains the dVAE with gumbel-softmax relaxed codes only; at sampling ti
 prior's *hard* codes (one-hots), which it never saw exactly. This stage freezes the encoder (so the codes,
 and any prior trained on them, stay valid) and fine-tunes the decoder on one-hots of the encoder's argmax,
 with the same logit-Laplace likelihood. Scenes are new ones of the training stream (indices from
-``FRESH_SCENES``), in the dVAE's mix of single objects and multi-object scenes. Resumable like the other
-stages (``decoder_state.pt``); it rewrites ``dvae_shapes_decoder.safetensors`` in ``--out``.
+``FRESH_SCENES``), in the dVAE's mix of single objects and multi-object scenes. ``--decoder-hid N`` starts
+instead from a fresh decoder of width N (the decoder can be wider than the encoder: only the codes are
+shared). Resumable like the other stages (``decoder_state.pt``); it rewrites ``dvae_shapes_decoder.safetensors``
+in ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from edgefm.models.dalle import load_dvae_decoder, load_dvae_encoder
+from edgefm.models.dalle import Decoder, load_dvae_decoder, load_dvae_encoder
 
 from .dalle_data import scene_batch, scene_batches
 
@@ -31,15 +34,21 @@ def train_decoder(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     encoder_path = Path(args.dvae) if args.dvae else out / f"{T.STEM['encoder']}.safetensors"
     decoder_path = Path(args.init_decoder) if args.init_decoder else out / f"{T.STEM['decoder']}.safetensors"
-    for what, path in (("--dvae (the frozen encoder)", encoder_path), ("--init-decoder", decoder_path)):
+    fresh = args.decoder_hid is not None
+    need = [("--dvae (the frozen encoder)", encoder_path)] + ([] if fresh else [("--init-decoder", decoder_path)])
+    for what, path in need:
         if not path.is_file():
             raise FileNotFoundError(f"{what}: {path} does not exist; train the dvae stage first or pass the file")
     encoder = load_dvae_encoder(encoder_path).to(args.device).eval()
-    decoder = load_dvae_decoder(decoder_path).to(args.device)
+    torch.manual_seed(args.seed)
+    if fresh:  # a new decoder of another width, trained from scratch on the same codes
+        decoder = Decoder(dataclasses.replace(encoder.config, n_hid=args.decoder_hid)).to(args.device)
+        decoder_path = Path(f"fresh decoder, n_hid {args.decoder_hid}")
+    else:
+        decoder = load_dvae_decoder(decoder_path).to(args.device)
     if decoder.config.vocab_size != encoder.config.vocab_size:
         raise ValueError(f"{decoder_path} reads {decoder.config.vocab_size} codes, {encoder_path} writes "
                          f"{encoder.config.vocab_size}")
-    torch.manual_seed(args.seed)
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=args.lr, weight_decay=1e-4)
     state_path, step, elapsed = out / "decoder_state.pt", 0, 0.0
     if state_path.is_file() and not args.restart:

@@ -185,3 +185,15 @@ def test_decoder_stage_fine_tunes_only_the_decoder_on_hard_codes(dvae_run, tmp_p
     assert record["decoder"]["init_decoder"] == str(start)
     with pytest.raises(FileNotFoundError, match="--init-decoder"):
         train.main(["--stage", "decoder", "--out", str(tmp_path / "empty"), "--dvae", str(encoder)])
+
+
+def test_decoder_stage_can_train_a_fresh_decoder_of_another_width(dvae_run, tmp_path):
+    from edgefm.models.dalle import load_dvae_decoder
+
+    out, _ = dvae_run
+    encoder = out / "dvae_shapes_encoder.safetensors"
+    info = train.main(["--stage", "decoder", "--steps", "2", "--batch", "4", "--eval-every", "2", "--eval-size", "8",
+                       "--out", str(tmp_path), "--dvae", str(encoder), "--decoder-hid", "8"])
+    assert info["steps"] == 2 and info["init_decoder"] == "fresh decoder, n_hid 8"
+    decoder = load_dvae_decoder(tmp_path / "dvae_shapes_decoder.safetensors")
+    assert decoder.config.n_hid == 8 and decoder.config.vocab_size == 64
