@@ -25,8 +25,8 @@ from edgefm.runtime.spec import ComponentSpec
 from torch import nn
 
 from .bundle import BundleWriter
-from .onnx import INT8_INFO, example_inputs, fp16_from_onnx, int8_from_onnx, onnx_from_module
-from .parity import compare_outputs, gate
+from .onnx import INT8_INFO, at_precision, example_inputs, onnx_from_module
+from .parity import gate, measure
 
 PARITY_PROMPTS = ["a photo of a cat", "a diagram", "an extremely long and detailed description " * 3, ""]
 
@@ -170,7 +170,6 @@ def export_clip(
     feeds = parity_inputs(config.image_size, config.context_length)
     parity: dict[str, Any] = {"gate": parity_gate, "reference": f"PyTorch {torch.__version__} fp32, CPU",
                               "backend": "onnxruntime CPU"}
-    from edgefm.runtime.backends.onnxruntime import OrtRunner
 
     with BundleWriter(out, overwrite=overwrite) as writer:
         for name in COMPONENTS:
@@ -189,14 +188,8 @@ def export_clip(
             trace = feeds[name] if name == IMAGE_ENCODER else {"tokens": feeds[name]["tokens"][:, :16].copy()}
             with _mha_fastpath(False):
                 extra = onnx_from_module(graph, spec, onnx_path, example_inputs(spec, trace), opset)
-            if precision in ("fp16", "int8"):
-                lower = fp16_from_onnx if precision == "fp16" else int8_from_onnx
-                low_dir = writer.workdir(f"{name}-{precision}")
-                extra = lower(onnx_path, low_dir / onnx_path.name)
-                onnx_path = low_dir / onnx_path.name
-            got = OrtRunner(onnx_path, spec, "ort-cpu").run(feeds[name])
-            report = compare_outputs(ref, got, precision)
-            report["inputs"] = {k: list(v.shape) for k, v in feeds[name].items()}
+            onnx_path, extra = at_precision(onnx_path, precision, extra, writer.workdir)
+            report = measure(onnx_path, spec, feeds[name], ref, precision)
             parity[name] = report
             gate(name, report, parity_gate)
             info: dict[str, Any] = {"opset": opset, **({"quantization": INT8_INFO} if precision == "int8" else {})}

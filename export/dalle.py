@@ -54,8 +54,8 @@ from edgefm.runtime.spec import ComponentSpec
 from torch import nn
 
 from .bundle import BundleWriter
-from .onnx import example_inputs, fp16_from_onnx, onnx_from_module
-from .parity import compare_outputs, gate
+from .onnx import at_precision, example_inputs, onnx_from_module
+from .parity import compare_outputs, gate, measure
 
 # Share of encoder ids that must equal PyTorch's. fp32: identical (DESIGN.md, tokens); reduced precision
 # may flip near-tied argmaxes, which DESIGN.md leaves open: we ask for 95 %.
@@ -354,7 +354,6 @@ def export_dalle(
     specs, graphs, feeds = _components(decoder, encoder, prior, grid, image_size)
     parity: dict[str, Any] = {"gate": parity_gate, "reference": f"PyTorch {torch.__version__} fp32, CPU",
                               "backend": "onnxruntime CPU"}
-    from edgefm.runtime.backends.onnxruntime import OrtRunner
 
     with BundleWriter(out, overwrite=overwrite) as writer:
         for name, graph in graphs.items():
@@ -366,14 +365,9 @@ def export_dalle(
             ref = _torch_run(reference, spec, feeds[name])
             onnx_path = writer.workdir(name) / f"{name}.onnx"
             extra = onnx_from_module(graph, spec, onnx_path, example_inputs(spec, feeds[name]), opset)
-            if precision == "fp16":
-                half = writer.workdir(name + "-fp16") / onnx_path.name
-                extra = fp16_from_onnx(onnx_path, half)
-                onnx_path = half
-            got = OrtRunner(onnx_path, spec, "ort-cpu").run(feeds[name])
+            onnx_path, extra = at_precision(onnx_path, precision, extra, writer.workdir)
             compare = ids_report if name == DVAE_ENCODER else compare_outputs
-            report = compare(ref, got, precision)
-            report["inputs"] = {k: list(v.shape) for k, v in feeds[name].items()}
+            report = measure(onnx_path, spec, feeds[name], ref, precision, compare)
             parity[name] = report
             gate(name, report, parity_gate)
             writer.add(onnx_path, spec, "onnx", precision, extra, info={"opset": opset})

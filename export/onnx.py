@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -147,6 +148,18 @@ def int8_from_onnx(src: str | Path, dst: str | Path) -> list[str]:
         # quantizer's, so that every precision of a bundle lays its files out the same way.
         model = onnx.load(str(out))
     return _save(model, dst)
+
+
+def at_precision(onnx_path: Path, precision: str, extra: list[str], workdir: Callable[[str], Path]
+                 ) -> tuple[Path, list[str]]:
+    """The fp32 graph ``onnx_path`` (with its ``extra`` files) rewritten to ``precision`` in the scratch folder
+    ``workdir("<stem>-<precision>")`` (a :meth:`BundleWriter.workdir`): ``(graph, its extra files)``. fp32 gives
+    the graph back unchanged."""
+    if precision == "fp32":
+        return onnx_path, extra
+    rewrite = {"fp16": fp16_from_onnx, "int8": int8_from_onnx}[precision]
+    dst = workdir(f"{onnx_path.stem}-{precision}") / onnx_path.name
+    return dst, rewrite(onnx_path, dst)
 
 
 def _save(model, dst: str | Path) -> list[str]:

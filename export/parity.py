@@ -6,11 +6,14 @@ IoU >= 0.999; fp16 — cosine >= 0.999, mask IoU >= 0.99; int8 — cosine >= 0.9
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from edgefm.runtime.errors import ParityError
+from edgefm.runtime.spec import ComponentSpec
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,18 @@ def compare_outputs(
             m["failures"] = failures
             report["passed"] = False
         report["outputs"][name] = m
+    return report
+
+
+def measure(onnx_path: Path, spec: ComponentSpec, feeds: dict[str, np.ndarray], ref: dict[str, np.ndarray],
+            precision: str, compare: Callable[..., dict[str, Any]] = compare_outputs, **options: Any
+            ) -> dict[str, Any]:
+    """Run the exported graph on ONNX Runtime CPU with ``feeds`` and report it against PyTorch's ``ref`` with
+    ``compare`` (``options`` go to it, e.g. ``masks``); the report records the input shapes."""
+    from edgefm.runtime.backends.onnxruntime import OrtRunner
+
+    report = compare(ref, OrtRunner(onnx_path, spec, "ort-cpu").run(feeds), precision, **options)
+    report["inputs"] = {k: list(v.shape) for k, v in feeds.items()}
     return report
 
 

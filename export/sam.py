@@ -21,14 +21,15 @@ from edgefm.runtime.spec import ComponentSpec
 from torch import nn
 
 from .bundle import BundleWriter
-from .onnx import INT8_INFO, example_inputs, fp16_from_onnx, int8_from_onnx, onnx_from_module
-from .parity import compare_outputs, gate
+from .onnx import INT8_INFO, at_precision, example_inputs, onnx_from_module
+from .parity import gate, measure
 
 # What --precision int8 writes per component. The prompt encoder stays fp32: its only MatMul with a constant
 # weight is the Fourier feature projection of a handful of points (no time to win), whose random Gaussian
 # matrix int8 would blur; its Convs stay fp32 in any case (INT8_OPS). The mask decoder falls back to fp32 if
 # int8 misses the mask IoU policy.
 INT8_PRECISIONS = {IMAGE_ENCODER: "int8", PROMPT_ENCODER: "fp32", MASK_DECODER: "int8"}
+MASK_OUTPUTS = ("low_res_masks",)  # judged by thresholded-mask IoU in the parity report
 
 
 class ImageEncoderGraph(nn.Module):
@@ -122,24 +123,6 @@ def _torch_run(module: nn.Module, spec: ComponentSpec, feeds: dict[str, np.ndarr
     return {n: o.numpy() for n, o in zip(spec.output_names, outs)}
 
 
-def _lower(writer: BundleWriter, name: str, onnx_path: Path, precision: str, extra: list[str],
-           spec: ComponentSpec, feeds: dict[str, np.ndarray], ref: dict[str, np.ndarray]
-           ) -> tuple[Path, list[str], dict[str, Any]]:
-    """The fp32 graph at ``onnx_path`` rewritten to ``precision`` (unless fp32), run on ORT CPU against
-    ``ref``: ``(graph path, its extra files, parity report)``."""
-    from edgefm.runtime.backends.onnxruntime import OrtRunner
-
-    if precision in ("fp16", "int8"):
-        lower = fp16_from_onnx if precision == "fp16" else int8_from_onnx
-        low_dir = writer.workdir(f"{name}-{precision}")
-        extra = lower(onnx_path, low_dir / onnx_path.name)
-        onnx_path = low_dir / onnx_path.name
-    got = OrtRunner(onnx_path, spec, "ort-cpu").run(feeds)
-    report = compare_outputs(ref, got, precision, masks=("low_res_masks",))
-    report["inputs"] = {k: list(v.shape) for k, v in feeds.items()}
-    return onnx_path, extra, report
-
-
 def sam_preprocess(cfg: SamConfig) -> dict[str, Any]:
     return {
         "image_size": cfg.image_size,
@@ -209,12 +192,14 @@ def export_sam(
 
                 info["fused_attention"] = to_ort_attention(onnx_path)
             wanted = INT8_PRECISIONS[name] if precision == "int8" else precision
-            path, files, report = _lower(writer, name, onnx_path, wanted, extra, spec, feeds[name], ref)
+            path, files = at_precision(onnx_path, wanted, extra, writer.workdir)
+            report = measure(path, spec, feeds[name], ref, wanted, masks=MASK_OUTPUTS)
             if not report["passed"] and wanted == "int8" and name == MASK_DECODER and parity_gate:
                 # The encoder's int8 speed-up does not depend on the decoder: a usable bundle with an fp32
                 # decoder beats a refused export.
                 rejected = report
-                path, files, report = _lower(writer, name, onnx_path, "fp32", extra, spec, feeds[name], ref)
+                path, files = onnx_path, extra
+                report = measure(path, spec, feeds[name], ref, "fp32", masks=MASK_OUTPUTS)
                 report["int8_rejected"] = rejected
             parity[name] = report
             gate(name, report, parity_gate)
