@@ -117,14 +117,15 @@ def run_demo(out: Path, cache: Path | None = None, backend: str = "auto") -> Non
     for text in ("a red circle", "a blue star"):
         result = generator.generate(text, n=6, seed=0, top_k=8, rerank=clip)
         # How many samples the demo CLIP reads as the prompt's class: the honest measure of this small DALL·E.
+        label = text.removeprefix("a ")
         read = clip.zero_shot(result.images, labels, templates=templates).argmax(axis=1)
-        hits = int(sum(labels[int(k)] == text.removeprefix("a ") for k in read))
+        hits = int(sum(labels[int(k)] == label for k in read))
         tiles = [cv2.resize(im, (96, 96), interpolation=cv2.INTER_NEAREST) for im in result.ranked_images()]
         grid = image_grid(tiles, [f"{s:.2f}" for s in np.sort(result.scores)[::-1]], columns=6)
         name = out / f"dalle_{text.replace(' ', '_')}.png"
         put_label(grid, text, (3, grid.shape[0] - 6))
         write_image(name, grid)
-        lines.append(f"DALL·E '{text}' (guidance {result.guidance:g}): CLIP reads {hits} of 6 samples as a {text[2:]}; "
+        lines.append(f"DALL·E '{text}' (guidance {result.guidance:g}): CLIP reads {hits} of 6 samples as a {label}; "
                      f"reranked, best score {result.scores.max():.3f} -> {name}")
 
     print(f"edgefm demo — shapes-world models trained by this project, backend {predictor.backend}")

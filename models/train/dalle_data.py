@@ -13,6 +13,7 @@ import torch
 from edgefm.models.dalle import PriorConfig
 from edgefm.runtime import shapes
 from edgefm.runtime.clip.tokenizer import ClipTokenizer
+from edgefm.runtime.dalle.generator import frame_text_ids
 
 IMAGE_SIZE = 64
 
@@ -70,9 +71,5 @@ class CaptionIds:
         if caption not in self._cache:
             tok = self.tokenizer
             ids = [tok.sot_token_id, *tok.encode(caption), tok.eot_token_id]
-            if len(ids) > self.text_len:  # cut, and still end with <eot> (as the runtime does)
-                ids = [*ids[: self.text_len - 1], tok.eot_token_id]
-            row = np.full(self.text_len, self.pad_id, np.int64)
-            row[: len(ids)] = ids
-            self._cache[caption] = row
+            self._cache[caption] = frame_text_ids(ids, self.text_len, self.pad_id, tok.eot_token_id)[0]
         return self._cache[caption]

@@ -289,15 +289,12 @@ class DalleGenerator:
         if not isinstance(prompt, str) or not prompt.strip():
             raise InputError(f"the prompt must be a non-empty text, got {prompt!r}")
         ids = [self.sot_id, *self.tokenizer.encode(prompt), self.eot_id]
-        truncated = len(ids) > self.text_len
-        if truncated:
-            ids = [*ids[: self.text_len - 1], self.eot_id]
-        return _framed(ids, self.text_len, self.pad_id), truncated
+        return frame_text_ids(ids, self.text_len, self.pad_id, self.eot_id)
 
     @property
     def empty_text_tokens(self) -> np.ndarray:
         """The empty prompt, ``<start_of_text> <end_of_text>`` then padding: the unconditional row of guidance."""
-        return _framed([self.sot_id, self.eot_id], self.text_len, self.pad_id)
+        return frame_text_ids([self.sot_id, self.eot_id], self.text_len, self.pad_id, self.eot_id)[0]
 
     def generate(
         self,
@@ -380,10 +377,16 @@ class DalleGenerator:
         return runner.run(feeds)
 
 
-def _framed(ids: list[int], text_len: int, pad_id: int) -> np.ndarray:
-    out = np.full(text_len, pad_id, np.int64)
-    out[: len(ids)] = ids
-    return out
+def frame_text_ids(ids: list[int], text_len: int, pad_id: int, eot_id: int) -> tuple[np.ndarray, bool]:
+    """``<start_of_text> ... <end_of_text>`` ids as the prior's int64 ``[text_len]`` row: cut to ``text_len``
+    (the last id replaced by ``eot_id``), padded with ``pad_id``; and whether it was cut. The trainer frames
+    its captions with it too, so the prior is fed at run time exactly what it learned from."""
+    truncated = len(ids) > text_len
+    if truncated:
+        ids = [*ids[: text_len - 1], eot_id]
+    row = np.full(text_len, pad_id, np.int64)
+    row[: len(ids)] = ids
+    return row, truncated
 
 
 def _progress_bar(rows: int, enabled: bool) -> Any:
