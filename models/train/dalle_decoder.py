@@ -28,6 +28,12 @@ FRESH_SCENES = 5_000_000  # first scene index of this stage: past what the dVAE 
 WARMUP = 50
 
 
+@torch.no_grad()
+def hard_codes(encoder: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """One-hots ``[B, K, h, w]`` of the encoder's argmax codes: what the decoder reads at sampling time."""
+    return F.one_hot(encoder.encode_ids(images), encoder.config.vocab_size).permute(0, 3, 1, 2).float()
+
+
 def train_decoder(args: argparse.Namespace) -> dict[str, Any]:
     from . import dalle as T
 
@@ -71,10 +77,8 @@ def train_decoder(args: argparse.Namespace) -> dict[str, Any]:
         for group in optimizer.param_groups:
             group["lr"] = T.learning_rate(step, args.steps, args.lr, warmup=WARMUP)
         images = next(batches)[0].to(args.device)
-        with torch.no_grad():
-            codes = F.one_hot(encoder.encode_ids(images), encoder.config.vocab_size).permute(0, 3, 1, 2).float()
         decoder.train()
-        loss = T.logit_laplace_nll(decoder(codes), images).mean() / images[0].numel()
+        loss = T.logit_laplace_nll(decoder(hard_codes(encoder, images)), images).mean() / images[0].numel()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

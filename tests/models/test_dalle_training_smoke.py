@@ -169,12 +169,12 @@ def test_decoder_stage_fine_tunes_only_the_decoder_on_hard_codes(dvae_run, tmp_p
 
     def hard_code_nll(decoder_path):  # the stage's objective, on held-out scenes
         from edgefm.models.dalle import load_dvae_encoder
+        from edgefm.models.train.dalle_decoder import hard_codes
 
         images, _ = train.scene_batch(train.EVAL_STREAM, 0, 16, 0.25)
-        enc, dec = load_dvae_encoder(encoder), load_dvae_decoder(decoder_path)
+        codes = hard_codes(load_dvae_encoder(encoder), images)
         with torch.no_grad():
-            codes = torch.nn.functional.one_hot(enc.encode_ids(images), 64).permute(0, 3, 1, 2).float()
-            return float(train.logit_laplace_nll(dec(codes), images).mean())
+            return float(train.logit_laplace_nll(load_dvae_decoder(decoder_path)(codes), images).mean())
 
     assert hard_code_nll(tmp_path / "dvae_shapes_decoder.safetensors") < hard_code_nll(start)
     before, after = _tensors(start), _tensors(tmp_path / "dvae_shapes_decoder.safetensors")
