@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from edgefm.runtime.timing import time_calls
 
 TARGETS_MS = {  # issue 6, H100, batch 1, median
     "sam.image_encoder": 7.0, "clip.image_encoder": 1.0, "dalle.dvae_decoder": 1.5, "sam.prompt_to_masks": 1.0,
@@ -76,19 +77,10 @@ def stats(samples_s: list[float]) -> dict[str, Any]:
 
 def time_fn(fn: Callable[[], Any], iters: int, warmup: int, sync: Callable[[], None] = lambda: None) -> dict:
     """Wall time of ``fn`` per call, synchronized (a call is done when its results are usable)."""
-    for _ in range(warmup):
-        fn()
-    sync()
-    out = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        sync()
-        out.append(time.perf_counter() - t)
-    return stats(out)
+    return stats(time_calls(lambda: (fn(), sync()), iters, warmup))
 
 
-# ---------------------------------------------------------------- models and bundles
+# ---------------------------------------------------------------- report
 
 
 def markdown(res: dict[str, Any]) -> str:
