@@ -227,7 +227,8 @@ def train_dvae(args: argparse.Namespace) -> dict[str, Any]:
         optimizer.load_state_dict(state["optimizer"])
         step, elapsed = state["step"], state["elapsed"]
     eval_images, _ = scene_batch(EVAL_STREAM, 0, args.eval_size, args.scene_share)
-    anneal, ramp = int(0.7 * args.steps), max(1, int(0.1 * args.steps))
+    anneal = args.anneal_steps if args.anneal_steps is not None else int(0.7 * args.steps)
+    ramp = max(1, anneal // 7)  # β reaches its final weight at a tenth of the first schedule
     history, deadline, t0 = [], time.monotonic() + 60 * args.minutes, time.monotonic()
 
     def save() -> None:
@@ -335,6 +336,8 @@ def train_prior(args: argparse.Namespace) -> dict[str, Any]:
         state = torch.load(state_path, map_location="cpu", weights_only=True)
         prior.load_state_dict(state["prior"]), optimizer.load_state_dict(state["optimizer"])
         step, elapsed = state["step"], state["elapsed"]
+    elif args.init_prior:  # fine-tuning: the weights of a prior trained on (nearly) the same codes, new optimizer
+        load_strict(prior, read_state_dict(args.init_prior), args.init_prior, model_name="the --init-prior prior")
     n = len(data["text"])
     history, deadline, t0 = [], time.monotonic() + 60 * args.minutes, time.monotonic()
 
@@ -421,6 +424,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-size", type=int, help="held-out scenes (stream 1) used by the evaluation")
     p.add_argument("--scene-share", type=float, help="share of multi-object scenes in the data")
     p.add_argument("--kl-weight", type=float, default=KL_WEIGHT, help="dvae stage: final β of the KL term")
+    p.add_argument("--anneal-steps", type=int, help="dvae stage: steps over which τ anneals 1 -> 1/16 (default 0.7 "
+                   "of --steps); set it to the first schedule's when lengthening a finished run, so that τ stays "
+                   "annealed and only the step size restarts")
     p.add_argument("--seed", type=int, default=0)
     # One intra-op thread: on a CPU shared with other jobs, two threads ran 5-10x *slower* (measured).
     p.add_argument("--threads", type=int, default=1)
@@ -435,6 +441,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "instead of --init-decoder")
     p.add_argument("--dvae", help="prior and decoder stages: the dVAE encoder "
                    "(default: --out/dvae_shapes_encoder.safetensors)")
+    p.add_argument("--init-prior", help="prior stage: start from this prior's weights (same size) with a fresh "
+                   "optimizer, e.g. after the dVAE it was trained on was trained further")
     p.add_argument("--pairs", type=int, default=40000, help="prior stage: training (caption, codes) pairs")
     p.add_argument("--until", type=int, help="stop at this step (schedules still follow --steps); run again "
                    "without it to continue")

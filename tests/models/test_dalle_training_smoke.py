@@ -106,6 +106,20 @@ def test_dvae_stage_is_deterministic_and_resumes_exactly(dvae_run, tmp_path):
             assert torch.equal(ref[key], got[key]), key
 
 
+def test_lengthened_dvae_schedule_keeps_tau_annealed(dvae_run, tmp_path):
+    """Continuing a finished run on a longer schedule: with --anneal-steps at the first schedule's length τ stays
+    at 1/16 and β at its final weight; only the step size restarts (without it, τ would rise again)."""
+    import shutil
+
+    out, _ = dvae_run
+    shutil.copy(out / "dvae_state.pt", tmp_path / "dvae_state.pt")  # finished at step 3, τ annealed over 2
+    info = train.main([*DVAE_ARGS, "--out", str(tmp_path), "--steps", "6", "--anneal-steps", "2"])
+    assert info["steps"] == 6 and [h["step"] for h in info["history"]] == [4, 6]
+    assert all(h["tau"] == pytest.approx(1 / 16) and h["beta"] == pytest.approx(train.KL_WEIGHT)
+               for h in info["history"])
+    assert train.cosine(3, int(0.7 * 6), train.TAU_START, train.TAU_END) > 3 * train.TAU_END  # the default
+
+
 def test_prior_stage_trains_on_the_dvae_codes(dvae_run, tmp_path):
     from edgefm.export.dalle import load_prior
 
@@ -130,6 +144,21 @@ def test_prior_stage_trains_on_the_dvae_codes(dvae_run, tmp_path):
     train.main([*PRIOR_ARGS, "--out", str(tmp_path), "--dvae", dvae, "--restart", "--uncond-share", "0"])
     assert load_prior(weights)[1].config.guidance_scale == 1.0
     assert pairs["text"].shape == (16, config.text_len) and int(pairs["text"][:, 0].min()) == 49406
+
+
+def test_prior_stage_can_start_from_another_prior(dvae_run, tmp_path):
+    """--init-prior loads a prior's weights (fresh optimizer): at step size 0 they come back unchanged."""
+    out, _ = dvae_run
+    dvae = str(out / "dvae_shapes_encoder.safetensors")
+    train.main([*PRIOR_ARGS, "--out", str(tmp_path / "a"), "--dvae", dvae])
+    start = tmp_path / "a" / "prior_shapes.safetensors"
+    train.main([*PRIOR_ARGS, "--out", str(tmp_path / "b"), "--dvae", dvae, "--init-prior", str(start), "--lr", "0"])
+    before, after = _tensors(start), _tensors(tmp_path / "b" / "prior_shapes.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    from edgefm.runtime.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="init-prior"):  # not a prior of this size: refused, by name
+        train.main([*PRIOR_ARGS, "--out", str(tmp_path / "c"), "--dvae", dvae, "--init-prior", dvae])
 
 
 def test_restricted_text_softmax_is_the_cross_entropy_over_those_ids():
