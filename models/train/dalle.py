@@ -6,7 +6,7 @@ the logit-Laplace negative log-likelihood of the pixels plus β · KL(q(z | x) �
 reported per pixel dimension (nats). τ anneals from 1 to 1/16 (cosine), β ramps linearly from 0 to 6.6,
 the step size decays cosine-wise. Evaluation decodes the *argmax* codes, as the runtime does.
 
-Stage ``prior``: images are turned into codes by the trained encoder (argmax) and captions into text ids
+Stage ``prior`` (:mod:`.dalle_prior`): images are turned into codes by the trained encoder (argmax) and captions into text ids
 framed exactly as :meth:`edgefm.runtime.dalle.generator.DalleGenerator.text_tokens` frames prompts
 (``<sot> ids <eot>`` then the padding id); the loss is the paper's 1/8 text + 7/8 image cross-entropy
 (:meth:`DallePrior.training_loss`), its text softmax restricted to the ids the captions use (the rest of
@@ -41,25 +41,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from edgefm.models.checkpoint import load_strict, read_state_dict
 from edgefm.models.dalle import (
     DVAE_CONFIGS,
     PRIOR_CONFIGS,
-    DallePrior,
     Decoder,
     DvaeConfig,
     Encoder,
     PriorConfig,
-    load_dvae_encoder,
     map_pixels,
-    train_step,
 )
 
-from .dalle_data import CaptionIds, scene_batch, scene_batches
+from .dalle_data import scene_batch, scene_batches
 from .dalle_decoder import train_decoder
+from .dalle_prior import train_prior
 
 # The shipped sizes, small enough to train on a shared 2-core CPU within about an hour per stage: 64² images
 # -> an 8×8 grid of 512 codes; a prior of 8 dense layers, width 64. Its text_len 8 holds single-object captions
@@ -152,26 +148,6 @@ def evaluate_dvae(
     p = hist[hist > 0] / hist.sum()
     return {"mse": mse, "psnr": -10 * math.log10(max(mse, 1e-12)), "pixel_acc": ok,
             "codes_perplexity": float(torch.exp(-(p * p.log()).sum()))}
-
-
-@torch.no_grad()
-def evaluate_prior(prior: DallePrior, text: torch.Tensor, codes: torch.Tensor, batch: int = 128,
-                   text_vocab: torch.Tensor | None = None) -> dict:
-    """Held-out cross-entropies (nats): text (over ``text_vocab`` when given, as trained), image, and the
-    paper's weighted sum."""
-    prior.eval()
-    t_sum = i_sum = 0.0
-    device = next(prior.parameters()).device
-    for i in range(0, len(text), batch):
-        t, c = text[i : i + batch].to(device), codes[i : i + batch].to(device)
-        tl, il = prior(t, c[:, :-1])
-        target = t[:, 1:].flatten()
-        if text_vocab is not None:
-            tl, target = tl[..., text_vocab], torch.searchsorted(text_vocab, target)
-        t_sum += float(F.cross_entropy(tl.flatten(0, 1), target, reduction="sum")) / tl.shape[1]
-        i_sum += float(F.cross_entropy(il.flatten(0, 1), c.flatten(), reduction="sum")) / il.shape[1]
-    t_ce, i_ce = t_sum / len(text), i_sum / len(text)
-    return {"text_ce": t_ce, "image_ce": i_ce, "loss": t_ce / 8 + 7 * i_ce / 8}
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------------
@@ -273,117 +249,6 @@ def train_dvae(args: argparse.Namespace) -> dict[str, Any]:
     save_weights(decoder, out / f"{STEM['decoder']}.safetensors", config)
     update_record(out, "dvae", info)
     return info
-
-
-# ---- stage 2: prior ------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def encode_pairs(encoder: Encoder, captions: CaptionIds, stream: int, n: int, scene_share: float,
-                 batch: int = 256, workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(text ids int64 [n, text_len], codes int64 [n, grid²]) for the first ``n`` scenes of ``stream``."""
-    encoder.eval()
-    device = next(encoder.parameters()).device
-    texts, codes = [], []
-    jobs = ((stream, start, min(batch, n - start), scene_share) for start in range(0, n, batch))
-    for images, caps in scene_batches(jobs, workers):
-        codes.append(encoder.encode_ids(images.to(device)).flatten(1).cpu())
-        texts.append(torch.from_numpy(np.stack([captions(c) for c in caps])))
-    return torch.cat(texts), torch.cat(codes)
-
-
-def prior_data(
-    args: argparse.Namespace, config: PriorConfig, captions: CaptionIds
-) -> dict[str, torch.Tensor]:
-    """The (text, codes) pairs, encoded once and cached in ``--out`` (keyed by the encoder file)."""
-    out = Path(args.out)
-    dvae = Path(args.dvae) if args.dvae else out / f"{STEM['encoder']}.safetensors"
-    cache = out / "prior_pairs.pt"
-    key = f"{dvae.resolve()}:{dvae.stat().st_mtime_ns}:{args.pairs}:{args.eval_size}:{args.scene_share}"
-    if cache.is_file():
-        data = torch.load(cache, map_location="cpu", weights_only=True)
-        if data.get("key") == key:
-            return data
-    encoder = load_dvae_encoder(dvae).to(args.device)
-    if encoder.config.vocab_size != config.image_vocab:
-        raise ValueError(f"{dvae} has {encoder.config.vocab_size} codes, the prior size "
-                         f"{args.prior_size!r} predicts {config.image_vocab}")
-    print(f"encoding {args.pairs} training and {args.eval_size} evaluation scenes with {dvae}", flush=True)
-    text, codes = encode_pairs(encoder, captions, TRAIN_STREAM, args.pairs, args.scene_share, workers=args.workers)
-    eval_text, eval_codes = encode_pairs(encoder, captions, EVAL_STREAM, args.eval_size, args.scene_share,
-                                         workers=args.workers)
-    data = {"key": key, "text": text, "codes": codes, "eval_text": eval_text, "eval_codes": eval_codes}
-    save_state(cache, data)
-    return data
-
-
-def train_prior(args: argparse.Namespace) -> dict[str, Any]:
-    out = Path(args.out)
-    config = _size(args.prior_size, PRIOR_SIZES)
-    data = prior_data(args, config, CaptionIds(config))
-    if args.uncond_share > 0:  # the scale it will be sampled with travels in the config (and the bundle)
-        config = dataclasses.replace(config, guidance_scale=args.guidance)
-    empty = torch.from_numpy(CaptionIds(config)(""))
-    # Every id a text target can take (training and held-out captions', the empty caption's): the restricted
-    # text softmax and its evaluation.
-    text_vocab = torch.unique(torch.cat([data["text"].flatten(), data["eval_text"].flatten(), empty]))
-    text_vocab = text_vocab.to(args.device)
-    torch.manual_seed(args.seed)
-    prior = DallePrior(config).to(args.device)
-    optimizer = torch.optim.AdamW(prior.parameters(), lr=args.lr, weight_decay=0.01)
-    state_path, step, elapsed = out / "prior_state.pt", 0, 0.0
-    if state_path.is_file() and not args.restart:
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        prior.load_state_dict(state["prior"]), optimizer.load_state_dict(state["optimizer"])
-        step, elapsed = state["step"], state["elapsed"]
-    elif args.init_prior:  # fine-tuning: the weights of a prior trained on (nearly) the same codes, new optimizer
-        load_strict(prior, read_state_dict(args.init_prior), args.init_prior, model_name="the --init-prior prior")
-    n = len(data["text"])
-    history, deadline, t0 = [], time.monotonic() + 60 * args.minutes, time.monotonic()
-
-    def save() -> None:
-        save_state(state_path, {"prior": prior.state_dict(), "optimizer": optimizer.state_dict(),
-                                "step": step, "elapsed": elapsed + time.monotonic() - t0})
-
-    bar = _progress(args.steps, step, "prior")
-    while step < min(args.steps, args.until or args.steps) and time.monotonic() < deadline:
-        # Epoch-wise permutation seeded by (seed, epoch): batches are a pure function of the step.
-        per_epoch = n // args.batch
-        epoch, k = divmod(step, per_epoch)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed * 7919 + epoch))
-        idx = order[k * args.batch : (k + 1) * args.batch]
-        torch.manual_seed(args.seed * 1_000_003 + step)  # dropout, if the size has any
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, args.steps, args.lr)
-        text = data["text"][idx]
-        # Classifier-free guidance needs the unconditional model too: a share of the captions is emptied.
-        drop = torch.rand(len(idx), generator=torch.Generator().manual_seed(args.seed * 104_729 + step))
-        text = torch.where((drop < args.uncond_share)[:, None], empty, text)
-        loss = train_step(prior, optimizer, text.to(args.device), data["codes"][idx].to(args.device), text_vocab)
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}")
-        if step % args.eval_every == 0 or step == args.steps:
-            metrics = evaluate_prior(prior, data["eval_text"], data["eval_codes"], text_vocab=text_vocab)
-            history.append({"step": step, "train_loss": loss, **metrics})
-            bar.write(f"step {step}: eval " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-            save()
-    bar.close()
-    save()
-    metrics = evaluate_prior(prior, data["eval_text"], data["eval_codes"], text_vocab=text_vocab)
-    info = {"command": _command(), "size": dataclasses.asdict(config), "steps": step, "planned": args.steps,
-            "batch": args.batch, "pairs": n, "seconds": round(elapsed + time.monotonic() - t0, 1),
-            "eval": metrics, "history": history, "finished": step >= args.steps}
-    save_weights(prior, out / f"{STEM['prior']}.safetensors", config, dtype=torch.float16)
-    update_record(out, "prior", info)
-    return info
-
-
-def load_prior_weights(path: str | Path, config: PriorConfig) -> DallePrior:
-    """A prior of ``config`` from a (possibly fp16) safetensors file, strict keys, fp32 parameters."""
-    prior = DallePrior(config)
-    load_strict(prior, read_state_dict(path), str(path), model_name="the shapes DALL·E prior")
-    return prior.eval()
 
 
 # ---- command line --------------------------------------------------------------------------------------

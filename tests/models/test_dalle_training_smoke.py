@@ -67,7 +67,9 @@ def test_caption_ids_equal_the_runtime_framing():
     from edgefm.runtime.dalle.generator import DalleGenerator
 
     config = train.PRIOR_SIZES["shapes"]
-    captions = train.CaptionIds(config)
+    from edgefm.models.train.dalle_data import CaptionIds
+
+    captions = CaptionIds(config)
     tok = captions.tokenizer
     # text_tokens only reads these attributes of the generator; a namespace stands in for a bundle
     runtime = SimpleNamespace(tokenizer=tok, sot_id=tok.sot_token_id, eot_id=tok.eot_token_id,
