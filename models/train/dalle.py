@@ -315,7 +315,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--uncond-share", type=float, default=0.2,
                    help="prior stage: share of captions replaced by the empty caption (classifier-free guidance; "
                    "0 trains a purely conditional prior)")
-    p.add_argument("--guidance", type=float, default=5.0,
+    p.add_argument("--guidance", type=float, default=3.0,
                    help="prior stage: the guidance scale written into the prior's config as its sampling default "
                    "(only when --uncond-share > 0)")
     p.add_argument("--ship", help="copy the finished weights and their JSON to this folder")
