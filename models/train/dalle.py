@@ -6,9 +6,9 @@ the logit-Laplace negative log-likelihood of the pixels plus β · KL(q(z | x) �
 reported per pixel dimension (nats). τ anneals from 1 to 1/16 (cosine), β ramps linearly from 0 to 6.6,
 the step size decays cosine-wise. Evaluation decodes the *argmax* codes, as the runtime does.
 
-Stage ``prior`` (:mod:`.dalle_prior`): images are turned into codes by the trained encoder (argmax) and captions into text ids
-framed exactly as :meth:`edgefm.runtime.dalle.generator.DalleGenerator.text_tokens` frames prompts
-(``<sot> ids <eot>`` then the padding id); the loss is the paper's 1/8 text + 7/8 image cross-entropy
+Stage ``prior`` (:mod:`.dalle_prior`): images are turned into codes by the trained encoder (argmax) and
+captions into text ids framed exactly as :meth:`edgefm.runtime.dalle.generator.DalleGenerator.text_tokens`
+frames prompts (``<sot> ids <eot>`` then the padding id); the loss is the paper's 1/8 text + 7/8 image cross-entropy
 (:meth:`DallePrior.training_loss`), its text softmax restricted to the ids the captions use (the rest of
 CLIP's 49,409 are never a target). Two additions to the paper, for sampling with classifier-free guidance as
 DALL·E mini / min-dalle do: ``--uncond-share`` of the captions (seeded per step) is replaced by the empty

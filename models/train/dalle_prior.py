@@ -105,7 +105,8 @@ def train_prior(args: argparse.Namespace) -> dict[str, Any]:
         state = torch.load(state_path, map_location="cpu", weights_only=True)
         prior.load_state_dict(state["prior"]), optimizer.load_state_dict(state["optimizer"])
         step, elapsed = state["step"], state["elapsed"]
-    elif args.init_prior:  # fine-tuning: the weights of a prior trained on (nearly) the same codes, new optimizer
+    elif args.init_prior:  # fine-tuning, new optimizer: e.g. a prior of an earlier dVAE's codes (text side,
+        # layout and much of the image statistics carry over even when most codes changed)
         load_strict(prior, read_state_dict(args.init_prior), args.init_prior, model_name="the --init-prior prior")
     n = len(data["text"])
     history, deadline, t0 = [], time.monotonic() + 60 * args.minutes, time.monotonic()
@@ -141,7 +142,8 @@ def train_prior(args: argparse.Namespace) -> dict[str, Any]:
     save()
     metrics = evaluate_prior(prior, data["eval_text"], data["eval_codes"], text_vocab=text_vocab)
     info = {"command": T._command(), "size": dataclasses.asdict(config), "steps": step, "planned": args.steps,
-            "batch": args.batch, "pairs": n, "seconds": round(elapsed + time.monotonic() - t0, 1),
+            "batch": args.batch, "pairs": n, "init_prior": args.init_prior,
+            "seconds": round(elapsed + time.monotonic() - t0, 1),
             "eval": metrics, "history": history, "finished": step >= args.steps}
     T.save_weights(prior, out / f"{T.STEM['prior']}.safetensors", config, dtype=torch.float16)
     T.update_record(out, "prior", info)

@@ -157,6 +157,7 @@ def test_prior_stage_can_start_from_another_prior(dvae_run, tmp_path):
     train.main([*PRIOR_ARGS, "--out", str(tmp_path / "b"), "--dvae", dvae, "--init-prior", str(start), "--lr", "0"])
     before, after = _tensors(start), _tensors(tmp_path / "b" / "prior_shapes.safetensors")
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert json.loads((tmp_path / "b" / train.RECORD).read_text())["prior"]["init_prior"] == str(start)
     from edgefm.runtime.errors import CheckpointError
 
     with pytest.raises(CheckpointError, match="init-prior"):  # not a prior of this size: refused, by name
