@@ -49,7 +49,8 @@ def _classify(clip, templates, images) -> np.ndarray:
 
 def test_generated_images_are_classified_as_the_prompt(models):
     """Sampled as a user samples: temperature 1, no top-k, the bundle's default guidance scale (the shipped
-    prior records the one it was trained for); no CLIP reranking, which would let the judge pick."""
+    prior records the scale chosen for it on validation prompts); no CLIP reranking, which would let the
+    judge pick."""
     generator, clip, templates = models
     assert generator.guidance_scale > 1  # the shipped prior was trained for classifier-free guidance
     images, truth = [], []
