@@ -291,7 +291,14 @@ class DallePrior(nn.Module):
     def training_loss(
         self, text_ids: torch.Tensor, image_ids: torch.Tensor, text_vocab: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Paper loss: 1/8 · CE(text) + 7/8 · CE(image); ``image_ids`` int64 [B, N] (all grid codes).
+        """Paper loss: 1/8 · CE(text) + 7/8 · CE(image) of :meth:`loss_parts`."""
+        text_loss, image_loss = self.loss_parts(text_ids, image_ids, text_vocab)
+        return TEXT_LOSS_WEIGHT * text_loss + IMAGE_LOSS_WEIGHT * image_loss
+
+    def loss_parts(
+        self, text_ids: torch.Tensor, image_ids: torch.Tensor, text_vocab: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean next-token cross-entropies ``(text, image)``; ``image_ids`` int64 [B, N] (all grid codes).
 
         ``text_vocab`` (sorted int64 ids that hold every text target) restricts the text softmax to those
         rows of the head. A small training world uses a few dozen of the tokenizer's 49,409 ids; the others
@@ -307,7 +314,7 @@ class DallePrior(nn.Module):
             targets = torch.searchsorted(text_vocab, targets)
         text_loss = F.cross_entropy(text_logits.flatten(0, 1), targets)
         image_loss = F.cross_entropy(self.image_logits(h[:, t - 1 :]).flatten(0, 1), image_ids.flatten())
-        return TEXT_LOSS_WEIGHT * text_loss + IMAGE_LOSS_WEIGHT * image_loss
+        return text_loss, image_loss
 
     # ---- incremental decoding -------------------------------------------------------------------------
     def prefill(self, text_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

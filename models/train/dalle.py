@@ -8,11 +8,11 @@ the step size decays cosine-wise. Evaluation decodes the *argmax* codes, as the 
 
 Stage ``prior`` (:mod:`.dalle_prior`): images are turned into codes by the trained encoder (argmax) and
 captions into text ids framed exactly as :meth:`edgefm.runtime.dalle.generator.DalleGenerator.text_tokens`
-frames prompts (``<sot> ids <eot>`` then the padding id); the loss is the paper's 1/8 text + 7/8 image cross-entropy
-(:meth:`DallePrior.training_loss`), its text softmax restricted to the ids the captions use (the rest of
-CLIP's 49,409 are never a target). Two additions to the paper, for sampling with classifier-free guidance as
-DALL·E mini / min-dalle do: ``--uncond-share`` of the captions (seeded per step) is replaced by the empty
-caption ``<sot> <eot>``, and ``--guidance`` is written into the prior's config as its default scale.
+frames prompts (``<sot> ids <eot>`` then the padding id); the loss is the paper's 1/8 text + 7/8 image
+cross-entropy (:meth:`DallePrior.training_loss`), its text softmax restricted to the ids the captions use (the
+rest of CLIP's 49,409 are never a target). Two additions to the paper, for sampling with classifier-free
+guidance as DALL·E mini / min-dalle do: ``--uncond-share`` of the captions (seeded per step) is replaced by
+the empty caption ``<sot> <eot>``, and ``--guidance`` is written into the prior's config as its default scale.
 
 Data: :mod:`edgefm.runtime.shapes`, stream seed 0 for training, 1 for evaluation; the batch of step ``s``
 holds scenes ``s·B .. s·B + B - 1`` and the gumbel noise of step ``s`` is seeded by ``(seed, s)``, so a run

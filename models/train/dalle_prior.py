@@ -16,9 +16,16 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from edgefm.models.checkpoint import load_strict, read_state_dict
-from edgefm.models.dalle import DallePrior, Encoder, PriorConfig, load_dvae_encoder, train_step
+from edgefm.models.dalle import (
+    IMAGE_LOSS_WEIGHT,
+    TEXT_LOSS_WEIGHT,
+    DallePrior,
+    Encoder,
+    PriorConfig,
+    load_dvae_encoder,
+    train_step,
+)
 
 from .dalle_data import CaptionIds, scene_batches
 
@@ -33,14 +40,10 @@ def evaluate_prior(prior: DallePrior, text: torch.Tensor, codes: torch.Tensor, b
     device = next(prior.parameters()).device
     for i in range(0, len(text), batch):
         t, c = text[i : i + batch].to(device), codes[i : i + batch].to(device)
-        tl, il = prior(t, c[:, :-1])
-        target = t[:, 1:].flatten()
-        if text_vocab is not None:
-            tl, target = tl[..., text_vocab], torch.searchsorted(text_vocab, target)
-        t_sum += float(F.cross_entropy(tl.flatten(0, 1), target, reduction="sum")) / tl.shape[1]
-        i_sum += float(F.cross_entropy(il.flatten(0, 1), c.flatten(), reduction="sum")) / il.shape[1]
+        text_ce, image_ce = prior.loss_parts(t, c, text_vocab)
+        t_sum, i_sum = t_sum + float(text_ce) * len(t), i_sum + float(image_ce) * len(t)
     t_ce, i_ce = t_sum / len(text), i_sum / len(text)
-    return {"text_ce": t_ce, "image_ce": i_ce, "loss": t_ce / 8 + 7 * i_ce / 8}
+    return {"text_ce": t_ce, "image_ce": i_ce, "loss": TEXT_LOSS_WEIGHT * t_ce + IMAGE_LOSS_WEIGHT * i_ce}
 
 
 @torch.no_grad()
@@ -89,10 +92,11 @@ def train_prior(args: argparse.Namespace) -> dict[str, Any]:
 
     out = Path(args.out)
     config = T._size(args.prior_size, T.PRIOR_SIZES)
-    data = prior_data(args, config, CaptionIds(config))
+    captions = CaptionIds(config)  # one tokenizer for the pairs and the empty caption
+    data = prior_data(args, config, captions)
     if args.uncond_share > 0:  # the scale it will be sampled with travels in the config (and the bundle)
         config = dataclasses.replace(config, guidance_scale=args.guidance)
-    empty = torch.from_numpy(CaptionIds(config)(""))
+    empty = torch.from_numpy(captions(""))
     # Every id a text target can take (training and held-out captions', the empty caption's): the restricted
     # text softmax and its evaluation.
     text_vocab = torch.unique(torch.cat([data["text"].flatten(), data["eval_text"].flatten(), empty]))
