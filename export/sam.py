@@ -76,9 +76,14 @@ class PromptEncoderGraph(nn.Module):
 class MaskDecoderGraph(nn.Module):
     """One image embedding (1, C, h, w) and B prompts -> IoU predictions (B, 4) and mask logits (B, 4, 4h, 4w)."""
 
-    def __init__(self, sam: Sam) -> None:
+    def __init__(self, sam: Sam, fused_attention: bool = False) -> None:
         super().__init__()
-        self.decoder = sam.mask_decoder
+        if fused_attention:
+            from .sam_fused import decoder_with_fused_attention
+
+            self.decoder = decoder_with_fused_attention(sam.mask_decoder)
+        else:
+            self.decoder = sam.mask_decoder
         # Constant for a given model: fold it into the graph instead of recomputing it per call.
         self.register_buffer("image_pe", sam.prompt_encoder.get_dense_pe().detach().clone())
 
@@ -150,8 +155,9 @@ def export_sam(
 ) -> Path:
     """Export a SAM (a model, or a checkpoint path loaded strictly as ``variant``) to a bundle at ``out``.
 
-    ``attention="fused"`` writes the image encoder's attention as ONNX Runtime's fused MultiHeadAttention
-    (:mod:`edgefm.export.sam_fused`): fastest on ort-cuda, but not parsable by TensorRT.
+    ``attention="fused"`` writes the attention of the image encoder and the mask decoder as ONNX Runtime's
+    fused MultiHeadAttention (:mod:`edgefm.export.sam_fused`): fewer, larger kernels for ort-cuda, but not
+    parsable by TensorRT.
 
     ``precision="int8"`` (for CPUs) writes each component at the precision of :data:`INT8_PRECISIONS`,
     dynamically quantized (:func:`edgefm.export.onnx.int8_from_onnx`) and gated by the int8 policy. A mask
@@ -173,7 +179,7 @@ def export_sam(
     model = model.eval()
     specs = sam_specs(cfg.image_size, cfg.prompt_embed_dim, cfg.image_embedding_size)
     graphs = {IMAGE_ENCODER: ImageEncoderGraph(model, attention == "fused"), PROMPT_ENCODER: PromptEncoderGraph(model),
-              MASK_DECODER: MaskDecoderGraph(model)}
+              MASK_DECODER: MaskDecoderGraph(model, attention == "fused")}
     feeds = parity_inputs(cfg)
     parity: dict[str, Any] = {"gate": parity_gate, "reference": f"PyTorch {torch.__version__} fp32, CPU",
                               "backend": "onnxruntime CPU"}
@@ -187,8 +193,8 @@ def export_sam(
             onnx_path = work / f"{name}.onnx"
             extra = onnx_from_module(graph, spec, onnx_path, example_inputs(spec, feeds[name]), opset)
             info: dict[str, Any] = {"opset": opset}
-            if name == IMAGE_ENCODER and attention == "fused":
-                from .sam_fused import to_ort_attention
+            if name in (IMAGE_ENCODER, MASK_DECODER) and attention == "fused":
+                from .fused_attention import to_ort_attention
 
                 info["fused_attention"] = to_ort_attention(onnx_path)
             wanted = INT8_PRECISIONS[name] if precision == "int8" else precision

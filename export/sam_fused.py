@@ -1,50 +1,27 @@
 """SAM's image encoder with its attention as one fused ONNX Runtime operator (``--attention fused``).
 
-The plain export spells attention out: ``q @ kᵀ``, the decomposed relative-position terms, ``Softmax``,
-``@ v``. In the four global-attention blocks of ViT-B that is a 12 x 4096 x 4096 score tensor written and read
-several times (in fp32 around the softmax of an fp16 graph): memory traffic that dominates the encoder on a GPU.
-Here each block's attention becomes ONNX Runtime's ``com.microsoft.MultiHeadAttention`` with the relative
-positions passed as its ``attention_bias`` input (1, heads, HW, HW), which lets the CUDA provider run its
-fused (memory-efficient) attention kernels. The arithmetic is the official one; only where it runs changes.
-
-The result is an ONNX Runtime graph: TensorRT's ONNX parser does not know ``com.microsoft`` operators, so
-``edgefm build-engine`` needs the plain export.
+In the four global-attention blocks of ViT-B the plain export's score tensor is 12 x 4096 x 4096, written and
+read several times (in fp32 around the softmax of an fp16 graph): memory traffic that dominates the encoder on
+a GPU. Here each block's attention becomes ``com.microsoft.MultiHeadAttention``
+(:mod:`edgefm.export.fused_attention`) with SAM's decomposed relative positions passed as its
+``attention_bias`` (1, heads, HW, HW). The mask decoder's seven attentions (token self-attention and the
+two-way cross-attentions, queries and keys of different lengths) become the same operator without a bias:
+the plain graph splits their heads with shapes computed per call from the dynamic prompt count, about a
+hundred Shape/Gather nodes for a component whose whole run should take about a millisecond on a GPU. The
+arithmetic is the official one; only where it runs changes.
 """
 
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import torch
-from edgefm.models.sam.image_encoder import Attention, get_rel_pos
+import torch.nn.functional as F
+from edgefm.models.sam.image_encoder import Attention, Block, get_rel_pos
+from edgefm.models.sam.transformer import Attention as DecoderAttention
 from torch import nn
 
-PLACEHOLDER_DOMAIN = "edgefm"
-PLACEHOLDER_OP = "FusedAttention"
-ORT_DOMAIN = "com.microsoft"
-
-
-class _FusedAttentionFn(torch.autograd.Function):
-    """Attention of ``q, k, v`` (B, S, heads*hd) with an additive ``bias`` (B, heads, S, S).
-
-    PyTorch runs the plain math; the exporter writes one placeholder node that :func:`to_ort_attention`
-    turns into ``com.microsoft.MultiHeadAttention`` (whose default scale is ``hd ** -0.5``, SAM's own)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, bias, num_heads: int):  # noqa: ANN001 - autograd.Function signature
-        b, s, d = q.shape
-        hd = d // num_heads
-
-        def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.reshape(b, -1, num_heads, hd).transpose(1, 2)
-
-        attn = (heads(q) * hd**-0.5) @ heads(k).transpose(-2, -1) + bias
-        return (attn.softmax(dim=-1) @ heads(v)).transpose(1, 2).reshape(b, s, d)
-
-    @staticmethod
-    def symbolic(g, q, k, v, bias, num_heads: int):  # noqa: ANN001 - exporter signature
-        return g.op(f"{PLACEHOLDER_DOMAIN}::{PLACEHOLDER_OP}", q, k, v, bias, num_heads_i=num_heads)
+from .fused_attention import fused_attention
 
 
 class FusedAttention(nn.Module):
@@ -56,54 +33,81 @@ class FusedAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.inner
-        b, h, w, dim = x.shape
+        # The token grid is fixed by the encoder's input size (1024 -> 64 x 64, windows 14 x 14): as Python
+        # ints, the relative-position tables are gathered once at export (constant-folded into initializers)
+        # instead of by index arithmetic and two gathers per block on every run. Only the batch stays dynamic.
+        h, w, dim = int(x.shape[1]), int(x.shape[2]), int(x.shape[3])
         hd = dim // a.num_heads
         # Channels of qkv are laid out (3, heads, hd): q, k, v are (B, HW, heads*hd), heads-major.
-        q, k, v = a.qkv(x).reshape(b, h * w, 3, dim).unbind(2)
+        q, k, v = a.qkv(x).reshape(-1, h * w, 3, dim).unbind(2)
+        bias = None
         if a.use_rel_pos:
             # Decomposed relative positions from the unscaled queries, as add_decomposed_rel_pos does.
-            r_q = q.reshape(b, h, w, a.num_heads, hd).permute(0, 3, 1, 2, 4)  # B, heads, h, w, hd
+            r_q = q.reshape(-1, h, w, a.num_heads, hd).permute(0, 3, 1, 2, 4)  # B, heads, h, w, hd
             rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, get_rel_pos(h, h, a.rel_pos_h))
             rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, get_rel_pos(w, w, a.rel_pos_w))
-            bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, a.num_heads, h * w, h * w)
-        else:
-            bias = q.new_zeros(b, a.num_heads, h * w, h * w)
-        out = _FusedAttentionFn.apply(q, k, v, bias, a.num_heads)
-        return a.proj(out.reshape(b, h, w, dim))
+            bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(-1, a.num_heads, h * w, h * w)
+        out = fused_attention(q, k, v, a.num_heads, bias)
+        return a.proj(out.reshape(-1, h, w, dim))
+
+
+class FusedBlock(nn.Module):
+    """Drop-in for a :class:`Block`: the same norms, MLP and windowing (with the grid and padding as
+    constants), its attention a :class:`FusedAttention`."""
+
+    def __init__(self, block: Block) -> None:
+        super().__init__()
+        self.inner = block
+        self.attn = FusedAttention(block.attn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        blk, ws = self.inner, self.inner.window_size
+        h, w, c = int(x.shape[1]), int(x.shape[2]), int(x.shape[3])
+        shortcut, x = x, blk.norm1(x)
+        if ws > 0:
+            hp, wp = -(-h // ws) * ws, -(-w // ws) * ws  # padded up to whole windows, bottom/right
+            if (hp, wp) != (h, w):
+                x = F.pad(x, (0, 0, 0, wp - w, 0, hp - h))
+            x = x.reshape(-1, hp // ws, ws, wp // ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws, ws, c)
+        x = self.attn(x)
+        if ws > 0:
+            x = x.reshape(-1, hp // ws, wp // ws, ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, hp, wp, c)
+            x = x[:, :h, :w, :]
+        x = shortcut + x
+        return x + blk.mlp(blk.norm2(x))
+
+
+class FusedDecoderAttention(nn.Module):
+    """Drop-in for the mask decoder's :class:`~edgefm.models.sam.transformer.Attention` (q, k, v projected
+    to its internal width, heads split inside the fused node)."""
+
+    def __init__(self, attn: DecoderAttention) -> None:
+        super().__init__()
+        self.inner = attn
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        a = self.inner
+        return a.out_proj(fused_attention(a.q_proj(q), a.k_proj(k), a.v_proj(v), a.num_heads))
+
+
+def replaced(module: nn.Module, kind: type, make) -> nn.Module:  # noqa: ANN001 - make: module -> module
+    """``module`` with every submodule of type ``kind`` swapped for ``make(submodule)``: shallow copies along
+    the changed paths only, so the original model and its weights are shared, never modified."""
+    if isinstance(module, kind):
+        return make(module)
+    children = {name: replaced(child, kind, make) for name, child in module._modules.items() if child is not None}
+    if all(children[name] is module._modules[name] for name in children):
+        return module
+    new = copy.copy(module)
+    new._modules = {**module._modules, **children}
+    return new
 
 
 def with_fused_attention(encoder: nn.Module) -> nn.Module:
-    """A shallow copy of a SAM image encoder whose blocks use :class:`FusedAttention` (weights shared)."""
-    fused = copy.copy(encoder)
-    fused._modules = dict(encoder._modules)
-    blocks = nn.ModuleList()
-    for block in encoder.blocks:
-        nb = copy.copy(block)
-        nb._modules = dict(block._modules)
-        nb._modules["attn"] = FusedAttention(block.attn)
-        blocks.append(nb)
-    fused._modules["blocks"] = blocks
-    return fused
+    """A SAM image encoder whose blocks are :class:`FusedBlock` (weights shared)."""
+    return replaced(encoder, Block, FusedBlock)
 
 
-def to_ort_attention(path: str | Path) -> int:
-    """Rewrite the placeholder nodes of an exported graph in place; returns how many were rewritten."""
-    import onnx
-    from onnx import helper
-
-    path = Path(path)
-    model = onnx.load(str(path), load_external_data=False)
-    n = 0
-    for node in model.graph.node:
-        if node.domain == PLACEHOLDER_DOMAIN and node.op_type == PLACEHOLDER_OP:
-            q, k, v, bias = node.input
-            heads = next(a.i for a in node.attribute if a.name == "num_heads")
-            new = helper.make_node("MultiHeadAttention", [q, k, v, "", "", bias], list(node.output),
-                                   name=node.name or f"fused_attention_{n}", domain=ORT_DOMAIN, num_heads=heads)
-            node.CopyFrom(new)
-            n += 1
-    kept = [o for o in model.opset_import if o.domain not in (PLACEHOLDER_DOMAIN, ORT_DOMAIN)]
-    del model.opset_import[:]
-    model.opset_import.extend(kept + [helper.make_opsetid(ORT_DOMAIN, 1)])
-    onnx.save_model(model, str(path))  # external data, if any, stays in its file beside the graph
-    return n
+def decoder_with_fused_attention(decoder: nn.Module) -> nn.Module:
+    """A SAM mask decoder whose attentions are :class:`FusedDecoderAttention` (weights shared)."""
+    return replaced(decoder, DecoderAttention, FusedDecoderAttention)

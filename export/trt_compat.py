@@ -316,8 +316,8 @@ def assert_tensorrt_compatible(path: str | Path | ModelProto, trt_major: int = 1
     what = "the ONNX model" if isinstance(path, ModelProto) else str(path)
     hint = ""
     if any(v.domain == "com.microsoft" for v in found):
-        hint = ("com.microsoft operators are ONNX Runtime's own: re-export a SAM bundle made with --attention fused "
-                "with --attention plain (the default). ")
+        hint = ("com.microsoft operators are ONNX Runtime's own: re-export a SAM or CLIP bundle made with "
+                "--attention fused with --attention plain (the default). ")
     raise BundleError(
         f"{what} cannot become a TensorRT {trt_major}.x engine: {len(found)} problem(s) found by edgefm's static "
         f"check against the rules of TensorRT's ONNX parser (export/trt_compat.py; TensorRT itself was not run): "

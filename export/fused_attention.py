@@ -1,0 +1,86 @@
+"""Attention written as one ONNX Runtime operator (``--attention fused``), shared by SAM and CLIP.
+
+A plain export spells attention out: a head split (``Reshape``/``Transpose`` whose target shapes the tracer
+computes from ``Shape`` ops at run time), ``q @ kᵀ``, an additive mask or bias, ``Softmax``, ``@ v`` and the
+head merge: about 25 nodes per block for CLIP ViT-B/32, half of them shape arithmetic, and the score tensor
+written and read several times. ``com.microsoft.MultiHeadAttention`` takes ``q, k, v`` as (B, S, heads*hd)
+and an optional additive ``attention_bias`` broadcast over (B or 1, heads or 1, S, S), so a block's attention is
+one node with no shape arithmetic around it, and ONNX Runtime's CUDA provider can pick its fused
+(flash / memory-efficient) kernels. The arithmetic is unchanged, with the operator's default scale
+``hd ** -0.5``; the CPU provider has the same operator, which is how CI checks it.
+
+The result is an ONNX Runtime graph: TensorRT's ONNX parser does not know ``com.microsoft`` operators, so
+``edgefm build-engine`` needs the plain export (``export/trt_compat.py`` refuses fused graphs by name).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+PLACEHOLDER_DOMAIN = "edgefm"
+PLACEHOLDER_OP = "FusedAttention"
+ORT_DOMAIN = "com.microsoft"
+
+
+class _FusedAttentionFn(torch.autograd.Function):
+    """Attention of ``q, k, v`` (B, S, heads*hd) with an optional additive ``bias`` (broadcast to
+    (B, heads, S, S)). PyTorch runs the plain math; the exporter writes one placeholder node that
+    :func:`to_ort_attention` turns into ``com.microsoft.MultiHeadAttention``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, num_heads: int):  # noqa: ANN001 - autograd.Function signature
+        b, s, d = q.shape
+        hd = d // num_heads
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(b, -1, num_heads, hd).transpose(1, 2)
+
+        attn = (heads(q) * hd**-0.5) @ heads(k).transpose(-2, -1)
+        if bias is not None:
+            attn = attn + bias
+        return (attn.softmax(dim=-1) @ heads(v)).transpose(1, 2).reshape(b, s, d)
+
+    @staticmethod
+    def symbolic(g, q, k, v, bias, num_heads: int):  # noqa: ANN001 - exporter signature
+        inputs = (q, k, v) if bias is None or _is_none(bias) else (q, k, v, bias)
+        out = g.op(f"{PLACEHOLDER_DOMAIN}::{PLACEHOLDER_OP}", *inputs, num_heads_i=num_heads)
+        out.setType(q.type())  # the output has the query's shape and dtype
+        return out
+
+
+def _is_none(value) -> bool:  # noqa: ANN001 - a TorchScript graph value
+    node = getattr(value, "node", None)
+    return node is not None and value.node().mustBeNone()
+
+
+def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Multi-head attention of (B, S, heads*hd) ``q, k, v`` that exports as one fused node."""
+    return _FusedAttentionFn.apply(q, k, v, bias, num_heads)
+
+
+def to_ort_attention(path: str | Path) -> int:
+    """Rewrite the placeholder nodes of an exported graph in place; returns how many were rewritten."""
+    import onnx
+    from onnx import helper
+
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    n = 0
+    for node in model.graph.node:
+        if node.domain == PLACEHOLDER_DOMAIN and node.op_type == PLACEHOLDER_OP:
+            q, k, v, *bias = node.input
+            heads = next(a.i for a in node.attribute if a.name == "num_heads")
+            # MultiHeadAttention's inputs: query, key, value, bias, key_padding_mask, attention_bias.
+            inputs = [q, k, v, "", "", bias[0]] if bias else [q, k, v]
+            new = helper.make_node("MultiHeadAttention", inputs, list(node.output),
+                                   name=node.name or f"fused_attention_{n}", domain=ORT_DOMAIN, num_heads=heads)
+            node.CopyFrom(new)
+            n += 1
+    kept = [o for o in model.opset_import if o.domain not in (PLACEHOLDER_DOMAIN, ORT_DOMAIN)]
+    del model.opset_import[:]
+    model.opset_import.extend(kept + [helper.make_opsetid(ORT_DOMAIN, 1)])
+    onnx.save_model(model, str(path))  # external data, if any, stays in its file beside the graph
+    return n
