@@ -25,22 +25,28 @@ from edgefm.runtime.spec import ComponentSpec
 from torch import nn
 
 from .bundle import BundleWriter
+from .fused_attention import fused_attention, to_ort_attention
 from .onnx import INT8_INFO, at_precision, example_inputs, onnx_from_module
 from .parity import gate, measure
 
 PARITY_PROMPTS = ["a photo of a cat", "a diagram", "an extremely long and detailed description " * 3, ""]
 
 
-def _attention(block: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """``block.attn`` on batch-first ``x`` written out with plain ops.
+def _attention(block: nn.Module, x: torch.Tensor, mask: torch.Tensor | None, fused: bool) -> torch.Tensor:
+    """``block.attn`` on batch-first ``x`` written out with plain ops, or as one fused node.
 
     nn.MultiheadAttention computes its reshapes from Python ints of the traced shapes, so the TorchScript
     exporter freezes batch and length at their trace-time values; here only the head split is a constant.
+    ``fused``: ``com.microsoft.MultiHeadAttention`` (:mod:`edgefm.export.fused_attention`), the mask as its
+    additive bias.
     """
     attn = block.attn
     heads = attn.num_heads
-    q, k, v = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
-    q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))  # B, h, L, d
+    qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)
+    if fused:
+        q, k, v = qkv.split(x.shape[-1], dim=-1)
+        return attn.out_proj(fused_attention(q, k, v, heads, None if mask is None else mask[None, None]))
+    q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in qkv.chunk(3, dim=-1))  # B, h, L, d
     scores = (q * (q.shape[-1] ** -0.5)) @ k.transpose(-1, -2)  # B, h, L, L
     if mask is not None:
         scores = scores + mask
@@ -48,10 +54,11 @@ def _attention(block: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> 
     return attn.out_proj(out)
 
 
-def _transformer(transformer: nn.Module, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def _transformer(transformer: nn.Module, x: torch.Tensor, mask: torch.Tensor | None = None,
+                 fused: bool = False) -> torch.Tensor:
     """``transformer`` (a stack of pre-norm residual attention blocks) with export-safe attention."""
     for block in transformer.resblocks:
-        x = x + _attention(block, block.ln_1(x), mask)
+        x = x + _attention(block, block.ln_1(x), mask, fused)
         x = x + block.mlp(block.ln_2(x))
     return x
 
@@ -59,9 +66,10 @@ def _transformer(transformer: nn.Module, x: torch.Tensor, mask: torch.Tensor | N
 class ImageEncoderGraph(nn.Module):
     """Normalized image (B, 3, S, S) -> unnormalized image embeddings (B, D), as ``encode_image``."""
 
-    def __init__(self, clip: CLIP) -> None:
+    def __init__(self, clip: CLIP, fused: bool = False) -> None:
         super().__init__()
         self.visual = clip.visual
+        self.fused = fused
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         v = self.visual
@@ -70,16 +78,17 @@ class ImageEncoderGraph(nn.Module):
         x = v.conv1(image).flatten(2).transpose(1, 2)  # B, grid**2, width
         cls = v.class_embedding.expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + v.positional_embedding
-        x = _transformer(v.transformer, v.ln_pre(x))
+        x = _transformer(v.transformer, v.ln_pre(x), fused=self.fused)
         return v.ln_post(x[:, 0, :]) @ v.proj
 
 
 class TextEncoderGraph(nn.Module):
     """Tokens (B, L), L in 1..77 -> unnormalized text embeddings (B, D), as ``encode_text``."""
 
-    def __init__(self, clip: CLIP) -> None:
+    def __init__(self, clip: CLIP, fused: bool = False) -> None:
         super().__init__()
         self.clip = clip
+        self.fused = fused
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         c = self.clip
@@ -89,7 +98,7 @@ class TextEncoderGraph(nn.Module):
         pos = torch.arange(length, device=tokens.device)
         mask = torch.zeros(length, length, device=tokens.device)
         mask = mask.masked_fill(pos.unsqueeze(0) > pos.unsqueeze(1), float("-inf"))
-        x = c.ln_final(_transformer(c.transformer, x, mask))
+        x = c.ln_final(_transformer(c.transformer, x, mask, self.fused))
         return c.pool_eot(x, tokens) @ c.text_projection
 
 
@@ -143,15 +152,20 @@ def export_clip(
     parity_gate: bool = True,
     progress=None,
     opset: int = 17,
+    attention: str = "plain",
 ) -> Path:
     """Export a CLIP (a model, or a checkpoint loaded strictly by ``load_clip``) to a bundle at ``out``.
 
     ``quick_gelu`` applies to paths only (``None``: decided by ``load_clip`` from the checkpoint).
     ``precision="int8"`` quantizes both encoders dynamically (:func:`edgefm.export.onnx.int8_from_onnx`),
     for CPUs; the parity gate then holds them to the int8 policy against PyTorch fp32.
+    ``attention="fused"`` writes each transformer block's attention as ONNX Runtime's MultiHeadAttention
+    (:mod:`edgefm.export.fused_attention`): fewer, larger kernels for ONNX Runtime, but not parsable by TensorRT.
     """
     if precision not in ("fp32", "fp16", "int8"):
         raise InputError(f"--precision {precision!r} is not supported for CLIP; choose fp32, fp16 or int8")
+    if attention not in ("plain", "fused"):
+        raise InputError(f"--attention {attention!r} is not supported; choose plain or fused")
     if opset < 17:
         raise InputError(f"--opset {opset} is too old: opset 17 is needed for one-op LayerNorm")
     if isinstance(model_or_path, nn.Module):
@@ -166,7 +180,8 @@ def export_clip(
         gelu_source = info["quick_gelu_source"]
     model = model.float().eval()
     specs = clip_specs(config.image_size, config.embed_dim, config.context_length)
-    graphs = {IMAGE_ENCODER: ImageEncoderGraph(model), TEXT_ENCODER: TextEncoderGraph(model)}
+    fused = attention == "fused"
+    graphs = {IMAGE_ENCODER: ImageEncoderGraph(model, fused), TEXT_ENCODER: TextEncoderGraph(model, fused)}
     feeds = parity_inputs(config.image_size, config.context_length)
     parity: dict[str, Any] = {"gate": parity_gate, "reference": f"PyTorch {torch.__version__} fp32, CPU",
                               "backend": "onnxruntime CPU"}
@@ -188,11 +203,13 @@ def export_clip(
             trace = feeds[name] if name == IMAGE_ENCODER else {"tokens": feeds[name]["tokens"][:, :16].copy()}
             with _mha_fastpath(False):
                 extra = onnx_from_module(graph, spec, onnx_path, example_inputs(spec, trace), opset)
+            info: dict[str, Any] = {"opset": opset, **({"quantization": INT8_INFO} if precision == "int8" else {})}
+            if fused:
+                info["fused_attention"] = to_ort_attention(onnx_path)
             onnx_path, extra = at_precision(onnx_path, precision, extra, writer.workdir)
             report = measure(onnx_path, spec, feeds[name], ref, precision)
             parity[name] = report
             gate(name, report, parity_gate)
-            info: dict[str, Any] = {"opset": opset, **({"quantization": INT8_INFO} if precision == "int8" else {})}
             writer.add(onnx_path, spec, "onnx", precision, extra, info=info)
         writer.copy_asset(DEFAULT_VOCAB, TOKENIZER_ASSET)
         manifest = Manifest(

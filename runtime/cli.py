@@ -54,10 +54,13 @@ def cmd_export(args: argparse.Namespace) -> None:
             raise InputError(f"--checkpoint {args.checkpoint!r} does not exist; pass e.g. OpenAI's ViT-B-32.pt")
         out = export_clip(args.checkpoint, args.out, precision=args.precision, quick_gelu=args.quick_gelu,
                           overwrite=args.overwrite, parity_gate=not args.no_parity_gate, progress=_progress,
-                          opset=args.opset)
+                          opset=args.opset, attention=args.attention)
     else:
         from edgefm.export.dalle import run_export
 
+        if args.attention != "plain":
+            raise InputError("--attention fused applies to sam and clip; the DALL·E components export plain "
+                             "attention only (leave --attention out)")
         out = run_export(args, progress=_progress)
     print(f"wrote {out}")
     _print_manifest(out, brief=True)
@@ -162,8 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--opset", type=int, default=17)
     e.add_argument("--no-parity-gate", action="store_true", help="write the bundle even if parity fails")
     e.add_argument("--attention", default="plain", choices=["plain", "fused"],
-                   help="sam: 'fused' writes the image encoder's attention as ONNX Runtime's MultiHeadAttention "
-                        "(fast on ort-cuda; not parsable by TensorRT)")
+                   help="sam, clip: 'fused' writes the transformer attention as ONNX Runtime's MultiHeadAttention "
+                        "(one node per block, for ort-cuda; not parsable by TensorRT)")
     e.add_argument("--overwrite", action="store_true")
     e.add_argument("--quick-gelu", dest="quick_gelu", action="store_true", default=None,
                    help="clip: QuickGELU activations (OpenAI archives imply it)")

@@ -58,11 +58,11 @@ def tiny_pair(name: str):
 
 
 @functools.cache
-def tiny_bundle(name: str, precision: str = "fp32") -> Path:
+def tiny_bundle(name: str, precision: str = "fp32", attention: str = "plain") -> Path:
     from edgefm.export.clip import export_clip
 
-    out = Path(tempfile.mkdtemp(prefix="edgefm-clip-")) / f"{name}-{precision}"
-    return export_clip(tiny_pair(name)[0], out, precision=precision)
+    out = Path(tempfile.mkdtemp(prefix="edgefm-clip-")) / f"{name}-{precision}-{attention}"
+    return export_clip(tiny_pair(name)[0], out, precision=precision, attention=attention)
 
 
 def picture(seed: int, h: int = 90, w: int = 120) -> np.ndarray:
