@@ -17,8 +17,15 @@ import numpy as np
 from edgefm.runtime.errors import require
 from edgefm.runtime.spec import ComponentSpec
 
-# Ops kept in fp32 in fp16 graphs: reductions that overflow or lose precision in half (DESIGN.md policy).
-FP32_OPS = ["LayerNormalization", "Softmax", "ReduceMean", "Pow", "Sqrt", "Erf", "Exp", "Sin", "Cos", "Div"]
+# Ops kept in fp32 in fp16 graphs (DESIGN.md policy: reductions that overflow or lose precision in half).
+# Softmax; the statistics of SAM's written-out LayerNorm2d (ReduceMean, and Pow, whose squares pass 65504 once
+# |x - mean| > 256); Exp; Sin/Cos of the prompt encoder's large positional phases. Not LayerNormalization: its
+# statistics are fp32 by the operator's definition (stash_type = 1, the default), which ONNX Runtime's CPU and
+# CUDA kernels follow and the TensorRT builder pins (export/tensorrt.py), so fp16 I/O loses nothing that the
+# fp16 MatMul beside it would not. Not Div or Erf: elementwise, and in fp16 GELU stays one fusable pattern.
+# Casting around those cost ~100 Cast kernels per CLIP ViT-B/32 (measured on the H100: SAM's fp16 encoder
+# ran slower than fp32); the parity of fp16 SAM ViT-B / CLIP ViT-B/32 exports is unchanged (benchmarks/README.md).
+FP32_OPS = ["Softmax", "ReduceMean", "Pow", "Sqrt", "Exp", "Sin", "Cos"]
 # Ops whose constant weights int8 graphs quantize. Conv stays fp32: ORT's ConvInteger has no fast CPU kernel
 # (CLIP ViT-B/32 at batch 32 on an AVX-512 VNNI CPU: 2.56 s with the patch Conv quantized, 2.10 s without).
 INT8_OPS = ["MatMul", "Gemm"]
@@ -86,7 +93,8 @@ def onnx_from_module(
 
 
 def fp16_from_onnx(src: str | Path, dst: str | Path) -> list[str]:
-    """Mixed precision: weights and most ops in fp16; FP32_OPS and the graph's I/O stay fp32."""
+    """Mixed precision: weights and most ops in fp16; FP32_OPS and the graph's I/O stay fp32. LayerNormalization
+    runs with fp16 I/O and fp32 statistics (its ``stash_type``; set explicitly so no reader can assume fp16)."""
     onnx = require("onnx", "export", "Exporting fp16")
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -99,6 +107,12 @@ def fp16_from_onnx(src: str | Path, dst: str | Path) -> list[str]:
     made: set[tuple] = set()
     keep = []
     for node in half.graph.node:
+        if node.op_type == "LayerNormalization":
+            stash = [a for a in node.attribute if a.name == "stash_type"]
+            if stash:
+                stash[0].i = onnx.TensorProto.FLOAT
+            else:
+                node.attribute.append(onnx.helper.make_attribute("stash_type", onnx.TensorProto.FLOAT))
         if node.op_type == "Cast":
             key = (tuple(node.input), tuple(node.output), tuple((a.name, a.i) for a in node.attribute))
             if key in made:

@@ -5,9 +5,10 @@ runs them for every component of a bundle and adds ``.engine`` components to its
 
 Precision. Networks are strongly typed wherever the installed TensorRT allows it (the creation flag exists
 since 8.6 and is implied in 11.x): the ONNX graph carries the precision. fp16 engines are therefore built
-from the bundle's mixed-precision ONNX (``export/onnx.py`` ``fp16_from_onnx``: LayerNorm/Softmax kept fp32,
-fp32 I/O); only when a bundle has no fp16 ONNX *and* the installed TensorRT still has ``BuilderFlag.FP16``
-(10.x) is the fp32 graph built weakly typed with that flag. int8 engines need an explicitly quantized (Q/DQ)
+from the bundle's mixed-precision ONNX (``export/onnx.py`` ``fp16_from_onnx``: Softmax and the written-out
+reductions kept fp32, fp32 I/O; LayerNorm's statistics pinned to fp32 by ``pin_normalization_fp32``); only
+when a bundle has no fp16 ONNX *and* the installed TensorRT still has ``BuilderFlag.FP16`` (10.x) is the fp32
+graph built weakly typed with that flag. int8 engines need an explicitly quantized (Q/DQ)
 ONNX component; calibrated implicit INT8 is deprecated in 10.x and gone in 11.x, so it is not offered.
 
 Profiles come from the component's :class:`ComponentSpec` ranges (min/opt/max of every symbolic dim);
@@ -167,6 +168,21 @@ def network_from_onnx(path: str | Path, strongly_typed: bool = True, logger: Any
     return builder, network, parser
 
 
+def pin_normalization_fp32(network: Any, trt: Any) -> int:
+    """Run every normalization layer's statistics in fp32 (``INormalizationLayer.compute_precision``), as the
+    ONNX ``stash_type`` of the exported LayerNormalization says: the fp16 ONNX keeps LayerNorm's I/O in fp16
+    (``export/onnx.py`` FP32_OPS), so the accumulation must not follow the I/O type. Returns how many layers
+    were pinned."""
+    n = 0
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.type == trt.LayerType.NORMALIZATION:
+            layer.__class__ = trt.INormalizationLayer  # the Python bindings' documented down-cast
+            layer.compute_precision = trt.float32
+            n += 1
+    return n
+
+
 @dataclass
 class TimingCache:
     """A serialized TensorRT timing cache carried from build to build; the caller decides when to save it."""
@@ -259,6 +275,7 @@ def build_engine(bundle: str | Path, precision: str = "fp16", workspace: str | i
                 progress(f"building {src.name} ({precision}) from {src.file}")
             profiles = profiles_from_spec(src.spec, overrides)
             builder, network, _parser = network_from_onnx(folder / src.file, strongly_typed=not step.fp16_flag)
+            pinned = pin_normalization_fp32(network, trt)
             data = engine_from_network(builder, network, profiles, n_bytes, step.fp16_flag, cache)
             tmp = folder / f".{src.name}.{precision}.engine.tmp-{os.getpid()}"
             tmps.append(tmp)
@@ -269,7 +286,7 @@ def build_engine(bundle: str | Path, precision: str = "fp16", workspace: str | i
                 "compute_capability": gpu["compute_capability"],
                 "profiles": profiles_to_json(profiles), "source": src.file, "source_precision": src.precision,
                 "strongly_typed": not step.fp16_flag, "builder_flags": ["FP16"] if step.fp16_flag else [],
-                "workspace_bytes": n_bytes,
+                "workspace_bytes": n_bytes, "normalization_layers_fp32": pinned,
                 "built": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             }
             entry = ComponentEntry(src.name, f"{src.name}.{precision}.{digest[:8]}.engine", digest, "tensorrt",

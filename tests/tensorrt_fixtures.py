@@ -99,16 +99,31 @@ def make_fake_trt(cudart: FakeCudart, version: str = "10.13.0.35", fp16_flag: bo
     trt.BuilderFlag = types.SimpleNamespace(**({"FP16": "FP16"} if fp16_flag else {}))
     trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
     trt.TensorIOMode = types.SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT")
+    trt.LayerType = types.SimpleNamespace(NORMALIZATION="NORMALIZATION", MATRIX_MULTIPLY="MATRIX_MULTIPLY")
+    trt.float32, trt.float16 = "float32", "float16"
+
+    class Layer:  # ILayer: its type; the builder down-casts by assigning __class__, as the bindings document
+        def __init__(self, kind):
+            self.type, self.compute_precision = kind, None
+
+    class INormalizationLayer(Layer):
+        pass
+
+    trt.INormalizationLayer = INormalizationLayer
 
     class Network:
         def __init__(self, flags):
-            self.flags, self.inputs, self.outputs = flags, [], []
+            self.flags, self.inputs, self.outputs, self.layers = flags, [], [], []
             trt.log["networks"].append(self)
 
         num_inputs = property(lambda self: len(self.inputs))
+        num_layers = property(lambda self: len(self.layers))
 
         def get_input(self, i):
             return types.SimpleNamespace(name=self.inputs[i], is_shape_tensor=False)
+
+        def get_layer(self, i):
+            return self.layers[i]
 
     class Profile(dict):
         def set_shape(self, name, lo, opt, hi):
@@ -160,6 +175,7 @@ def make_fake_trt(cudart: FakeCudart, version: str = "10.13.0.35", fp16_flag: bo
             graph = json.loads(Path(path).read_text())
             self.errors = graph.get("errors", [])
             self.network.inputs, self.network.outputs = graph["inputs"], graph["outputs"]
+            self.network.layers = [Layer(kind) for kind in graph.get("layers", [])]
             return not self.errors
 
         num_errors = property(lambda self: len(self.errors))
@@ -255,8 +271,10 @@ def make_bundle(folder: Path, specs: dict[str, ComponentSpec], precisions=("fp32
     for name, spec in specs.items():
         for prec in precisions:
             f = folder / f"{name}.{prec}.onnx"
+            # Layer types as the parser would create them: a LayerNorm between two MatMuls.
             f.write_text(json.dumps({"inputs": spec.input_names, "outputs": spec.output_names,
-                                     "errors": (errors or {}).get(name, [])}))
+                                     "errors": (errors or {}).get(name, []),
+                                     "layers": ["MATRIX_MULTIPLY", "NORMALIZATION", "MATRIX_MULTIPLY"]}))
             comps.append(ComponentEntry(name, f.name, sha256_file(f), "onnx", prec, spec, info={"opset": 17}))
     Manifest("sam", "toy", {"loader": "test"}, {"image_size": 1024}, comps).write(folder)
     return folder

@@ -167,6 +167,9 @@ def test_build_engine_records_and_replaces(tmp_path, fake_gpu):
     assert e.info["profiles"][0]["point_labels"] == {"min": [1, 1], "opt": [1, 2], "max": [4, 8]}
     assert e.spec.dims == {"batch": DimRange(1, 1, 4), "num_points": DimRange(1, 2, 8)}
     assert trt.log["networks"][0].flags == 1 << 5  # STRONGLY_TYPED
+    # LayerNorm runs fp16 I/O in the fp16 ONNX: its statistics are pinned to fp32, the MatMuls left alone.
+    assert e.info["normalization_layers_fp32"] == 1
+    assert [la.compute_precision for la in trt.log["networks"][0].layers] == [None, "float32", None]
     cfg = trt.log["configs"][0]
     assert cfg.pool == {"WORKSPACE": 2**30} and cfg.flags == []
     assert cfg.profiles[0]["image"] == [[1, 3, 256, 256], [1, 3, 256, 256], [4, 3, 256, 256]]
