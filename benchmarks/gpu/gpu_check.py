@@ -42,6 +42,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 from common import machine, versions  # noqa: E402
+from gpu_profile import section_kernel_profile  # noqa: E402
 from gpu_run import Run, time_fn  # noqa: E402
 from gpu_sections_runtime import section_camera, section_cli_bench, section_dalle_generate, section_predictor  # noqa: E402
 
@@ -82,12 +83,17 @@ def export_bundles(run: Run, models: dict[str, Any], work: Path) -> dict[str, di
                 image_size = 64 if run.smoke else 256
                 export_dalle(dst, model, image_size=image_size, precision=precision, overwrite=True)
             _note_export(run, info, out, family, variant, precision, dst, t)
-    # SAM's encoder again with fused attention (com.microsoft.MultiHeadAttention + relative-position bias).
-    t = time.monotonic()
-    variant, model = models["sam"]
-    dst = work / "sam_fused_fp16"
-    export_sam(model, dst, variant, precision="fp16", overwrite=True, attention="fused")
-    _note_export(run, info, out, "sam", variant, "fused_fp16", dst, t)
+    # SAM and CLIP again with fused attention (com.microsoft.MultiHeadAttention; SAM's relative positions
+    # as its bias).
+    for family in ("sam", "clip"):
+        t = time.monotonic()
+        variant, model = models[family]
+        dst = work / f"{family}_fused_fp16"
+        if family == "sam":
+            export_sam(model, dst, variant, precision="fp16", overwrite=True, attention="fused")
+        else:
+            export_clip(model, dst, precision="fp16", overwrite=True, attention="fused")
+        _note_export(run, info, out, family, variant, "fused_fp16", dst, t)
     return out
 
 
@@ -351,8 +357,8 @@ def _bench_family(run: Run, family: str, model: Any, bundles, backend: str, devi
         _torch_rows(run, comp, graphs[name], spec, feeds, device, sync, compiled, family)
         for precision in ("fp32", "fp16"):
             _ort_rows(run, comp, bundles[family][precision], name, feeds, backend, precision)
-        if family == "sam" and name == "image_encoder":
-            _ort_rows(run, comp, bundles["sam"]["fused_fp16"], name, feeds, backend, "fp16 fused attention")
+        if "fused_fp16" in bundles[family]:
+            _ort_rows(run, comp, bundles[family]["fused_fp16"], name, feeds, backend, "fp16 fused attention")
     if family == "sam":
         prompt_to_masks(run, graphs, bundles, backend, device, sync)
 
@@ -419,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     run.section("gpu_parity", lambda: section_parity(run, models, bundles, backend, device))
     run.section("bench", lambda: section_bench(run, models, bundles, backend, device,
                                                compiled=not (args.smoke or args.no_compile)))
+    run.section("kernel_profile", lambda: section_kernel_profile(run, models, bundles, backend, device, bench_feeds,
+                                                                 torch_graphs), min_left_s=60)
     run.section("sam_predictor", lambda: section_predictor(run, bundles, backend), min_left_s=30)
     run.section("camera_1280x720", lambda: section_camera(run, bundles, backend, args.camera_seconds),
                 min_left_s=40)

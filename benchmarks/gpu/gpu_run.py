@@ -112,6 +112,14 @@ def markdown(res: dict[str, Any]) -> str:
             if isinstance(d, dict) and "fps" in d:
                 lat = d.get("latency_ms", {})
                 lines.append(f"| {task} | {d['fps']} | {lat.get('p50')} | {lat.get('p99')} | {d.get('dropped')} |")
+    prof = res.get("sections", {}).get("kernel_profile", {})
+    if prof:
+        lines += ["", "## Where the time goes (CUDA kernels per call, fp16, batch 1)", "",
+                  "| graph | wall ms | GPU busy ms | launches | top kernels (share of busy) |", "|---|---|---|---|---|"]
+        for key, p in prof.items():
+            if isinstance(p, dict) and "wall_ms" in p:
+                top = "; ".join(f"{t['kernel'][:48]} ({t['share']})" for t in p["top"][:3])
+                lines.append(f"| {key} | {p['wall_ms']} | {p['busy_ms']} | {p['launches']} | {top} |")
     if res.get("errors"):
         lines += ["", "## Errors", ""]
         lines += [f"- {k}: {v.strip().splitlines()[-1][:300]}" for k, v in res["errors"].items()]
