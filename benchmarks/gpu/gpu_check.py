@@ -325,6 +325,26 @@ def _ort_rows(run: Run, comp: str, bundle_path: Path, name: str, feeds: dict[str
         run.results["errors"][f"captured_graph.{comp}.{precision}"] = traceback.format_exc()
 
 
+def _nhwc_row(run: Run, comp: str, bundle_path: Path, name: str, feeds: dict[str, np.ndarray], backend: str) -> None:
+    """Convolution-heavy graphs again with the CUDA provider's ``prefer_nhwc`` (channels-last convolutions,
+    the layout tensor cores want; the dVAE decoder is 308 GFLOP of convolutions), IO binding. (On ort-cpu, in
+    a smoke run, the option does not apply.)"""
+    import onnxruntime as ort
+    from edgefm.runtime.backends.onnxruntime import OrtRunner
+    from edgefm.runtime.bundle import Bundle
+
+    entry = Bundle(bundle_path, "ort-cpu").entry(name)
+    try:
+        runner = OrtRunner(bundle_path / entry.file, entry.spec, backend, cuda_options={"prefer_nhwc": "1"})
+        dev = {n: ort.OrtValue.ortvalue_from_numpy(a, runner.device, 0) for n, a in feeds.items()}
+        keep = tuple(entry.spec.output_names)
+        run.row(comp, f"onnxruntime {backend} IO binding, prefer_nhwc", "fp16",
+                time_fn(lambda: runner.run_on_device(dev, keep=keep), run.iters, run.warmup))
+    except Exception as exc:  # an onnxruntime-gpu built without NHWC kernels refuses the option
+        run.log(f"   {comp} prefer_nhwc failed: {type(exc).__name__}: {str(exc)[:300]}")
+        run.results["errors"][f"prefer_nhwc.{comp}"] = traceback.format_exc()
+
+
 def section_bench(run: Run, models, bundles, backend: str, device: str, compiled: bool) -> None:
     """Per component, batch 1: PyTorch eager fp32/fp16 (and compiled), ORT host / IO binding / CUDA graph."""
     import torch
@@ -359,6 +379,8 @@ def _bench_family(run: Run, family: str, model: Any, bundles, backend: str, devi
             _ort_rows(run, comp, bundles[family][precision], name, feeds, backend, precision)
         if "fused_fp16" in bundles[family]:
             _ort_rows(run, comp, bundles[family]["fused_fp16"], name, feeds, backend, "fp16 fused attention")
+        if (family, name) in (("dalle", "dvae_decoder"), ("sam", "image_encoder")):
+            _nhwc_row(run, comp, bundles[family]["fp16"], name, feeds, backend)
     if family == "sam":
         prompt_to_masks(run, graphs, bundles, backend, device, sync)
 
