@@ -96,3 +96,16 @@ def test_bad_prompts_have_clear_messages(predictors):
         ours.predict(box=np.array([1, 1, 50, 50]), mask_input=np.zeros((256, 256)))
     with pytest.raises(InputError, match="must be uint8"):
         ours.set_image(np.zeros((10, 10, 3), np.float32))
+
+
+@pytest.mark.parametrize("hw", [(576, 1024), (1024, 683), (1024, 1024), (37, 64)])
+def test_normalize_and_pad_is_the_per_pixel_formula_bit_for_bit(hw):
+    from edgefm.runtime.sam.transforms import normalize_and_pad
+
+    mean, std = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
+    image = np.random.default_rng(hw[0]).integers(0, 256, (*hw, 3), dtype=np.uint8)
+    image[0, 0] = (0, 255, 128)  # both ends of the table
+    got = normalize_and_pad(image, 1024, mean, std)
+    want = np.zeros((1, 3, 1024, 1024), np.float32)
+    want[0, :, : hw[0], : hw[1]] = ((image.astype(np.float32) - np.float32(mean)) / np.float32(std)).transpose(2, 0, 1)
+    assert got.dtype == np.float32 and np.array_equal(got, want)
