@@ -414,6 +414,38 @@ def prompt_to_masks(run: Run, graphs, bundles, backend: str, device: str, sync) 
 
         run.row("sam.prompt_to_masks", f"onnxruntime {backend} chained on device", precision,
                 time_fn(chained, it, wu))
+    _captured_chain(run, bundles, backend, feeds, image)
+
+
+def _captured_chain(run: Run, bundles, backend: str, feeds, image) -> None:
+    """Prompt encoder and mask decoder as two captured graphs sharing their buffers: a click is the point
+    arrays copied in (a few bytes) and two graph replays; the embedding was written once for the image."""
+    from edgefm.runtime.backends.onnxruntime import _CapturedGraph
+    from edgefm.runtime.bundle import Bundle
+
+    for variant in ("fp16", "fused_fp16"):
+        try:
+            bundle = Bundle(bundles["sam"][variant], backend)
+            pe, dec = bundle.runner("prompt_encoder"), bundle.runner("mask_decoder")
+            emb = bundle.runner("image_encoder").run(image)["image_embeddings"]
+            prompt = _CapturedGraph(pe, pe.spec.check_feeds(feeds))
+            mid = {n: prompt.outputs[n] for n in ("sparse_embeddings", "dense_embeddings")}
+            decoder = _CapturedGraph(dec, {"image_embeddings": emb}, bound=mid)
+            click = {k: feeds[k] for k in ("point_coords", "point_labels")}
+
+            def replay(prompt=prompt, decoder=decoder, click=click):
+                prompt.replay(click)
+                decoder.replay()
+                return decoder.outputs["iou_predictions"].numpy()  # the scores to the host: the call is done
+
+            run.row("sam.prompt_to_masks", f"onnxruntime {backend} captured graphs, chained", variant,
+                    time_fn(replay, run.iters, run.warmup))
+            want = dec.run({"image_embeddings": emb, **pe.run(feeds)})["low_res_masks"]
+            diff = float(np.abs(decoder.outputs["low_res_masks"].numpy() - want).max())
+            run.results["sections"].setdefault("captured_vs_plain_max_abs", {})[f"prompt_to_masks.{variant}"] = diff
+        except Exception as exc:
+            run.log(f"   prompt_to_masks {variant} captured chain failed: {type(exc).__name__}: {str(exc)[:300]}")
+            run.results["errors"][f"captured_chain.{variant}"] = traceback.format_exc()
 
 
 def main(argv: list[str] | None = None) -> int:

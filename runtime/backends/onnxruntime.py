@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BackendError, BundleError, InputError
+from ..errors import BackendError, BundleError
 from ..spec import ComponentSpec
 
 _PROVIDERS = {
@@ -122,20 +122,11 @@ class OrtRunner:
         self.backend = backend
         self.path = Path(path)
         self.cuda_graph = cuda_graph
-        self._graph: _CapturedGraph | None = None
+        # Captured graphs by input shapes, most recently used last (see _run_graph).
+        self._graphs: dict[tuple, _CapturedGraph] = {}
         cache = Path(cache_dir) if cache_dir is not None else None
-        so = rt.SessionOptions()
-        so.graph_optimization_level = rt.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Default: one intra-op thread per core; a pipeline runs one component at a time.
-        so.intra_op_num_threads = threads or (os.cpu_count() or 1)
-        so.inter_op_num_threads = 1
-        if backend == "ort-cpu" and not spin:
-            # Idle intra-op threads would spin on the cores that OpenCV pre/post-processing and a camera
-            # pipeline's other stages need next; measured on 2 cores with one other busy process, SAM ViT-B's
-            # prompt -> mask went from 192 ms spinning to 81 ms without (a tiny model on a quiet machine
-            # loses ~0.4 ms per call: pass spin=True for a dedicated machine).
-            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        so.log_severity_level = 3
+        self._threads, self._spin = threads, spin
+        so = self._session_options()
         missing = [p for p in _PROVIDERS[backend][:1] if p not in rt.get_available_providers()]
         if missing:
             raise BackendError(
@@ -143,7 +134,7 @@ class OrtRunner:
                 f"(it has {rt.get_available_providers()}); install onnxruntime-gpu "
                 "(pip install 'edgefm[gpu]') or choose --backend ort-cpu"
             )
-        self._options, self._providers = so, _provider_options(backend, cache, cuda_options)
+        self._providers = _provider_options(backend, cache, cuda_options)
         self.session = self._open(so, self._providers)
         got_in = [i.name for i in self.session.get_inputs()]
         got_out = [o.name for o in self.session.get_outputs()]
@@ -153,6 +144,23 @@ class OrtRunner:
                 f"{spec.input_names} -> {spec.output_names}; re-export the bundle"
             )
         self.device = "cuda" if backend != "ort-cpu" else "cpu"
+
+    def _session_options(self):
+        """Fresh options for one session (a captured graph adds its own dimension overrides to its copy)."""
+        rt = ort()
+        so = rt.SessionOptions()
+        so.graph_optimization_level = rt.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Default: one intra-op thread per core; a pipeline runs one component at a time.
+        so.intra_op_num_threads = self._threads or (os.cpu_count() or 1)
+        so.inter_op_num_threads = 1
+        if self.backend == "ort-cpu" and not self._spin:
+            # Idle intra-op threads would spin on the cores that OpenCV pre/post-processing and a camera
+            # pipeline's other stages need next; measured on 2 cores with one other busy process, SAM ViT-B's
+            # prompt -> mask went from 192 ms spinning to 81 ms without (a tiny model on a quiet machine
+            # loses ~0.4 ms per call: pass spin=True for a dedicated machine).
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.log_severity_level = 3
+        return so
 
     def _open(self, so, providers):
         try:
@@ -192,32 +200,40 @@ class OrtRunner:
         self.session.run_with_iobinding(binding)
         return dict(zip(self.spec.output_names, binding.get_outputs()))
 
+    # Captured graphs kept per runner: each is its own session (its own copy of the weights on the device), so a
+    # component called with many shapes (SAM's decoder: one per click count) keeps only the recent ones.
+    MAX_GRAPHS = 4
+
     def _run_graph(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Static shapes: the first call captures a CUDA graph for its input shapes, later calls replay it."""
-        if self._graph is None:
-            self._graph = _CapturedGraph(self, feeds)
-        shapes = {n: a.shape for n, a in feeds.items()}
-        if shapes != self._graph.shapes:
-            raise InputError(
-                f"{self.spec.name}: this runner captured a CUDA graph for input shapes {self._graph.shapes}, "
-                f"got {shapes}; CUDA graphs replay static shapes only: use one runner per shape, or "
-                "cuda_graph=False"
-            )
-        return self._graph.run(feeds)
+        """Static shapes: the first call with a set of input shapes captures a CUDA graph for it, later calls
+        with the same shapes replay it; the least recently used of more than MAX_GRAPHS is released."""
+        key = tuple((n, a.shape) for n, a in feeds.items())
+        graph = self._graphs.pop(key, None)
+        if graph is None:
+            graph = _CapturedGraph(self, feeds)
+            while len(self._graphs) >= self.MAX_GRAPHS:
+                self._graphs.pop(next(iter(self._graphs)))
+        self._graphs[key] = graph
+        return graph.run(feeds)
 
 
 class _CapturedGraph:
-    """A CUDA-graph session fixed to one set of input shapes, with its device buffers bound once."""
+    """A CUDA-graph session fixed to one set of input shapes, with its device buffers bound once.
 
-    def __init__(self, runner: OrtRunner, feeds: dict[str, np.ndarray]) -> None:
+    ``bound``: inputs given as existing device ``OrtValue``s (e.g. another captured graph's ``outputs``) are
+    bound as they are, so chained graphs share buffers at fixed addresses and replay without any copy; the
+    rest get buffers of their own, refilled from host arrays by :meth:`run`."""
+
+    def __init__(self, runner: OrtRunner, feeds: dict[str, np.ndarray], bound: dict[str, Any] | None = None) -> None:
         rt = ort()
-        self.shapes = {n: a.shape for n, a in feeds.items()}
+        bound = dict(bound or {})
+        self.shapes = {**{n: a.shape for n, a in feeds.items()}, **{n: tuple(v.shape()) for n, v in bound.items()}}
         sizes: dict[str, int] = {}
         for t in runner.spec.inputs:
             for axis, dim in enumerate(t.shape):
                 if isinstance(dim, str):
-                    sizes[dim] = feeds[t.name].shape[axis]
-        so = runner._options
+                    sizes[dim] = self.shapes[t.name][axis]
+        so = runner._session_options()
         # Every symbolic dim becomes a constant, so that ORT folds the shape arithmetic away at load time and
         # every node lands on the CUDA provider (a captured graph cannot hold host-side shape nodes).
         for dim, value in sizes.items():
@@ -229,7 +245,8 @@ class _CapturedGraph:
             opts = {**opts, "enable_cuda_graph": "1"}
         self.session = runner._open(so, [(first, opts)])
         device = runner.device
-        self.inputs = {n: rt.OrtValue.ortvalue_from_numpy(a, device, 0) for n, a in feeds.items()}
+        self.inputs = {**{n: rt.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), device, 0)
+                          for n, a in feeds.items()}, **bound}
         self.outputs = {
             t.name: rt.OrtValue.ortvalue_from_shape_and_type(
                 list(runner.spec.concrete_shape(t, "opt", **sizes)), np.dtype(t.dtype), device, 0)
@@ -243,7 +260,12 @@ class _CapturedGraph:
         self.session.run_with_iobinding(self.binding)  # allocation and capture
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        for name, value in feeds.items():
-            self.inputs[name].update_inplace(value)
-        self.session.run_with_iobinding(self.binding)  # replay
+        """Refill the given inputs (host arrays; bound inputs are left as they are), replay, return host copies."""
+        self.replay(feeds)
         return {name: value.numpy() for name, value in self.outputs.items()}
+
+    def replay(self, feeds: dict[str, np.ndarray] | None = None) -> None:
+        """Refill the given inputs and replay; outputs stay in :attr:`outputs` (on the device)."""
+        for name, value in (feeds or {}).items():
+            self.inputs[name].update_inplace(np.ascontiguousarray(value))
+        self.session.run_with_iobinding(self.binding)

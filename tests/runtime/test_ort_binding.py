@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 from edgefm.runtime.backends.onnxruntime import OrtRunner, _CapturedGraph
 from edgefm.runtime.bundle import Bundle
-from edgefm.runtime.errors import BackendError, InputError
+from edgefm.runtime.errors import BackendError
 from edgefm.runtime.sam import SamPredictor
 
 from tests.conftest import scene
@@ -59,15 +59,40 @@ def test_cuda_graph_needs_the_cuda_backend(sam_tiny_bundle):
         OrtRunner(sam_tiny_bundle / entry.file, entry.spec, "ort-cpu", cuda_graph=True)
 
 
-def test_a_captured_graph_refuses_other_shapes(sam_tiny_bundle):
+def test_a_runner_keeps_one_captured_graph_per_shape_and_releases_the_oldest(sam_tiny_bundle):
     bundle = Bundle(sam_tiny_bundle, "ort-cpu")
     runner = bundle.runner("prompt_encoder")
-    runner._graph = _CapturedGraph(runner, runner.spec.check_feeds(_prompts(1, 2, seed=0)))
-    want = runner.run(_prompts(1, 2, 5))["dense_embeddings"]
+    want = {n: runner.run(_prompts(1, n, seed=n))["dense_embeddings"] for n in (1, 2, 3, 4, 5)}
+    sparse3 = runner.run(_prompts(1, 3, seed=3))["sparse_embeddings"]
     runner.cuda_graph = True  # as an ort-cuda runner would be; the replay path itself is device-agnostic
-    np.testing.assert_allclose(runner.run(_prompts(1, 2, 5))["dense_embeddings"], want, rtol=0, atol=1e-6)
-    with pytest.raises(InputError, match=r"captured a CUDA graph for input shapes .* static shapes only"):
-        runner.run(_prompts(1, 3, seed=0))
+    for n in (2, 3, 2, 1, 4):  # n = 2 is used again, so n = 3 is the least recently used when 5 arrives
+        np.testing.assert_allclose(runner.run(_prompts(1, n, seed=n))["dense_embeddings"], want[n], rtol=0, atol=1e-6)
+    assert [dict(k)["point_coords"] for k in runner._graphs] == [(1, 3, 2), (1, 2, 2), (1, 1, 2), (1, 4, 2)]
+    np.testing.assert_allclose(runner.run(_prompts(1, 5, seed=5))["dense_embeddings"], want[5], rtol=0, atol=1e-6)
+    assert len(runner._graphs) == runner.MAX_GRAPHS == 4
+    assert (1, 3, 2) not in [dict(k)["point_coords"] for k in runner._graphs]
+    got = runner.run(_prompts(1, 3, seed=3))  # captured again
+    np.testing.assert_allclose(got["sparse_embeddings"], sparse3, rtol=0, atol=1e-6)
+
+
+def test_captured_graphs_chain_through_shared_buffers(sam_tiny_bundle):
+    """The prompt encoder's captured outputs are the decoder's bound inputs: a click replays both without
+    copying the embeddings anywhere, and the masks equal the plain runs'."""
+    bundle = Bundle(sam_tiny_bundle, "ort-cpu")
+    enc, pe, dec = (bundle.runner(n) for n in ("image_encoder", "prompt_encoder", "mask_decoder"))
+    image = np.random.default_rng(0).standard_normal((1, 3, 256, 256)).astype(np.float32)
+    emb = enc.run({"image": image})["image_embeddings"]
+    prompt = _CapturedGraph(pe, pe.spec.check_feeds(_prompts(1, 2, seed=0)))
+    mid = {n: prompt.outputs[n] for n in ("sparse_embeddings", "dense_embeddings")}
+    decoder = _CapturedGraph(dec, {"image_embeddings": emb}, bound=mid)
+    assert decoder.inputs["sparse_embeddings"] is prompt.outputs["sparse_embeddings"]
+    for seed in (1, 2):
+        feeds = _prompts(1, 2, seed)
+        prompt.replay(feeds)
+        decoder.replay()
+        want = dec.run({"image_embeddings": emb, **pe.run(feeds)})
+        for name in want:
+            np.testing.assert_allclose(decoder.outputs[name].numpy(), want[name], rtol=0, atol=1e-5)
 
 
 def test_predictor_keeps_the_embedding_as_a_bound_value_when_on_device(sam_tiny_bundle):
