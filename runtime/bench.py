@@ -107,8 +107,20 @@ def _ort_device_split(runner: Any, feeds: dict[str, np.ndarray], iters: int, war
             "transfer_ms": max(0.0, total_median_ms - compute), "h2d_ms": None, "d2h_ms": None}
 
 
+def graph_replay(runner: Any, feeds: dict[str, np.ndarray], iters: int, warmup: int) -> dict[str, Any]:
+    """ONNX Runtime: the component captured as a graph for these shapes (a CUDA graph on ort-cuda; on ort-cpu,
+    a static-shape session with pre-bound buffers) and replayed with inputs and outputs left in place: the
+    time without per-call launches and copies, as trtexec's ``--useCudaGraph``."""
+    from .backends.onnxruntime import _CapturedGraph
+
+    graph = _CapturedGraph(runner, runner.spec.check_feeds(feeds))
+    stats = latency_stats(time_calls(graph.replay, iters, warmup))
+    return {"method": "captured graph, inputs and outputs on the device", "median_ms": stats["latency_ms"]["median"],
+            "p90_ms": stats["latency_ms"]["p90"]}
+
+
 def bench_component(bundle: Bundle, name: str, batch: int, iters: int, warmup: int,
-                    rng: np.random.Generator) -> dict[str, Any]:
+                    rng: np.random.Generator, cuda_graph: bool = False) -> dict[str, Any]:
     entry, runner = bundle.entry(name), bundle.runner(name)
     feeds = dummy_feeds(entry.spec, batch, rng, value_rules(bundle.manifest))
     items = batch if any(d in entry.spec.dims for d in BATCH_DIMS) else 1
@@ -124,8 +136,15 @@ def bench_component(bundle: Bundle, name: str, batch: int, iters: int, warmup: i
         stats = latency_stats(time_calls(lambda: runner.run(feeds), iters, warmup), items)
         if getattr(runner, "device", "cpu") != "cpu" and hasattr(runner, "run_on_device"):
             split = _ort_device_split(runner, feeds, iters, warmup, stats["latency_ms"]["median"])
+    graph = None
+    if cuda_graph and entry.format == "onnx":
+        try:
+            graph = graph_replay(runner, feeds, iters, warmup)
+        except Exception as exc:  # e.g. a node ONNX Runtime keeps on the CPU: a captured graph cannot hold it
+            graph = {"method": "captured graph", "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
     return {"kind": "component", "format": entry.format, "precision": entry.precision, "file": entry.file,
-            "batch": items, "inputs": {k: list(v.shape) for k, v in feeds.items()}, **stats, "transfer": split}
+            "batch": items, "inputs": {k: list(v.shape) for k, v in feeds.items()}, **stats, "transfer": split,
+            "cuda_graph": graph}
 
 
 def _version(dist: str, module: str | None = None) -> str | None:
@@ -187,12 +206,16 @@ def environment_stamp(bundle: Bundle, threads: int | None) -> dict[str, Any]:
 
 def bench_bundle(path: str | Path, backend: str = "auto", batch: int = 1, iters: int = 50, warmup: int = 5,
                  threads: int | None = None, pipelines: bool = True, seed: int = 0,
-                 progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Benchmark every component of the bundle at ``path`` (and its family's pipelines); see the module doc."""
+                 progress: Callable[[str], None] | None = None, cuda_graph: bool = False) -> dict[str, Any]:
+    """Benchmark every component of the bundle at ``path`` (and its family's pipelines); see the module doc.
+    ``cuda_graph``: also time each ONNX component as a replayed CUDA graph (ort-cuda only)."""
     for flag, value, lo in (("--batch", batch, 1), ("--iters", iters, 1), ("--warmup", warmup, 0)):
         if int(value) < lo:
             raise InputError(f"{flag} must be at least {lo}, got {value}")
     bundle = Bundle(path, backend=backend, threads=threads)  # runners load lazily: nothing on the GPU yet
+    if cuda_graph and bundle.backend != "ort-cuda":
+        raise InputError(f"--cuda-graph replays ONNX Runtime CUDA graphs: it needs --backend ort-cuda, not "
+                         f"{bundle.backend!r} (the tensorrt backend captures CUDA graphs by itself)")
     on_gpu = bundle.backend != "ort-cpu"
     device_before = device_memory_used_mib() if on_gpu else None
     rng = np.random.default_rng(seed)
@@ -204,7 +227,7 @@ def bench_bundle(path: str | Path, backend: str = "auto", batch: int = 1, iters:
     for name in bundle.manifest.component_names:
         if progress:
             progress(f"timing {name} on {bundle.backend}")
-        result["components"][name] = bench_component(bundle, name, batch, iters, warmup, rng)
+        result["components"][name] = bench_component(bundle, name, batch, iters, warmup, rng, cuda_graph)
     if pipelines and bundle.family in PIPELINES:
         if progress:
             progress(f"timing the {bundle.family} pipelines")
@@ -242,6 +265,11 @@ def markdown_table(result: dict[str, Any]) -> str:
         if t:
             lines.append(f"- {name}: compute {t['compute_ms']:.3f} ms, host<->device {t['transfer_ms']:.3f} ms "
                          f"({t['method']})")
+        g = r.get("cuda_graph")
+        if g and "error" in g:
+            lines.append(f"- {name}: could not be captured as a graph ({g['error']})")
+        elif g:
+            lines.append(f"- {name}: {g['median_ms']:.3f} ms median replayed as a {g['method']}")
     for name, r in result["pipelines"].items():
         n = r["iterations"]
         runs = "" if n == result["iters"] else " (timed once)" if n == 1 else f" ({n} timed runs)"
@@ -314,7 +342,8 @@ def _write_json(path: str | Path, data: dict[str, Any]) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     result = bench_bundle(args.bundle, args.backend, args.batch, args.iters, args.warmup, args.threads,
                           pipelines=not args.no_pipelines,
-                          progress=lambda m: print(f"edgefm: {m}", file=sys.stderr, flush=True))
+                          progress=lambda m: print(f"edgefm: {m}", file=sys.stderr, flush=True),
+                          cuda_graph=args.cuda_graph)
     print(markdown_table(result), end="")
     if args.json:
         _write_json(args.json, result)
@@ -334,6 +363,9 @@ def register(sub: Any) -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=int, default=5, help="untimed runs before them")
     b.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime")
     b.add_argument("--no-pipelines", action="store_true", help="time the components only")
+    b.add_argument("--cuda-graph", action="store_true",
+                   help="ort-cuda: also time each component replayed as a captured CUDA graph (trtexec's "
+                        "--useCudaGraph)")
     b.add_argument("--json", help="write all figures, samples and the environment stamp to this file")
     b.add_argument("--plot", help="write a bar chart (.png) of the latencies")
     b.set_defaults(func=cmd_bench)

@@ -48,6 +48,8 @@ def section_cli_bench(run: Run, bundles, backend: str) -> None:
                "--json", str(run.out / f"bench_{family}_fp16.json")]
         if family == "sam":
             cmd += ["--plot", str(run.out / "bench_sam_fp16.png")]
+        if backend == "ort-cuda":
+            cmd += ["--cuda-graph"]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         run.log(f"   edgefm bench {family}: rc={proc.returncode}\n{proc.stdout[-3000:]}{proc.stderr[-1500:]}")
         run.results["sections"].setdefault("edgefm_bench", {})[family] = {"rc": proc.returncode,

@@ -127,6 +127,30 @@ def test_bad_backend_and_arguments(sam_tiny_bundle):
     args = _cli(["bench", str(sam_tiny_bundle), "--backend", "tensorrt", "--iters", "1"])
     with pytest.raises(BackendError, match="backend 'tensorrt' cannot be used"):
         args.func(args)
+    args = _cli(["bench", str(sam_tiny_bundle), "--backend", "ort-cpu", "--cuda-graph"])
+    with pytest.raises(InputError, match="--cuda-graph .* needs --backend ort-cuda, not 'ort-cpu'"):
+        args.func(args)
+
+
+def test_graph_replay_row(sam_tiny_bundle):
+    """--cuda-graph's figure, through the same capture code on ort-cpu (a static-shape session): the replay
+    computes the component's outputs for the benched feeds, and its statistics are a latency."""
+    from edgefm.runtime.bench import bench_component, graph_replay
+
+    bundle = Bundle(sam_tiny_bundle, "ort-cpu")
+    runner = bundle.runner("prompt_encoder")
+    feeds = dummy_feeds(runner.spec, 2, np.random.default_rng(0), value_rules(bundle.manifest))
+    row = graph_replay(runner, feeds, iters=3, warmup=1)
+    assert row["method"].startswith("captured graph") and 0 < row["median_ms"] <= row["p90_ms"]
+    plain = bench_component(bundle, "prompt_encoder", 2, 2, 0, np.random.default_rng(0))
+    assert plain["cuda_graph"] is None
+    result = {"family": "sam", "variant": "tiny", "backend": "ort-cuda", "batch": 2, "iters": 2, "warmup": 0,
+              "components": {"prompt_encoder": {**plain, "cuda_graph": row}}, "pipelines": {},
+              "memory": {"peak_host_rss_mib": 1.0, "device_used_after_mib": 10.0},
+              "environment": {"cpu": "x", "cpu_cores": 1, "gpu": None, "versions": {}, "threads": {"ort_intra_op": 1},
+                              "timestamp": "t"}}
+    table = markdown_table(result)
+    assert f"- prompt_encoder: {row['median_ms']:.3f} ms median replayed as a captured graph" in table
 
 
 # ---- CLIP and DALL·E pipelines ----------------------------------------------------------------------------
