@@ -52,7 +52,7 @@ def kernel_profile(fn: Callable[[], Any], sync: Callable[[], None], iters: int =
 
 
 def section_kernel_profile(run: Any, models: dict[str, Any], bundles: dict[str, dict[str, Any]], backend: str,
-                           device: str, bench_feeds: Callable, torch_graphs: Callable) -> None:
+                           device: str) -> None:
     """The image encoders of SAM and CLIP, batch 1, fp16: PyTorch eager against each ONNX Runtime graph
     (plain and fused attention; inputs and outputs on the device), kernel by kernel."""
     import copy
@@ -61,6 +61,7 @@ def section_kernel_profile(run: Any, models: dict[str, Any], bundles: dict[str, 
     import torch
     from edgefm.runtime.backends.onnxruntime import OrtRunner
     from edgefm.runtime.bundle import Bundle
+    from gpu_sections_bench import bench_feeds, torch_graphs
 
     cuda = device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
