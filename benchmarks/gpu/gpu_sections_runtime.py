@@ -38,6 +38,18 @@ def section_predictor(run: Run, bundles, backend: str) -> None:
                 time_fn(lambda p=pred: p.set_image(image), max(10, run.iters // 4), 3))
         run.row("sam.predict 1 point -> 3 masks", f"SamPredictor {backend}", precision,
                 time_fn(lambda p=pred: p.predict(point, label), run.iters, run.warmup))
+    if backend == "ort-cuda":  # the captured-graph predictor: same masks, and what the graphs save
+        pred = SamPredictor(bundles["sam"]["fp16"], backend=backend, cuda_graphs=True)
+        pred.set_image(image)
+        masks, scores, _ = pred.predict(point, label)
+        ious = [float((m & r).sum() / max(1, (m | r).sum())) for m, r in zip(masks, ref_masks)]
+        out["fp16_cuda_graphs"] = {"mask_iou_vs_cpu_fp32": ious,
+                                   "score_max_abs_vs_cpu_fp32": float(np.abs(scores - ref_scores).max())}
+        run.log(f"   predictor fp16 cuda_graphs: IoU vs CPU {np.round(ious, 5)}")
+        run.row("sam.set_image 1500x2250", f"SamPredictor {backend} cuda_graphs", "fp16",
+                time_fn(lambda p=pred: p.set_image(image), max(10, run.iters // 4), 3))
+        run.row("sam.predict 1 point -> 3 masks", f"SamPredictor {backend} cuda_graphs", "fp16",
+                time_fn(lambda p=pred: p.predict(point, label), run.iters, run.warmup))
 
 
 def section_cli_bench(run: Run, bundles, backend: str) -> None:

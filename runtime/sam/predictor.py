@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..backends.onnxruntime import _CapturedGraph
 from ..bundle import Bundle
 from ..errors import InputError
 from .spec import IMAGE_ENCODER, MASK_DECODER, PROMPT_ENCODER
@@ -31,7 +32,15 @@ class SamPredictor:
     from a previous call. Sizes are (H, W).
     """
 
-    def __init__(self, bundle: Bundle | str | Path, backend: str = "auto", threads: int | None = None) -> None:
+    # Prompt shapes (batch, points, mask or not) whose captured prompt encoder + decoder pair is kept.
+    MAX_PROMPT_GRAPHS = 4
+
+    def __init__(self, bundle: Bundle | str | Path, backend: str = "auto", threads: int | None = None,
+                 cuda_graphs: bool = False) -> None:
+        """``cuda_graphs`` (ort-cuda): run the encoder, and the prompt encoder + decoder per prompt shape, as
+        captured CUDA graphs that share their device buffers: ``set_image`` is one host copy and one replay,
+        ``predict`` the point arrays copied in and two replays. Costs a second copy of each component's
+        weights in GPU memory (the captured sessions are separate from the plain ones)."""
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle, backend, threads=threads, family="sam")
         pre = self.bundle.preprocess
         self.image_size = int(pre["image_size"])
@@ -44,6 +53,12 @@ class SamPredictor:
         # ONNX Runtime on a GPU: chain the encoder into the decoder without a host round trip.
         self._on_device = all(getattr(r, "device", "cpu") == "cuda" and hasattr(r, "run_on_device")
                               for r in (self.encoder, self.decoder))
+        if cuda_graphs and not (self._on_device and self.bundle.backend == "ort-cuda"):
+            raise InputError(f"cuda_graphs=True replays ONNX Runtime CUDA graphs: it needs backend 'ort-cuda', "
+                             f"not {self.bundle.backend!r} (the tensorrt backend captures CUDA graphs by itself)")
+        self._graphs = cuda_graphs
+        self._encoder_graph = None
+        self._prompt_graphs: dict[tuple, tuple] = {}  # prompt shapes -> (prompt graph, decoder graph), LRU last
         self.reset_image()
 
     @property
@@ -73,7 +88,15 @@ class SamPredictor:
     def set_preprocessed(self, x: np.ndarray, original_size: tuple[int, int], input_size: tuple[int, int]) -> None:
         """``set_image`` with the resize/normalize/pad already done (``x``: 1x3xSxS float32), e.g. by a
         camera pipeline's preprocessing stage."""
-        if self._on_device:
+        if self._graphs:
+            # One buffer holds the embedding of every image: the decoder graphs captured for an earlier image
+            # read the new one from the same address.
+            if self._encoder_graph is None:
+                self._encoder_graph = _CapturedGraph(self.encoder, self.encoder.spec.check_feeds({"image": x}))
+            else:
+                self._encoder_graph.replay(self.encoder.spec.check_feeds({"image": x}))
+            out = {"image_embeddings": self._encoder_graph.outputs["image_embeddings"]}
+        elif self._on_device:
             # The embedding stays in GPU memory (an OrtValue) and is bound straight into the decoder.
             out = self.encoder.run_on_device({"image": x}, keep=("image_embeddings",))
         else:
@@ -136,14 +159,15 @@ class SamPredictor:
         else:
             mask_input = np.asarray(mask_input, np.float32)
             has_mask = np.ones((b,), np.float32)
-        emb = self.prompt_encoder.run(
-            {"point_coords": coords, "point_labels": labels, "mask_input": mask_input, "has_mask_input": has_mask}
-        )
-        if self._on_device:
+        prompt = {"point_coords": coords, "point_labels": labels, "mask_input": mask_input, "has_mask_input": has_mask}
+        if self._graphs:
+            out = self._replay_prompt(self.prompt_encoder.spec.check_feeds(prompt))
+        elif self._on_device:
+            emb = self.prompt_encoder.run(prompt)
             dev = self.decoder.run_on_device({"image_embeddings": self.features, **emb})
             out = {k: v.numpy() for k, v in dev.items()}
         else:
-            out = self.decoder.run({"image_embeddings": self.features, **emb})
+            out = self.decoder.run({"image_embeddings": self.features, **self.prompt_encoder.run(prompt)})
         sel = slice(1, None) if multimask_output else slice(0, 1)
         iou = out["iou_predictions"][:, sel]
         low = out["low_res_masks"][:, sel]
@@ -151,6 +175,24 @@ class SamPredictor:
         if not return_logits:
             masks = masks > self.mask_threshold
         return masks, iou, low
+
+    def _replay_prompt(self, prompt: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Captured-graph predict: the pair for these prompt shapes (captured on first use, the least recently
+        used of more than MAX_PROMPT_GRAPHS released), its inputs refilled, both replayed."""
+        key = tuple((n, a.shape) for n, a in prompt.items())
+        pair = self._prompt_graphs.pop(key, None)
+        if pair is None:
+            pe = _CapturedGraph(self.prompt_encoder, prompt)
+            bound = {"image_embeddings": self._encoder_graph.outputs["image_embeddings"],
+                     **{n: pe.outputs[n] for n in ("sparse_embeddings", "dense_embeddings")}}
+            pair = (pe, _CapturedGraph(self.decoder, {}, bound=bound))
+            while len(self._prompt_graphs) >= self.MAX_PROMPT_GRAPHS:
+                self._prompt_graphs.pop(next(iter(self._prompt_graphs)))
+        else:
+            pair[0].replay(prompt)
+            pair[1].replay()
+        self._prompt_graphs[key] = pair
+        return {n: v.numpy() for n, v in pair[1].outputs.items()}
 
     def _prompt_points(self, point_coords, point_labels, boxes) -> tuple[np.ndarray, np.ndarray]:
         """Official prompt layout in the resized frame: points, then box corners (labels 2, 3); a padding

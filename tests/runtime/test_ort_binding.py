@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 from edgefm.runtime.backends.onnxruntime import OrtRunner, _CapturedGraph
 from edgefm.runtime.bundle import Bundle
-from edgefm.runtime.errors import BackendError
+from edgefm.runtime.errors import BackendError, InputError
 from edgefm.runtime.sam import SamPredictor
 
 from tests.conftest import scene
@@ -110,3 +110,33 @@ def test_predictor_keeps_the_embedding_as_a_bound_value_when_on_device(sam_tiny_
     m_dev, s_dev, _ = dev.predict(np.array([[50, 40]], np.float32), np.array([1], np.float32), box=box)
     np.testing.assert_array_equal(m_dev, m_host)
     np.testing.assert_allclose(s_dev, s_host, rtol=0, atol=1e-6)
+
+
+def test_predictor_on_captured_graphs_gives_the_host_masks_across_images_and_prompt_shapes(sam_tiny_bundle):
+    """``SamPredictor(cuda_graphs=True)``'s path, through the same capture code on ort-cpu: the decoder graphs
+    captured for the first image read the second image's embedding from the shared buffer."""
+    host = SamPredictor(sam_tiny_bundle, backend="ort-cpu")
+    graphs = SamPredictor(sam_tiny_bundle, backend="ort-cpu")
+    graphs._on_device = graphs._graphs = True  # what cuda_graphs=True switches on with ort-cuda runners
+    clicks = [(np.array([[50, 40]], np.float32), np.array([1], np.float32), None),
+              (np.array([[50, 40], [120, 60]], np.float32), np.array([1, 0], np.float32), None),
+              (np.array([[50, 40]], np.float32), np.array([1], np.float32), np.array([20, 10, 90, 70], np.float32))]
+    for seed in (3, 4):
+        image = scene(96, 160, seed=seed)
+        host.set_image(image)
+        graphs.set_image(image)
+        np.testing.assert_array_equal(graphs.get_image_embedding(), host.get_image_embedding())
+        for points, labels, box in clicks + clicks[:1]:
+            m_host, s_host, l_host = host.predict(points, labels, box=box)
+            m_graph, s_graph, l_graph = graphs.predict(points, labels, box=box)
+            np.testing.assert_allclose(l_graph, l_host, rtol=0, atol=1e-4)
+            np.testing.assert_allclose(s_graph, s_host, rtol=0, atol=1e-5)
+            assert (m_graph == m_host).mean() > 0.999
+    # One pair per prompt shape: a click + padding (2 points); two clicks + padding and a click + box corners
+    # (3 points each, one pair).
+    assert sorted(dict(k)["point_coords"] for k in graphs._prompt_graphs) == [(1, 2, 2), (1, 3, 2)]
+
+
+def test_predictor_cuda_graphs_need_ort_cuda(sam_tiny_bundle):
+    with pytest.raises(InputError, match="cuda_graphs=True .* needs backend 'ort-cuda', not 'ort-cpu'"):
+        SamPredictor(sam_tiny_bundle, backend="ort-cpu", cuda_graphs=True)
