@@ -7,12 +7,14 @@ decoder, and upscales only the masks it returns.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ..backends.onnxruntime import _CapturedGraph
 from ..bundle import Bundle
 from ..errors import InputError
+from .mask_upscale import MaskUpscaler
 from .spec import IMAGE_ENCODER, MASK_DECODER, PROMPT_ENCODER
 from .transforms import (
     as_rgb_uint8,
@@ -57,6 +59,7 @@ class SamPredictor:
             raise InputError(f"cuda_graphs=True replays ONNX Runtime CUDA graphs: it needs backend 'ort-cuda', "
                              f"not {self.bundle.backend!r} (the tensorrt backend captures CUDA graphs by itself)")
         self._graphs = cuda_graphs
+        self._upscaler: MaskUpscaler | None = None  # made on the first predict on the device
         self._encoder_graph = None
         self._prompt_graphs: dict[tuple, tuple] = {}  # prompt shapes -> (prompt graph, decoder graph), LRU last
         self.reset_image()
@@ -160,23 +163,27 @@ class SamPredictor:
             mask_input = np.asarray(mask_input, np.float32)
             has_mask = np.ones((b,), np.float32)
         prompt = {"point_coords": coords, "point_labels": labels, "mask_input": mask_input, "has_mask_input": has_mask}
-        if self._graphs:
-            out = self._replay_prompt(self.prompt_encoder.spec.check_feeds(prompt))
-        elif self._on_device:
-            emb = self.prompt_encoder.run(prompt)
-            dev = self.decoder.run_on_device({"image_embeddings": self.features, **emb})
-            out = {k: v.numpy() for k, v in dev.items()}
-        else:
-            out = self.decoder.run({"image_embeddings": self.features, **self.prompt_encoder.run(prompt)})
         sel = slice(1, None) if multimask_output else slice(0, 1)
-        iou = out["iou_predictions"][:, sel]
-        low = out["low_res_masks"][:, sel]
-        masks = upscale_masks(low, self.input_size, self.original_size, self.image_size)
-        if not return_logits:
-            masks = masks > self.mask_threshold
-        return masks, iou, low
+        if not self._on_device:
+            out = self.decoder.run({"image_embeddings": self.features, **self.prompt_encoder.run(prompt)})
+            low = out["low_res_masks"][:, sel]
+            masks = upscale_masks(low, self.input_size, self.original_size, self.image_size)
+            masks = masks if return_logits else masks > self.mask_threshold
+            return masks, out["iou_predictions"][:, sel], low
+        if self._graphs:
+            dev = self._replay_prompt(self.prompt_encoder.spec.check_feeds(prompt))
+        else:
+            emb = self.prompt_encoder.run(prompt)
+            dev = self.decoder.run_on_device({"image_embeddings": self.features, **emb}, keep=("low_res_masks",))
+        # The logits are upscaled and thresholded where they are (mask_upscale.py; on the CPU, OpenCV is the
+        # faster), so only the returned arrays come to the host.
+        if self._upscaler is None:
+            self._upscaler = MaskUpscaler(self.decoder._providers, self.decoder.device)
+        masks = self._upscaler(dev["low_res_masks"], sel, self.input_size, self.original_size, self.image_size,
+                               self.mask_threshold, return_logits)
+        return masks, dev["iou_predictions"].numpy()[:, sel], dev["low_res_masks"].numpy()[:, sel]
 
-    def _replay_prompt(self, prompt: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _replay_prompt(self, prompt: dict[str, np.ndarray]) -> dict[str, Any]:
         """Captured-graph predict: the pair for these prompt shapes (captured on first use, the least recently
         used of more than MAX_PROMPT_GRAPHS released), its inputs refilled, both replayed."""
         key = tuple((n, a.shape) for n, a in prompt.items())
@@ -192,7 +199,7 @@ class SamPredictor:
             pair[0].replay(prompt)
             pair[1].replay()
         self._prompt_graphs[key] = pair
-        return {n: v.numpy() for n, v in pair[1].outputs.items()}
+        return pair[1].outputs
 
     def _prompt_points(self, point_coords, point_labels, boxes) -> tuple[np.ndarray, np.ndarray]:
         """Official prompt layout in the resized frame: points, then box corners (labels 2, 3); a padding
