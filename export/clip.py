@@ -97,7 +97,10 @@ class TextEncoderGraph(nn.Module):
         # Causal mask from the runtime length (not a slice of the 77 x 77 buffer, which tracing would fix).
         pos = torch.arange(length, device=tokens.device)
         mask = torch.zeros(length, length, device=tokens.device)
-        mask = mask.masked_fill(pos.unsqueeze(0) > pos.unsqueeze(1), float("-inf"))
+        # Fused: a finite fill, so no GPU attention kernel ever meets -inf in its bias (exp underflows to 0 all
+        # the same: the results are equal).
+        fill = -1e4 if self.fused else float("-inf")
+        mask = mask.masked_fill(pos.unsqueeze(0) > pos.unsqueeze(1), fill)
         x = c.ln_final(_transformer(c.transformer, x, mask, self.fused))
         return c.pool_eot(x, tokens) @ c.text_projection
 

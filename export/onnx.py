@@ -24,7 +24,8 @@ from edgefm.runtime.spec import ComponentSpec
 # CUDA kernels follow and the TensorRT builder pins (export/tensorrt.py), so fp16 I/O loses nothing that the
 # fp16 MatMul beside it would not. Not Div or Erf: elementwise, and in fp16 GELU stays one fusable pattern.
 # Casting around those cost ~100 Cast kernels per CLIP ViT-B/32 (measured on the H100: SAM's fp16 encoder
-# ran slower than fp32); the parity of fp16 SAM ViT-B / CLIP ViT-B/32 exports is unchanged (benchmarks/README.md).
+# ran slower than fp32); the parity of fp16 SAM ViT-B / CLIP ViT-B/32 exports is unchanged
+# (benchmarks/results/graph_stats.md).
 FP32_OPS = ["Softmax", "ReduceMean", "Pow", "Sqrt", "Exp", "Sin", "Cos"]
 # Ops whose constant weights int8 graphs quantize. Conv stays fp32: ORT's ConvInteger has no fast CPU kernel
 # (CLIP ViT-B/32 at batch 32 on an AVX-512 VNNI CPU: 2.56 s with the patch Conv quantized, 2.10 s without).
