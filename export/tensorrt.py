@@ -178,7 +178,13 @@ def pin_normalization_fp32(network: Any, trt: Any) -> int:
         layer = network.get_layer(i)
         if layer.type == trt.LayerType.NORMALIZATION:
             layer.__class__ = trt.INormalizationLayer  # the Python bindings' documented down-cast
-            layer.compute_precision = trt.float32
+            try:
+                layer.compute_precision = trt.float32
+            except Exception as exc:  # the bindings raise their own types
+                raise BackendError(
+                    f"TensorRT {trt.__version__} refused to run normalization layer {layer.name!r} in fp32 "
+                    f"({type(exc).__name__}: {exc}); fp16 LayerNorm statistics could overflow, so the engine is "
+                    "not built: build --precision fp32, or use --backend ort-cuda") from exc
             n += 1
     return n
 

@@ -104,7 +104,7 @@ def make_fake_trt(cudart: FakeCudart, version: str = "10.13.0.35", fp16_flag: bo
 
     class Layer:  # ILayer: its type; the builder down-casts by assigning __class__, as the bindings document
         def __init__(self, kind):
-            self.type, self.compute_precision = kind, None
+            self.type, self.compute_precision, self.name = kind, None, f"/{kind.lower()}"
 
     class INormalizationLayer(Layer):
         pass

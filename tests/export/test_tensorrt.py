@@ -187,6 +187,21 @@ def test_build_engine_records_and_replaces(tmp_path, fake_gpu):
     assert not list(bundle.glob(".*tmp*"))
 
 
+def test_a_refused_normalization_precision_stops_the_build(tmp_path, fake_gpu):
+    trt, _ = fake_gpu
+
+    class Refusing(trt.INormalizationLayer):
+        compute_precision = property(lambda self: None)  # read-only: assigning raises AttributeError
+
+    trt.INormalizationLayer = Refusing
+    bundle = make_bundle(tmp_path / "b", sam_specs(256, 32, 16), precisions=("fp16",))
+    before = snapshot(bundle)
+    with pytest.raises(BackendError, match="refused to run normalization layer '/normalization' in fp32 .* "
+                                           "build --precision fp32, or use --backend ort-cuda"):
+        ext.build_engine(bundle, "fp16")
+    assert snapshot(bundle) == before
+
+
 def test_parser_errors_are_reported_and_bundle_untouched(tmp_path, fake_gpu):
     err = {"node": 12, "desc": "unsupported operator", "name": "/attn/Einsum", "op": "Einsum"}
     bundle = make_bundle(tmp_path / "b", sam_specs(256, 32, 16), errors={"mask_decoder": [err]})
