@@ -19,14 +19,13 @@ from edgefm.models.checkpoint import sha256_file
 from edgefm.models.clip import CLIP, load_clip, variant_name
 from edgefm.runtime.clip.spec import COMPONENTS, IMAGE_ENCODER, TEXT_ENCODER, TOKENIZER_ASSET, clip_specs
 from edgefm.runtime.clip.tokenizer import DEFAULT_VOCAB, ClipTokenizer
-from edgefm.runtime.errors import InputError
 from edgefm.runtime.manifest import Manifest
 from edgefm.runtime.spec import ComponentSpec
 from torch import nn
 
 from .bundle import BundleWriter
 from .fused_attention import fused_attention, to_ort_attention
-from .onnx import INT8_INFO, at_precision, example_inputs, onnx_from_module
+from .onnx import INT8_INFO, at_precision, check_options, example_inputs, onnx_from_module
 from .parity import gate, measure
 
 PARITY_PROMPTS = ["a photo of a cat", "a diagram", "an extremely long and detailed description " * 3, ""]
@@ -165,12 +164,7 @@ def export_clip(
     ``attention="fused"`` writes each transformer block's attention as ONNX Runtime's MultiHeadAttention
     (:mod:`edgefm.export.fused_attention`): fewer, larger kernels for ONNX Runtime, but not parsable by TensorRT.
     """
-    if precision not in ("fp32", "fp16", "int8"):
-        raise InputError(f"--precision {precision!r} is not supported for CLIP; choose fp32, fp16 or int8")
-    if attention not in ("plain", "fused"):
-        raise InputError(f"--attention {attention!r} is not supported; choose plain or fused")
-    if opset < 17:
-        raise InputError(f"--opset {opset} is too old: opset 17 is needed for one-op LayerNorm")
+    check_options("CLIP", precision, ("fp32", "fp16", "int8"), opset, attention)
     if isinstance(model_or_path, nn.Module):
         model, config = model_or_path, model_or_path.config
         source: dict[str, Any] = {"loader": "in-memory model"}

@@ -54,7 +54,7 @@ from edgefm.runtime.spec import ComponentSpec
 from torch import nn
 
 from .bundle import BundleWriter
-from .onnx import at_precision, example_inputs, onnx_from_module
+from .onnx import at_precision, check_options, example_inputs, onnx_from_module
 from .parity import compare_outputs, gate, measure
 
 # Share of encoder ids that must equal PyTorch's. fp32: identical (DESIGN.md, tokens); reduced precision
@@ -326,10 +326,7 @@ def export_dalle(
     ``image_size`` (a multiple of 8) fixes the decoded image side; by default it is ``8 * image_grid``
     of the prior, or 256 (the official 32×32 grid) without one.
     """
-    if precision not in ID_AGREEMENT:
-        raise InputError(f"--precision {precision!r} is not supported for DALL·E; choose fp32 or fp16")
-    if opset < 17:
-        raise InputError(f"--opset {opset} is too old: opset 17 is needed for one-op LayerNorm")
+    check_options("DALL·E", precision, tuple(ID_AGREEMENT), opset)
     sources: dict[str, Any] = {}
     decoder = _dvae(dvae_decoder, DVAE_DECODER, sources)
     encoder = _dvae(dvae_encoder, DVAE_ENCODER, sources) if dvae_encoder is not None else None

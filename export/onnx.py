@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from edgefm.runtime.errors import require
+from edgefm.runtime.errors import InputError, require
 from edgefm.runtime.spec import ComponentSpec
 
 # Ops kept in fp32 in fp16 graphs (DESIGN.md policy: reductions that overflow or lose precision in half).
@@ -38,6 +38,18 @@ _TWO_GB = 2**31 - 1
 
 def _torch():
     return require("torch", "export", "Exporting")
+
+
+def check_options(family: str, precision: str, precisions: tuple[str, ...], opset: int,
+                  attention: str = "plain") -> None:
+    """The export options every family validates the same way, each refused with the flag and the choices."""
+    if precision not in precisions:
+        choices = ", ".join(precisions[:-1]) + f" or {precisions[-1]}"
+        raise InputError(f"--precision {precision!r} is not supported for {family}; choose {choices}")
+    if attention not in ("plain", "fused"):
+        raise InputError(f"--attention {attention!r} is not supported; choose plain or fused")
+    if opset < 17:
+        raise InputError(f"--opset {opset} is too old: opset 17 is needed for one-op LayerNorm")
 
 
 def example_inputs(spec: ComponentSpec, values: dict[str, np.ndarray] | None = None, **sizes: int):

@@ -14,14 +14,13 @@ import numpy as np
 import torch
 from edgefm.models.checkpoint import sha256_file
 from edgefm.models.sam import SAM_CONFIGS, Sam, SamConfig, load_sam
-from edgefm.runtime.errors import InputError
 from edgefm.runtime.manifest import Manifest
 from edgefm.runtime.sam.spec import IMAGE_ENCODER, MASK_DECODER, PROMPT_ENCODER, sam_specs
 from edgefm.runtime.spec import ComponentSpec
 from torch import nn
 
 from .bundle import BundleWriter
-from .onnx import INT8_INFO, at_precision, example_inputs, onnx_from_module
+from .onnx import INT8_INFO, at_precision, check_options, example_inputs, onnx_from_module
 from .parity import gate, measure
 
 # What --precision int8 writes per component. The prompt encoder stays fp32: its only MatMul with a constant
@@ -163,12 +162,7 @@ def export_sam(
     dynamically quantized (:func:`edgefm.export.onnx.int8_from_onnx`) and gated by the int8 policy. A mask
     decoder that misses it is written in fp32 instead, its int8 report kept in the manifest's parity entry
     (``int8_rejected``); the manifest entry's precision always says what was written."""
-    if precision not in ("fp32", "fp16", "int8"):
-        raise InputError(f"--precision {precision!r} is not supported for SAM; choose fp32, fp16 or int8")
-    if attention not in ("plain", "fused"):
-        raise InputError(f"--attention {attention!r} is not supported; choose plain or fused")
-    if opset < 17:
-        raise InputError(f"--opset {opset} is too old: opset 17 is needed for one-op LayerNorm")
+    check_options("SAM", precision, ("fp32", "fp16", "int8"), opset, attention)
     cfg = SAM_CONFIGS[variant] if isinstance(variant, str) else variant
     source: dict[str, Any] = {"loader": "in-memory model"}
     if not isinstance(model, nn.Module):
