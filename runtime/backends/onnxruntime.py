@@ -145,6 +145,11 @@ class OrtRunner:
             )
         self.device = "cuda" if backend != "ort-cpu" else "cpu"
 
+    @property
+    def providers(self) -> list[tuple[str, dict[str, Any]]]:
+        """The ONNX Runtime providers, with their options, that this runner's session was opened with."""
+        return list(self._providers)
+
     def _session_options(self):
         """Fresh options for one session (a captured graph adds its own dimension overrides to its copy)."""
         rt = ort()

@@ -178,7 +178,7 @@ class SamPredictor:
         # The logits are upscaled and thresholded where they are (mask_upscale.py; on the CPU, OpenCV is the
         # faster), so only the returned arrays come to the host.
         if self._upscaler is None:  # CUDA (and CPU) kernels only: not worth a TensorRT engine per image size
-            providers = [p for p in self.decoder._providers if p[0] != "TensorrtExecutionProvider"]
+            providers = [p for p in self.decoder.providers if p[0] != "TensorrtExecutionProvider"]
             self._upscaler = MaskUpscaler(providers, self.decoder.device)
         masks = self._upscaler(dev["low_res_masks"], sel, self.input_size, self.original_size, self.image_size,
                                self.mask_threshold, return_logits)
