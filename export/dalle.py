@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,10 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from edgefm.models.checkpoint import load_strict, read_state_dict, sha256_file
+from edgefm.models.checkpoint import sha256_file
 from edgefm.models.dalle import (
     LOGIT_LAPLACE_EPS,
-    PRIOR_CONFIGS,
     DallePrior,
     Decoder,
     DecoderFromIds,
@@ -38,7 +36,7 @@ from edgefm.models.dalle import (
     load_dvae_encoder,
     unmap_pixels,
 )
-from edgefm.models.dalle.prior import CLIP_TEXT_VOCAB
+from edgefm.models.dalle.prior import CLIP_TEXT_VOCAB, load_prior, resolve_prior_config
 from edgefm.runtime.dalle.cli import add_export_args  # noqa: F401  (re-exported beside run_export)
 from edgefm.runtime.dalle.spec import (
     DVAE_DECODER,
@@ -189,62 +187,6 @@ def ids_report(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], precision
             m["failures"] = [f"ids agree {m['id_agreement']:.4f} < {need}"]
             report["passed"] = False
     return report
-
-
-def _prior_config_from_json(path: Path) -> tuple[str, PriorConfig]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"prior config {str(path)!r} cannot be read as JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise InputError(f"prior config {str(path)!r} must be a JSON object of PriorConfig fields")
-    name = str(data.pop("name", path.stem))
-    known = {f.name for f in dataclasses.fields(PriorConfig)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise InputError(f"prior config {str(path)!r} has unknown fields {unknown}; known: {sorted(known)}")
-    if "attention" in data:
-        data["attention"] = tuple(data["attention"])
-    try:
-        return name, PriorConfig(**data)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"prior config {str(path)!r} is invalid: {exc}") from exc
-
-
-def resolve_prior_config(
-    config: str | PriorConfig | Path | None, checkpoint: Path | None = None
-) -> tuple[str, PriorConfig]:
-    """(name, config) from a ``PRIOR_CONFIGS`` name, a config, a JSON file, or ``<checkpoint stem>.json``."""
-    if isinstance(config, PriorConfig):
-        return next((k for k, v in PRIOR_CONFIGS.items() if v == config), "custom"), config
-    if config is None:
-        beside = checkpoint.with_suffix(".json") if checkpoint is not None else None
-        if beside is None or not beside.is_file():
-            raise InputError(
-                f"the sizes of the prior {str(checkpoint)!r} are unknown: pass --prior-config with a name "
-                f"({', '.join(PRIOR_CONFIGS)}) or a JSON file of PriorConfig fields, or put "
-                f"{beside.name if beside else '<stem>.json'} beside the checkpoint"
-            )
-        return _prior_config_from_json(beside)
-    if str(config) in PRIOR_CONFIGS:
-        return str(config), PRIOR_CONFIGS[str(config)]
-    if Path(config).suffix == ".json" or Path(config).is_file():
-        if not Path(config).is_file():
-            raise InputError(f"--prior-config {str(config)!r} does not exist")
-        return _prior_config_from_json(Path(config))
-    raise InputError(
-        f"--prior-config {str(config)!r} is neither a known prior size ({', '.join(PRIOR_CONFIGS)}) "
-        "nor a JSON file of PriorConfig fields"
-    )
-
-
-def load_prior(path: str | Path, config: str | PriorConfig | Path | None = None) -> tuple[str, DallePrior]:
-    """A prior from a state-dict checkpoint, loaded with strict key and shape checks."""
-    path = Path(path)
-    name, cfg = resolve_prior_config(config, path)
-    prior = DallePrior(cfg)
-    load_strict(prior, read_state_dict(path), str(path), model_name=f"the DALL·E prior {name!r}")
-    return name, prior.eval()
 
 
 def _source(path: Path, loader: str) -> dict[str, str]:

@@ -32,7 +32,9 @@ from .prior import (
     PriorConfig,
     attention_mask,
     build_prior,
+    load_prior,
     paper_attention,
+    resolve_prior_config,
     train_step,
 )
 
@@ -65,5 +67,7 @@ __all__ = [
     "paper_attention",
     "read_pickled",
     "train_step",
+    "load_prior",
+    "resolve_prior_config",
     "unmap_pixels",
 ]

@@ -25,119 +25,26 @@ its own positions (padding targets included). Incremental decoding: :meth:`Dalle
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from edgefm.models.checkpoint import load_strict, read_state_dict
 from edgefm.runtime.errors import InputError
 from torch import nn
 
+from .prior_config import (  # noqa: F401  (re-exported: the sizes belong with the model to users)
+    ATTENTION_PATTERNS,
+    CLIP_TEXT_VOCAB,
+    PRIOR_CONFIGS,
+    PriorConfig,
+    attention_mask,
+    paper_attention,
+    resolve_prior_config,
+)
+
 TEXT_LOSS_WEIGHT = 1 / 8
 IMAGE_LOSS_WEIGHT = 7 / 8
-ATTENTION_PATTERNS = ("dense", "row", "column", "conv")
-CLIP_TEXT_VOCAB = 49408  # ids of the CLIP BPE tokenizer the runtime uses for prompts
-
-
-@dataclass(frozen=True)
-class PriorConfig:
-    """Sizes of a prior. ``attention`` names each layer's mask; empty means all "dense"."""
-
-    text_vocab: int = CLIP_TEXT_VOCAB + 1  # tokenizer ids + the padding id (the last one)
-    text_len: int = 16
-    image_vocab: int = 64
-    image_grid: int = 8
-    d_model: int = 64
-    n_layers: int = 2
-    n_heads: int = 4
-    mlp_ratio: int = 4
-    dropout: float = 0.0
-    attention: tuple[str, ...] = ()
-    conv_kernel: int = 11  # side of the causal neighbourhood of the "conv" mask (odd)
-    # Sampling default, not a size: the classifier-free guidance scale s (image logits = u + s·(c − u), c
-    # conditioned on the prompt, u on the empty prompt). 1 = no guidance, the only sensible value for a prior
-    # never trained on empty captions.
-    guidance_scale: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model {self.d_model} is not a multiple of n_heads {self.n_heads}")
-        if self.attention and len(self.attention) != self.n_layers:
-            raise ValueError(f"attention names {len(self.attention)} layers, the model has {self.n_layers}")
-        unknown = sorted(set(self.attention) - set(ATTENTION_PATTERNS))
-        if unknown:
-            raise ValueError(f"unknown attention pattern(s) {unknown}; known: {ATTENTION_PATTERNS}")
-        if self.conv_kernel % 2 != 1:
-            raise ValueError(f"conv_kernel must be odd, got {self.conv_kernel}")
-        if not self.guidance_scale >= 0:
-            raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
-
-    @property
-    def image_len(self) -> int:
-        return self.image_grid**2
-
-    @property
-    def context_len(self) -> int:
-        return self.text_len + self.image_len - 1
-
-    @property
-    def pad_id(self) -> int:
-        return self.text_vocab - 1
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
-
-    @property
-    def layer_patterns(self) -> tuple[str, ...]:
-        return self.attention or ("dense",) * self.n_layers
-
-
-def paper_attention(n_layers: int) -> tuple[str, ...]:
-    """The paper's layout: column attention where (i - 2) % 4 == 0 (i counted from 1), row attention
-    elsewhere, convolutional attention in the last layer."""
-    patterns = ["column" if (i - 2) % 4 == 0 else "row" for i in range(1, n_layers + 1)]
-    patterns[-1] = "conv"
-    return tuple(patterns)
-
-
-PRIOR_CONFIGS: dict[str, PriorConfig] = {
-    # tests and the demo; pairs with the "tiny" dVAE (64 codes, 8×8 grid -> 64² images)
-    "tiny": PriorConfig(),
-    "tiny_sparse": PriorConfig(attention=("row", "column"), conv_kernel=3),
-    # pairs with the official dVAE (8192 codes, 32×32 grid -> 256² images)
-    "small": PriorConfig(
-        text_len=64, image_vocab=8192, image_grid=32, d_model=256, n_layers=4, n_heads=8,
-        attention=paper_attention(4),
-    ),
-}
-
-
-def attention_mask(config: PriorConfig, pattern: str) -> torch.Tensor:
-    """Bool ``[context_len, context_len]``; entry (q, k) says whether position q may attend to k.
-
-    For an image query at grid index j (row j // g, column j % g, g = image_grid) and an earlier image key
-    j' <= j, the patterns allow (following the Sparse Transformer's strided pair the paper builds on):
-    "dense": all; "row": the last g positions, j - j' < g; "column": the same column, (j - j') % g == 0;
-    "conv": a causal ``conv_kernel``² neighbourhood, |row - row'| and |col - col'| <= conv_kernel // 2.
-    """
-    n, t, g = config.context_len, config.text_len, config.image_grid
-    q = torch.arange(n)[:, None]
-    k = torch.arange(n)[None, :]
-    qi, ki = q - t, k - t  # image indices; negative on text positions
-    if pattern == "dense":
-        image_ok = torch.ones(n, n, dtype=torch.bool)
-    elif pattern == "row":
-        image_ok = (qi - ki) < g
-    elif pattern == "column":
-        image_ok = (qi - ki) % g == 0
-    elif pattern == "conv":
-        r = config.conv_kernel // 2
-        image_ok = ((qi.div(g, rounding_mode="floor") - ki.div(g, rounding_mode="floor")).abs() <= r) & (
-            (qi % g - ki % g).abs() <= r
-        )
-    else:
-        raise ValueError(f"unknown attention pattern {pattern!r}; known: {ATTENTION_PATTERNS}")
-    return (k <= q) & ((k < t) | image_ok)
 
 
 class Attention(nn.Module):
@@ -433,3 +340,12 @@ def build_prior(name_or_config: str | PriorConfig = "tiny") -> DallePrior:
     if name_or_config not in PRIOR_CONFIGS:
         raise ValueError(f"unknown prior size {name_or_config!r}; known: {', '.join(PRIOR_CONFIGS)}")
     return DallePrior(PRIOR_CONFIGS[name_or_config])
+
+
+def load_prior(path: str | Path, config: str | PriorConfig | Path | None = None) -> tuple[str, DallePrior]:
+    """A prior from a state-dict checkpoint, loaded with strict key and shape checks."""
+    path = Path(path)
+    name, cfg = resolve_prior_config(config, path)
+    prior = DallePrior(cfg)
+    load_strict(prior, read_state_dict(path), str(path), model_name=f"the DALL·E prior {name!r}")
+    return name, prior.eval()

@@ -21,7 +21,7 @@ stopped by ``--minutes`` and started again with the same arguments continues exa
 Files in ``--out``: ``<stage>_state.pt`` (resumable state), ``dvae_shapes_{encoder,decoder}.safetensors``
 (fp32) and ``prior_shapes.safetensors`` (stored fp16: its two 49,409-row text tables dominate the size;
 the loaders upcast) each with ``<stem>.json`` (the prior's holds only ``PriorConfig`` fields + ``name``,
-what :func:`edgefm.export.dalle.resolve_prior_config` reads), and ``dalle_shapes_training.json`` (the
+what :func:`edgefm.models.dalle.resolve_prior_config` reads), and ``dalle_shapes_training.json`` (the
 commands, steps, times and metrics). ``--ship DIR`` copies the weights and their JSON to ``DIR``.
 
 ``--device cuda`` trains on a GPU (the data is still drawn on the CPU; ``--workers N`` draws it in N processes

@@ -123,7 +123,7 @@ def test_lengthened_dvae_schedule_keeps_tau_annealed(dvae_run, tmp_path):
 
 
 def test_prior_stage_trains_on_the_dvae_codes(dvae_run, tmp_path):
-    from edgefm.export.dalle import load_prior
+    from edgefm.models.dalle import load_prior
 
     out, _ = dvae_run
     dvae = str(out / "dvae_shapes_encoder.safetensors")
