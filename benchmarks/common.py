@@ -46,3 +46,9 @@ def versions(dists: tuple[str, ...]) -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[dist] = "not installed"
     return out
+
+
+def split(n: int, rounds: int) -> list[int]:
+    """n runs spread over at most ``rounds`` rounds (interleaved sides share each round's load)."""
+    rounds = max(1, min(rounds, n))
+    return [n // rounds + (i < n % rounds) for i in range(rounds)]

@@ -1,0 +1,207 @@
+"""The two sides of ``sam_cpu.py``, each served in its own child process over a JSON-lines pipe: official
+segment-anything (PyTorch) and edgefm (ONNX Runtime). Only numpy and the standard library at import time: the
+edgefm child must provably never import torch."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from common import timed
+
+IMAGE_HW = (1500, 2250)  # the issue's non-square photo, (H, W)
+POINT_XY = (1310.0, 640.0)  # one foreground click, XY pixels of that photo
+SEED = 0
+OFFICIAL = "official"
+PARTS = ("decoder", "upscale", "threshold")
+
+
+def rss_mb(field: str = "VmRSS") -> float:
+    """Resident memory of this process now (VmRSS) or its peak so far (VmHWM), MiB."""
+    line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith(field))
+    return int(line.split()[1]) / 1024
+
+
+def scene(h: int, w: int, seed: int = SEED) -> np.ndarray:
+    """A smooth gradient with a few filled discs and squares: HWC uint8 RGB, something to segment."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.stack([xx / w * 200, yy / h * 200, (xx + yy) / (w + h) * 150 + 50], -1).astype(np.uint8)
+    for _ in range(4):
+        color = rng.integers(0, 255, 3).astype(np.uint8)
+        cx, cy = rng.integers(w // 5, 4 * w // 5), rng.integers(h // 5, 4 * h // 5)
+        r = rng.integers(min(h, w) // 10, min(h, w) // 4)
+        disc = (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+        img[disc if rng.random() < 0.5 else (abs(xx - cx) <= r) & (abs(yy - cy) <= r)] = color
+    return img
+
+
+# --- the two sides: the same operations, served by a child process over a JSON-lines pipe ---
+
+
+class OfficialSide:
+    """segment-anything's Sam and SamPredictor, PyTorch eager, fp32."""
+
+    def __init__(self, work: Path, threads: int) -> None:
+        from functools import partial
+
+        import segment_anything.modeling as sm
+        import torch
+        from segment_anything import SamPredictor
+
+        self.torch = torch
+        torch.set_num_threads(threads)
+        self.rss_after_imports = rss_mb()
+        c = json.loads((work / "config.json").read_text())
+        s, e, d = c["image_size"], c["image_size"] // c["patch_size"], c["prompt_embed_dim"]
+        # The official build_sam wiring with the variant's numbers (for vit_b: sam_model_registry["vit_b"]).
+        encoder = sm.ImageEncoderViT(
+            depth=c["encoder_depth"], embed_dim=c["encoder_embed_dim"], img_size=s, mlp_ratio=4,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=c["encoder_num_heads"],
+            patch_size=c["patch_size"], qkv_bias=True, use_rel_pos=True, window_size=c["window_size"],
+            global_attn_indexes=c["encoder_global_attn_indexes"], out_chans=d)
+        prompt = sm.PromptEncoder(embed_dim=d, image_embedding_size=(e, e), input_image_size=(s, s),
+                               mask_in_chans=c["mask_in_chans"])
+        transformer = sm.TwoWayTransformer(depth=c["decoder_depth"], embedding_dim=d,
+                                        mlp_dim=c["decoder_mlp_dim"], num_heads=c["decoder_num_heads"])
+        decoder = sm.MaskDecoder(num_multimask_outputs=c["num_multimask_outputs"], transformer=transformer,
+                              transformer_dim=d, iou_head_depth=c["iou_head_depth"],
+                              iou_head_hidden_dim=c["iou_head_hidden_dim"])
+        sam = sm.Sam(encoder, prompt, decoder, pixel_mean=c["pixel_mean"], pixel_std=c["pixel_std"])
+        # What sam_model_registry does with a checkpoint: torch.load, then a strict load_state_dict.
+        sam.load_state_dict(torch.load(work / "weights.pt", weights_only=True), strict=True)
+        self.sam = sam.eval()
+        self.predictor = SamPredictor(self.sam)
+        self.x = torch.from_numpy(np.load(work / "encoder_input.npy"))
+        self.image = np.load(work / "image.npy")
+        self.info = {"torch_threads": torch.get_num_threads(), "backend": "PyTorch eager, CPU, fp32"}
+
+    def image_encoder(self) -> np.ndarray:
+        with self.torch.inference_mode():
+            return self.sam.image_encoder(self.x).numpy()
+
+    def preprocess(self):
+        """set_image without the encoder: PIL resize, to tensor, normalize and pad."""
+        p = self.predictor
+        x = self.torch.as_tensor(p.transform.apply_image(self.image)).permute(2, 0, 1).contiguous()[None]
+        return self.sam.preprocess(x)
+
+    def decode(self):
+        """predict_torch up to the low-res logits (the official predict runs under no_grad)."""
+        p, sam = self.predictor, self.sam
+        torch = self.torch
+        pts = torch.as_tensor(p.transform.apply_coords(np.array([POINT_XY]), p.original_size))[None].float()
+        with torch.no_grad():
+            sparse, dense = sam.prompt_encoder(points=(pts, torch.ones(1, 1, dtype=torch.int)), boxes=None,
+                                               masks=None)
+            return sam.mask_decoder(image_embeddings=p.features, image_pe=sam.prompt_encoder.get_dense_pe(),
+                                    sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                    multimask_output=True)[0]
+
+    def upscale(self, low):
+        with self.torch.no_grad():
+            return self.sam.postprocess_masks(low, self.predictor.input_size, self.predictor.original_size)
+
+    def threshold(self, masks) -> np.ndarray:
+        return (masks > self.sam.mask_threshold)[0].numpy()
+
+
+class EdgefmSide:
+    """edgefm's torch-free SamPredictor on an exported bundle, ONNX Runtime CPU."""
+
+    def __init__(self, work: Path, threads: int, bundle: str) -> None:
+        import cv2
+        from edgefm.runtime.sam import SamPredictor, transforms
+
+        self.transforms = transforms
+        self.rss_after_imports = rss_mb()
+        self.predictor = p = SamPredictor(bundle, backend="ort-cpu", threads=threads)
+        self.x = np.load(work / "encoder_input.npy")
+        self.image = np.load(work / "image.npy")
+        so = p.encoder.session.get_session_options()
+        self.info = {"ort_intra_op_threads": so.intra_op_num_threads, "backend": p.backend,
+                     "ort_inter_op_threads": so.inter_op_num_threads,
+                     "ort_graph_optimization": str(so.graph_optimization_level),
+                     "ort_providers": p.encoder.session.get_providers(),
+                     "opencv_threads": cv2.getNumThreads(),
+                     "precision": {c: p.bundle.entry(c).precision for c in ("image_encoder", "mask_decoder")}}
+
+    def image_encoder(self) -> np.ndarray:
+        return self.predictor.encoder.run({"image": self.x})["image_embeddings"]
+
+    def preprocess(self) -> np.ndarray:
+        p, t = self.predictor, self.transforms
+        resized = t.resize_longest_side(self.image, p.image_size)
+        return t.normalize_and_pad(resized, p.image_size, p.mean, p.std)
+
+    def decode(self) -> np.ndarray:
+        """The predictor's two runner calls; the prompt in the official layout (point + padding point)."""
+        p, s = self.predictor, self.predictor.low_res_size
+        pts = self.transforms.scale_coords(np.array([[POINT_XY]], np.float32), p.original_size, p.input_size)
+        feeds = {"point_coords": np.concatenate([pts, np.zeros((1, 1, 2), np.float32)], axis=1),
+                 "point_labels": np.array([[1, -1]], np.float32), "has_mask_input": np.zeros(1, np.float32),
+                 "mask_input": np.zeros((1, 1, s, s), np.float32)}
+        emb = p.prompt_encoder.run(feeds)
+        return p.decoder.run({"image_embeddings": p.features, **emb})["low_res_masks"][:, 1:]
+
+    def upscale(self, low: np.ndarray) -> np.ndarray:
+        p = self.predictor
+        return self.transforms.upscale_masks(low, p.input_size, p.original_size, p.image_size)
+
+    def threshold(self, masks: np.ndarray) -> np.ndarray:
+        return masks[0] > self.predictor.mask_threshold
+
+
+def time_parts(side, n: int) -> dict[str, list[float]]:
+    """predict split in three, each step timed on the previous step's output."""
+    out: dict[str, list[float]] = {k: [] for k in PARTS}
+    for _ in range(n):
+        t0 = time.perf_counter()
+        low = side.decode()
+        t1 = time.perf_counter()
+        masks = side.upscale(low)
+        t2 = time.perf_counter()
+        side.threshold(masks)
+        t3 = time.perf_counter()
+        for k, dt in zip(PARTS, (t1 - t0, t2 - t1, t3 - t2)):
+            out[k].append(dt)
+    return out
+
+
+def serve(name: str, work: Path, threads: int, bundle: str | None) -> None:
+    """Child process: answer the parent's JSON-line commands on the original stdout."""
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # stray prints from libraries go to stderr, never into the protocol
+    t0 = time.perf_counter()
+    side = OfficialSide(work, threads) if name == OFFICIAL else EdgefmSide(work, threads, bundle)
+    p = side.predictor
+    ops = {"image_encoder": side.image_encoder, "preprocess": side.preprocess,
+           "set_image": lambda: p.set_image(side.image),
+           "predict": lambda: p.predict(np.array([POINT_XY]), np.array([1]), multimask_output=True)}
+    proto.write(json.dumps({**side.info, "load_s": time.perf_counter() - t0, "rss_after_load_mb": rss_mb(),
+                            "rss_after_imports_mb": side.rss_after_imports}) + "\n")
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd["op"] == "quit":
+            break
+        if cmd["what"] in ("predict", "parts") and p.features is None:
+            p.set_image(side.image)
+        if cmd["op"] == "time" and cmd["what"] == "parts":
+            time_parts(side, cmd["warmup"])
+            reply: dict[str, Any] = time_parts(side, cmd["n"])
+        elif cmd["op"] == "time":
+            timed(ops[cmd["what"]], cmd["warmup"])
+            reply = {cmd["what"]: timed(ops[cmd["what"]], cmd["n"])}
+        else:  # "outputs", for the agreement check: same weights and inputs should give the same outputs
+            masks, scores, _ = ops["predict"]()
+            np.savez(cmd["path"], embeddings=side.image_encoder(), masks=masks, scores=scores)
+            reply = {}
+        proto.write(json.dumps(reply) + "\n")
+    # VmHWM, not the parent's wait4/RUSAGE_CHILDREN maxrss: a child forked from a big parent inherits the
+    # parent's resident set at fork time into that figure (it read 4.3 GB for every side here).
+    proto.write(json.dumps({"torch_imported": "torch" in sys.modules, "peak_rss_mb": rss_mb("VmHWM")}) + "\n")
