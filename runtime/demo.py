@@ -62,6 +62,21 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / max((a | b).sum(), 1))
 
 
+class _Remembering:
+    """CLIP as DALL·E's reranker, keeping the image embeddings it computed so the demo can classify the same
+    samples without encoding them twice."""
+
+    def __init__(self, clip) -> None:  # noqa: ANN001 - a ClipModel
+        self.clip, self.image_embeddings = clip, None
+
+    def encode_images(self, images):  # noqa: ANN001, ANN201 - the Reranker protocol
+        self.image_embeddings = self.clip.encode_images(images)
+        return self.image_embeddings
+
+    def encode_texts(self, texts):  # noqa: ANN001, ANN201
+        return self.clip.encode_texts(texts)
+
+
 def _crop(image: np.ndarray, box_xywh, margin: float = 0.15) -> np.ndarray:
     x, y, w, h = box_xywh
     m = int(max(w, h) * margin)
@@ -114,11 +129,13 @@ def run_demo(out: Path, cache: Path | None = None, backend: str = "auto") -> Non
                  + ", ".join(captions) + f" -> {out / 'sam_auto.png'}")
 
     generator = DalleGenerator(bundles["dalle"])
+    reranker = _Remembering(clip)
     for text in ("a red circle", "a blue star"):
-        result = generator.generate(text, n=6, seed=0, top_k=8, rerank=clip)
-        # How many samples the demo CLIP reads as the prompt's class: the honest measure of this small DALL·E.
+        result = generator.generate(text, n=6, seed=0, top_k=8, rerank=reranker)
+        # How many samples the demo CLIP reads as the prompt's class: the honest measure of this small DALL·E
+        # (from the embeddings the reranking computed, in the samples' order).
         label = text.removeprefix("a ")
-        read = clip.zero_shot(result.images, labels, templates=templates).argmax(axis=1)
+        read = clip.zero_shot(reranker.image_embeddings, labels, templates=templates).argmax(axis=1)
         hits = int(sum(labels[int(k)] == label for k in read))
         tiles = [cv2.resize(im, (96, 96), interpolation=cv2.INTER_NEAREST) for im in result.ranked_images()]
         grid = image_grid(tiles, [f"{s:.2f}" for s in np.sort(result.scores)[::-1]], columns=6)
