@@ -38,6 +38,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -186,6 +187,29 @@ def _progress(total: int, initial: int, desc: str):
     return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
 
 
+def stage_loop(args: argparse.Namespace, step: int, desc: str, body: Callable[[int], dict[str, Any]],
+               evaluate: Callable[[], dict[str, float]], save: Callable[[int], None]) -> tuple[int, list[dict]]:
+    """The loop every stage shares: ``body(step)`` trains one step and returns what to log for it (shown
+    on the progress bar, and kept in the history at evaluations); every ``--eval-every`` steps and at the
+    last step, ``evaluate()`` and ``save(step)``. Stops at ``--steps`` (or ``--until``) or when ``--minutes``
+    is spent, saves, and returns the step reached and the history."""
+    deadline, history = time.monotonic() + 60 * args.minutes, []
+    bar = _progress(args.steps, step, desc)
+    while step < min(args.steps, args.until or args.steps) and time.monotonic() < deadline:
+        logged = body(step)
+        step += 1
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in logged.items() if isinstance(v, float)})
+        if step % args.eval_every == 0 or step == args.steps:
+            metrics = evaluate()
+            history.append({"step": step, **logged, **metrics})
+            bar.write(f"step {step}: eval " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            save(step)
+    bar.close()
+    save(step)
+    return step, history
+
+
 # ---- stage 1: dVAE -------------------------------------------------------------------------------------
 
 
@@ -205,18 +229,18 @@ def train_dvae(args: argparse.Namespace) -> dict[str, Any]:
     eval_images, _ = scene_batch(EVAL_STREAM, 0, args.eval_size, args.scene_share)
     anneal = args.anneal_steps if args.anneal_steps is not None else int(0.7 * args.steps)
     ramp = max(1, anneal // 7)  # β reaches its final weight at a tenth of the first schedule
-    history, deadline, t0 = [], time.monotonic() + 60 * args.minutes, time.monotonic()
+    t0 = time.monotonic()
 
-    def save() -> None:
+    def save(step: int) -> None:
         save_state(state_path, {"encoder": encoder.state_dict(), "decoder": decoder.state_dict(),
                                 "optimizer": optimizer.state_dict(), "step": step,
                                 "elapsed": elapsed + time.monotonic() - t0})
 
-    bar = _progress(args.steps, step, "dVAE")
     stop = min(args.steps, args.until or args.steps)
     batches = scene_batches(((TRAIN_STREAM, s * args.batch, args.batch, args.scene_share) for s in range(step, stop)),
                             args.workers)
-    while step < stop and time.monotonic() < deadline:
+
+    def body(step: int) -> dict[str, Any]:
         encoder.train(), decoder.train()
         torch.manual_seed(args.seed * 1_000_003 + step)  # gumbel noise of this step, whatever came before
         tau, beta = cosine(step, anneal, TAU_START, TAU_END), args.kl_weight * min(1.0, step / ramp)
@@ -227,19 +251,10 @@ def train_dvae(args: argparse.Namespace) -> dict[str, Any]:
         loss, parts = dvae_loss(encoder, decoder, images, tau, beta)
         loss.backward()
         optimizer.step()
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{float(loss.detach()):.3f}", nll=f"{parts['nll']:.3f}",
-                        kl=f"{parts['kl']:.4f}", tau=f"{tau:.3f}")
-        if step % args.eval_every == 0 or step == args.steps:
-            metrics = evaluate_dvae(encoder, decoder, eval_images)
-            history.append({"step": step, "loss": float(loss.detach()), **parts, "tau": tau, "beta": beta,
-                            **metrics})
-            bar.write(f"step {step}: eval " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-            save()
+        return {"loss": float(loss.detach()), **parts, "tau": tau, "beta": beta}
+
+    step, history = stage_loop(args, step, "dVAE", body, lambda: evaluate_dvae(encoder, decoder, eval_images), save)
     batches.close()
-    bar.close()
-    save()
     metrics = evaluate_dvae(encoder, decoder, eval_images)
     info = {"command": _command(), "size": dataclasses.asdict(config), "steps": step, "planned": args.steps,
             "batch": args.batch, "seconds": round(elapsed + time.monotonic() - t0, 1), "eval": metrics,

@@ -62,18 +62,18 @@ def train_decoder(args: argparse.Namespace) -> dict[str, Any]:
         decoder.load_state_dict(state["decoder"]), optimizer.load_state_dict(state["optimizer"])
         step, elapsed = state["step"], state["elapsed"]
     eval_images, _ = scene_batch(T.EVAL_STREAM, 0, args.eval_size, args.scene_share)
-    history, deadline, t0 = [], time.monotonic() + 60 * args.minutes, time.monotonic()
+    t0 = time.monotonic()
 
-    def save() -> None:
+    def save(step: int) -> None:
         T.save_state(state_path, {"decoder": decoder.state_dict(), "optimizer": optimizer.state_dict(),
                                   "step": step, "elapsed": elapsed + time.monotonic() - t0})
 
     start = T.evaluate_dvae(encoder, decoder, eval_images)
-    bar = T._progress(args.steps, step, "decoder")
     stop = min(args.steps, args.until or args.steps)
     jobs = ((T.TRAIN_STREAM, FRESH_SCENES + s * args.batch, args.batch, args.scene_share) for s in range(step, stop))
     batches = scene_batches(jobs, args.workers)
-    while step < stop and time.monotonic() < deadline:
+
+    def body(step: int) -> dict[str, Any]:
         for group in optimizer.param_groups:
             group["lr"] = T.learning_rate(step, args.steps, args.lr, warmup=WARMUP)
         images = next(batches)[0].to(args.device)
@@ -82,17 +82,11 @@ def train_decoder(args: argparse.Namespace) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        step += 1
-        bar.update(1)
-        bar.set_postfix(nll=f"{float(loss.detach()):.3f}")
-        if step % args.eval_every == 0 or step == args.steps:
-            metrics = T.evaluate_dvae(encoder, decoder, eval_images)
-            history.append({"step": step, "nll": float(loss.detach()), **metrics})
-            bar.write(f"step {step}: eval " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-            save()
+        return {"nll": float(loss.detach())}
+
+    step, history = T.stage_loop(args, step, "decoder", body, lambda: T.evaluate_dvae(encoder, decoder, eval_images),
+                                 save)
     batches.close()
-    bar.close()
-    save()
     metrics = T.evaluate_dvae(encoder, decoder, eval_images)
     info = {"command": T._command(), "encoder": str(encoder_path), "init_decoder": str(decoder_path),
             "steps": step, "planned": args.steps, "batch": args.batch,

@@ -113,14 +113,13 @@ def train_prior(args: argparse.Namespace) -> dict[str, Any]:
         # layout and much of the image statistics carry over even when most codes changed)
         load_strict(prior, read_state_dict(args.init_prior), args.init_prior, model_name="the --init-prior prior")
     n = len(data["text"])
-    history, deadline, t0 = [], time.monotonic() + 60 * args.minutes, time.monotonic()
+    t0 = time.monotonic()
 
-    def save() -> None:
+    def save(step: int) -> None:
         T.save_state(state_path, {"prior": prior.state_dict(), "optimizer": optimizer.state_dict(),
                                 "step": step, "elapsed": elapsed + time.monotonic() - t0})
 
-    bar = T._progress(args.steps, step, "prior")
-    while step < min(args.steps, args.until or args.steps) and time.monotonic() < deadline:
+    def body(step: int) -> dict[str, Any]:
         # Epoch-wise permutation seeded by (seed, epoch): batches are a pure function of the step.
         per_epoch = n // args.batch
         epoch, k = divmod(step, per_epoch)
@@ -134,16 +133,12 @@ def train_prior(args: argparse.Namespace) -> dict[str, Any]:
         drop = torch.rand(len(idx), generator=torch.Generator().manual_seed(args.seed * 104_729 + step))
         text = torch.where((drop < args.uncond_share)[:, None], empty, text)
         loss = train_step(prior, optimizer, text.to(args.device), data["codes"][idx].to(args.device), text_vocab)
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}")
-        if step % args.eval_every == 0 or step == args.steps:
-            metrics = evaluate_prior(prior, data["eval_text"], data["eval_codes"], text_vocab=text_vocab)
-            history.append({"step": step, "train_loss": loss, **metrics})
-            bar.write(f"step {step}: eval " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-            save()
-    bar.close()
-    save()
+        return {"train_loss": loss}
+
+    def evaluate() -> dict[str, float]:
+        return evaluate_prior(prior, data["eval_text"], data["eval_codes"], text_vocab=text_vocab)
+
+    step, history = T.stage_loop(args, step, "prior", body, evaluate, save)
     metrics = evaluate_prior(prior, data["eval_text"], data["eval_codes"], text_vocab=text_vocab)
     info = {"command": T._command(), "size": dataclasses.asdict(config), "steps": step, "planned": args.steps,
             "batch": args.batch, "pairs": n, "init_prior": args.init_prior,
