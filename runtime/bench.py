@@ -10,7 +10,8 @@ per second (qps) and items per second (qps x batch). Inputs are seeded dummy dat
 shapes at the spec's opt sizes with the batch dims (``batch``, ``image_batch``) at ``--batch``, values by
 dtype (floats standard normal, integers in [0, 16)) unless the family says what is valid (SAM point labels in
 {-1, 0, 1, 2, 3}; token ids below the vocabulary size the manifest declares). Peak host memory is the process's
-peak RSS (``getrusage``), device memory the device-wide use reported by nvidia-smi (other processes included).
+peak RSS (``getrusage``), device memory the device-wide use reported by nvidia-smi (other processes included;
+ONNX Runtime's CUDA arena keeps what it grew to, so after the runs this is about its peak).
 
 Pipelines time the family's runtime API end to end on one seeded VGA frame (480x640): SAM ``set_image`` and
 one click; CLIP the 1000 ImageNet labels encoded once (timed once: a label index is built once and cached),
