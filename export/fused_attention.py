@@ -25,28 +25,32 @@ ORT_DOMAIN = "com.microsoft"
 
 
 class _FusedAttentionFn(torch.autograd.Function):
-    """Attention of ``q, k, v`` (B, S, heads*hd) with an optional additive ``bias`` (broadcast to
-    (B, heads, S, S)). PyTorch runs the plain math; the exporter writes one placeholder node that
-    :func:`to_ort_attention` turns into ``com.microsoft.MultiHeadAttention``."""
+    """Attention of ``q, k`` (B, S, heads*d_qk) and ``v`` (B, S, heads*d_v) with an optional additive ``bias``
+    (broadcast to (B, heads, S, S)) and ``scale`` (default ``d_qk ** -0.5``). PyTorch runs the plain math; the
+    exporter writes one placeholder node that :func:`to_ort_attention` turns into
+    ``com.microsoft.MultiHeadAttention``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, num_heads: int):  # noqa: ANN001 - autograd.Function signature
-        b, s, d = q.shape
-        hd = d // num_heads
+    def forward(ctx, q, k, v, bias, num_heads: int, scale):  # noqa: ANN001 - autograd.Function signature
+        b, s, _ = q.shape
 
         def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.reshape(b, -1, num_heads, hd).transpose(1, 2)
+            return t.reshape(b, t.shape[1], num_heads, -1).transpose(1, 2)
 
-        attn = (heads(q) * hd**-0.5) @ heads(k).transpose(-2, -1)
+        qh = heads(q)
+        attn = (qh * (qh.shape[-1] ** -0.5 if scale is None else scale)) @ heads(k).transpose(-2, -1)
         if bias is not None:
             attn = attn + bias
-        return (attn.softmax(dim=-1) @ heads(v)).transpose(1, 2).reshape(b, s, d)
+        return (attn.softmax(dim=-1) @ heads(v)).transpose(1, 2).reshape(b, s, v.shape[-1])
 
     @staticmethod
-    def symbolic(g, q, k, v, bias, num_heads: int):  # noqa: ANN001 - exporter signature
+    def symbolic(g, q, k, v, bias, num_heads: int, scale):  # noqa: ANN001 - exporter signature
         inputs = (q, k, v) if bias is None or _is_none(bias) else (q, k, v, bias)
-        out = g.op(f"{PLACEHOLDER_DOMAIN}::{PLACEHOLDER_OP}", *inputs, num_heads_i=num_heads)
-        out.setType(q.type())  # the output has the query's shape and dtype
+        attrs = {"num_heads_i": num_heads, **({} if scale is None else {"scale_f": float(scale)})}
+        out = g.op(f"{PLACEHOLDER_DOMAIN}::{PLACEHOLDER_OP}", *inputs, **attrs)
+        # The output has the query's batch and length and the value's width.
+        qs, vs = q.type().varyingSizes(), v.type().varyingSizes()
+        out.setType(q.type().with_sizes([qs[0], qs[1], vs[2]]) if qs and vs else q.type())
         return out
 
 
@@ -56,9 +60,10 @@ def _is_none(value) -> bool:  # noqa: ANN001 - a TorchScript graph value
 
 
 def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
-                    bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Multi-head attention of (B, S, heads*hd) ``q, k, v`` that exports as one fused node."""
-    return _FusedAttentionFn.apply(q, k, v, bias, num_heads)
+                    bias: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+    """Multi-head attention of (B, S, heads*d) ``q, k, v`` (``v``'s head size may differ) that exports as one
+    fused node; ``scale`` multiplies ``q @ kᵀ`` (default ``d_qk ** -0.5``)."""
+    return _FusedAttentionFn.apply(q, k, v, bias, num_heads, scale)
 
 
 def to_ort_attention(path: str | Path) -> int:
@@ -72,11 +77,11 @@ def to_ort_attention(path: str | Path) -> int:
     for node in model.graph.node:
         if node.domain == PLACEHOLDER_DOMAIN and node.op_type == PLACEHOLDER_OP:
             q, k, v, *bias = node.input
-            heads = next(a.i for a in node.attribute if a.name == "num_heads")
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             # MultiHeadAttention's inputs: query, key, value, bias, key_padding_mask, attention_bias.
             inputs = [q, k, v, "", "", bias[0]] if bias else [q, k, v]
             new = helper.make_node("MultiHeadAttention", inputs, list(node.output),
-                                   name=node.name or f"fused_attention_{n}", domain=ORT_DOMAIN, num_heads=heads)
+                                   name=node.name or f"fused_attention_{n}", domain=ORT_DOMAIN, **attrs)
             node.CopyFrom(new)
             n += 1
     kept = [o for o in model.opset_import if o.domain not in (PLACEHOLDER_DOMAIN, ORT_DOMAIN)]

@@ -40,14 +40,17 @@ def _torch():
     return require("torch", "export", "Exporting")
 
 
+def _choices(values: tuple[str, ...]) -> str:
+    return ", ".join(values[:-1]) + f" or {values[-1]}"
+
+
 def check_options(family: str, precision: str, precisions: tuple[str, ...], opset: int,
-                  attention: str = "plain") -> None:
+                  attention: str = "plain", attentions: tuple[str, ...] = ("plain", "fused")) -> None:
     """The export options every family validates the same way, each refused with the flag and the choices."""
     if precision not in precisions:
-        choices = ", ".join(precisions[:-1]) + f" or {precisions[-1]}"
-        raise InputError(f"--precision {precision!r} is not supported for {family}; choose {choices}")
-    if attention not in ("plain", "fused"):
-        raise InputError(f"--attention {attention!r} is not supported; choose plain or fused")
+        raise InputError(f"--precision {precision!r} is not supported for {family}; choose {_choices(precisions)}")
+    if attention not in attentions:
+        raise InputError(f"--attention {attention!r} is not supported for {family}; choose {_choices(attentions)}")
     if opset < 17:
         raise InputError(f"--opset {opset} is too old: opset 17 is needed for one-op LayerNorm")
 

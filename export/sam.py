@@ -34,14 +34,14 @@ MASK_OUTPUTS = ("low_res_masks",)  # judged by thresholded-mask IoU in the parit
 class ImageEncoderGraph(nn.Module):
     """Normalized, padded image (B, 3, S, S) -> image embeddings (B, C, S/16, S/16)."""
 
-    def __init__(self, sam: Sam, fused_attention: bool = False) -> None:
+    def __init__(self, sam: Sam, attention: str = "plain") -> None:
         super().__init__()
-        if fused_attention:
+        if attention == "plain":
+            self.encoder = sam.image_encoder
+        else:
             from .sam_fused import with_fused_attention
 
-            self.encoder = with_fused_attention(sam.image_encoder)
-        else:
-            self.encoder = sam.image_encoder
+            self.encoder = with_fused_attention(sam.image_encoder, "qk" if attention == "fused-qk" else "bias")
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.encoder(image)
@@ -156,13 +156,14 @@ def export_sam(
 
     ``attention="fused"`` writes the attention of the image encoder and the mask decoder as ONNX Runtime's
     fused MultiHeadAttention (:mod:`edgefm.export.sam_fused`): fewer, larger kernels for ort-cuda, but not
-    parsable by TensorRT.
+    parsable by TensorRT. ``"fused-qk"`` (experimental, not yet timed on a GPU) folds the encoder's relative
+    positions into the query/key dot product instead of passing them as a (heads, HW, HW) bias.
 
     ``precision="int8"`` (for CPUs) writes each component at the precision of :data:`INT8_PRECISIONS`,
     dynamically quantized (:func:`edgefm.export.onnx.int8_from_onnx`) and gated by the int8 policy. A mask
     decoder that misses it is written in fp32 instead, its int8 report kept in the manifest's parity entry
     (``int8_rejected``); the manifest entry's precision always says what was written."""
-    check_options("SAM", precision, ("fp32", "fp16", "int8"), opset, attention)
+    check_options("SAM", precision, ("fp32", "fp16", "int8"), opset, attention, ("plain", "fused", "fused-qk"))
     cfg = SAM_CONFIGS[variant] if isinstance(variant, str) else variant
     source: dict[str, Any] = {"loader": "in-memory model"}
     if not isinstance(model, nn.Module):
@@ -172,8 +173,9 @@ def export_sam(
                   "loader": "torch.load(weights_only=True) / safetensors, strict keys and shapes"}
     model = model.eval()
     specs = sam_specs(cfg.image_size, cfg.prompt_embed_dim, cfg.image_embedding_size)
-    graphs = {IMAGE_ENCODER: ImageEncoderGraph(model, attention == "fused"), PROMPT_ENCODER: PromptEncoderGraph(model),
-              MASK_DECODER: MaskDecoderGraph(model, attention == "fused")}
+    fused = attention != "plain"
+    graphs = {IMAGE_ENCODER: ImageEncoderGraph(model, attention), PROMPT_ENCODER: PromptEncoderGraph(model),
+              MASK_DECODER: MaskDecoderGraph(model, fused)}
     feeds = parity_inputs(cfg)
     parity: dict[str, Any] = {"gate": parity_gate, "reference": f"PyTorch {torch.__version__} fp32, CPU",
                               "backend": "onnxruntime CPU"}
@@ -187,7 +189,7 @@ def export_sam(
             onnx_path = work / f"{name}.onnx"
             extra = onnx_from_module(graph, spec, onnx_path, example_inputs(spec, feeds[name]), opset)
             info: dict[str, Any] = {"opset": opset}
-            if name in (IMAGE_ENCODER, MASK_DECODER) and attention == "fused":
+            if name in (IMAGE_ENCODER, MASK_DECODER) and fused:
                 from .fused_attention import to_ort_attention
 
                 info["fused_attention"] = to_ort_attention(onnx_path)

@@ -23,13 +23,25 @@ from torch import nn
 
 from .fused_attention import fused_attention
 
+REL_POS_MODES = ("bias", "qk")
+
 
 class FusedAttention(nn.Module):
-    """Drop-in for :class:`Attention` (same parameters, same outputs) that exports as one fused node."""
+    """Drop-in for :class:`Attention` (same parameters, same outputs) that exports as one fused node.
 
-    def __init__(self, attn: Attention) -> None:
+    ``rel_pos="bias"``: the decomposed relative positions become the operator's additive bias, a
+    (B, heads, HW, HW) tensor (400 MB per global block of ViT-B in fp16). ``rel_pos="qk"``: the same sum
+    folded into the dot product instead, as the bias for query i and key j is ``rel_h[i, row j] + rel_w[i,
+    col j]`` = [rel_h_i, rel_w_i] · [one-hot(row j), one-hot(col j)]: queries carry their scaled values and
+    their two relative-position rows, keys their values and two constant one-hots. No bias tensor is made,
+    and no bias input limits the kernels ONNX Runtime may choose; the query/key head size grows from 64 to
+    64 + h + w (192 for the global blocks)."""
+
+    def __init__(self, attn: Attention, rel_pos: str = "bias") -> None:
         super().__init__()
-        self.inner = attn
+        if rel_pos not in REL_POS_MODES:
+            raise ValueError(f"rel_pos must be one of {REL_POS_MODES}, got {rel_pos!r}")
+        self.inner, self.rel_pos = attn, rel_pos
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.inner
@@ -37,17 +49,28 @@ class FusedAttention(nn.Module):
         # ints, the relative-position tables are gathered once at export (constant-folded into initializers)
         # instead of by index arithmetic and two gathers per block on every run. Only the batch stays dynamic.
         h, w, dim = int(x.shape[1]), int(x.shape[2]), int(x.shape[3])
-        hd = dim // a.num_heads
+        n, hd = a.num_heads, dim // a.num_heads
         # Channels of qkv are laid out (3, heads, hd): q, k, v are (B, HW, heads*hd), heads-major.
         q, k, v = a.qkv(x).reshape(-1, h * w, 3, dim).unbind(2)
-        bias = None
-        if a.use_rel_pos:
-            # Decomposed relative positions from the unscaled queries, as add_decomposed_rel_pos does.
-            r_q = q.reshape(-1, h, w, a.num_heads, hd).permute(0, 3, 1, 2, 4)  # B, heads, h, w, hd
-            rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, get_rel_pos(h, h, a.rel_pos_h))
-            rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, get_rel_pos(w, w, a.rel_pos_w))
-            bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(-1, a.num_heads, h * w, h * w)
-        out = fused_attention(q, k, v, a.num_heads, bias)
+        if not a.use_rel_pos:
+            return a.proj(fused_attention(q, k, v, n).reshape(-1, h, w, dim))
+        # Decomposed relative positions from the unscaled queries, as add_decomposed_rel_pos does.
+        r_q = q.reshape(-1, h, w, n, hd)  # B, h, w, heads, hd
+        rel_h = torch.einsum("bhwnc,hkc->bhwnk", r_q, get_rel_pos(h, h, a.rel_pos_h))  # B, h, w, heads, h
+        rel_w = torch.einsum("bhwnc,wkc->bhwnk", r_q, get_rel_pos(w, w, a.rel_pos_w))  # B, h, w, heads, w
+        if self.rel_pos == "bias":
+            bias = (rel_h.permute(0, 3, 1, 2, 4)[..., :, None] + rel_w.permute(0, 3, 1, 2, 4)[..., None, :])
+            out = fused_attention(q, k, v, n, bias.reshape(-1, n, h * w, h * w))
+        else:
+            width = hd + h + w
+            q_aug = torch.cat([r_q * hd**-0.5, rel_h, rel_w], dim=-1).reshape(-1, h * w, n * width)
+            rows = torch.arange(h).repeat_interleave(w)
+            cols = torch.arange(w).repeat(h)
+            one_hots = torch.cat([F.one_hot(rows, h), F.one_hot(cols, w)], dim=-1).to(k.dtype)  # HW, h + w
+            # A constant (HW, heads, width) added to the zero-padded keys: no batch-sized expand, no Shape op.
+            key_pos = F.pad(one_hots, (hd, 0))[:, None, :].expand(h * w, n, width)
+            k_aug = (F.pad(k.reshape(-1, h * w, n, hd), (0, h + w)) + key_pos).reshape(-1, h * w, n * width)
+            out = fused_attention(q_aug, k_aug, v, n, scale=1.0)
         return a.proj(out.reshape(-1, h, w, dim))
 
 
@@ -55,10 +78,10 @@ class FusedBlock(nn.Module):
     """Drop-in for a :class:`Block`: the same norms, MLP and windowing (with the grid and padding as
     constants), its attention a :class:`FusedAttention`."""
 
-    def __init__(self, block: Block) -> None:
+    def __init__(self, block: Block, rel_pos: str = "bias") -> None:
         super().__init__()
         self.inner = block
-        self.attn = FusedAttention(block.attn)
+        self.attn = FusedAttention(block.attn, rel_pos)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         blk, ws = self.inner, self.inner.window_size
@@ -103,9 +126,9 @@ def replaced(module: nn.Module, kind: type, make) -> nn.Module:  # noqa: ANN001 
     return new
 
 
-def with_fused_attention(encoder: nn.Module) -> nn.Module:
+def with_fused_attention(encoder: nn.Module, rel_pos: str = "bias") -> nn.Module:
     """A SAM image encoder whose blocks are :class:`FusedBlock` (weights shared)."""
-    return replaced(encoder, Block, FusedBlock)
+    return replaced(encoder, Block, lambda block: FusedBlock(block, rel_pos))
 
 
 def decoder_with_fused_attention(decoder: nn.Module) -> nn.Module:

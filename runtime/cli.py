@@ -59,8 +59,8 @@ def cmd_export(args: argparse.Namespace) -> None:
         from edgefm.export.dalle import run_export
 
         if args.attention != "plain":
-            raise InputError("--attention fused applies to sam and clip; the DALL·E components export plain "
-                             "attention only (leave --attention out)")
+            raise InputError(f"--attention {args.attention} applies to sam and clip; the DALL·E components "
+                             "export plain attention only (leave --attention out)")
         out = run_export(args, progress=_progress)
     print(f"wrote {out}")
     _print_manifest(out, brief=True)
@@ -164,9 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "parity policy (cosine >= 0.99, mask IoU >= 0.95)")
     e.add_argument("--opset", type=int, default=17)
     e.add_argument("--no-parity-gate", action="store_true", help="write the bundle even if parity fails")
-    e.add_argument("--attention", default="plain", choices=["plain", "fused"],
+    e.add_argument("--attention", default="plain", choices=["plain", "fused", "fused-qk"],
                    help="sam, clip: 'fused' writes the transformer attention as ONNX Runtime's MultiHeadAttention "
-                        "(one node per block, for ort-cuda; not parsable by TensorRT)")
+                        "(one node per block, for ort-cuda; not parsable by TensorRT); sam: 'fused-qk' also folds "
+                        "the relative positions into the query/key product (experimental)")
     e.add_argument("--overwrite", action="store_true")
     e.add_argument("--quick-gelu", dest="quick_gelu", action="store_true", default=None,
                    help="clip: QuickGELU activations (OpenAI archives imply it)")

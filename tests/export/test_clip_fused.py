@@ -79,7 +79,7 @@ def test_fused_fp16_keeps_the_fp16_policy():
 def test_unknown_attention_kind_is_refused(tmp_path):
     from edgefm.export.clip import export_clip
 
-    with pytest.raises(InputError, match="--attention 'flash' is not supported; choose plain or fused"):
+    with pytest.raises(InputError, match="--attention 'flash' is not supported for CLIP; choose plain or fused"):
         export_clip(tiny_pair("tiny-vit")[0], tmp_path / "x", attention="flash")
     assert not (tmp_path / "x").exists()
 

@@ -23,7 +23,8 @@ def test_bad_precision_opset_and_attention_are_refused_with_the_choices(family, 
         check_options(names[family], "bf16", precisions, 17)
     with pytest.raises(InputError, match="--opset 13 is too old: opset 17 is needed"):
         check_options(names[family], "fp32", precisions, 13)
-    with pytest.raises(InputError, match="--attention 'flash' is not supported; choose plain or fused"):
+    refused = f"--attention 'flash' is not supported for {names[family]}; choose plain or fused"
+    with pytest.raises(InputError, match=refused):
         check_options(names[family], "fp32", precisions, 17, "flash")
     # Through the CLI: refused before the checkpoint is even read (here it is not a checkpoint at all).
     assert main([*base, "--precision", "int8"] if family == "dalle" else [*base, "--opset", "13"]) == 2

@@ -60,49 +60,45 @@ def test_fused_graph_matches_the_plain_export(fused_bundle, sam_tiny_bundle):
 def test_unknown_attention_kind_is_refused(sam_tiny, tmp_path):
     from edgefm.export.sam import export_sam
 
-    with pytest.raises(InputError, match="--attention 'flash' is not supported; choose plain or fused"):
+    refused = "--attention 'flash' is not supported for SAM; choose plain, fused or fused-qk"
+    with pytest.raises(InputError, match=refused):
         export_sam(sam_tiny, tmp_path / "x", "tiny", attention="flash")
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("rel_pos", ["bias", "qk"])
 @pytest.mark.parametrize("window", [5, 4, 0])  # 12 x 12 tokens: padded to 15, exact, global
-def test_fused_block_equals_the_block_with_and_without_window_padding(window):
+def test_fused_block_equals_the_block_with_and_without_window_padding(window, rel_pos):
     import torch
     from edgefm.export.sam_fused import FusedBlock
     from edgefm.models.sam.image_encoder import Block
 
     torch.manual_seed(window)
-    block = Block(32, 4, use_rel_pos=True, rel_pos_zero_init=False, window_size=window, input_size=(12, 12)).eval()
+    block = Block(32, 4, use_rel_pos=True, window_size=window, input_size=(12, 12)).eval()
+    with torch.no_grad():  # the relative-position tables start at zero: give them values that count
+        block.attn.rel_pos_h.normal_(0.0, 0.5)
+        block.attn.rel_pos_w.normal_(0.0, 0.5)
     x = torch.randn(2, 12, 12, 32)
     with torch.no_grad():
-        want, got = block(x), FusedBlock(block)(x)
+        want, got = block(x), FusedBlock(block, rel_pos)(x)
+        block.attn.rel_pos_h.zero_()
+        without = block(x)
+    assert float((want - without).abs().max()) > 0.1  # the relative positions matter here
     assert float((got - want).abs().max()) <= 1e-5 * max(1.0, float(want.abs().max()))
 
 
-def test_decoder_attentions_become_multihead_attention_nodes(fused_bundle, sam_tiny):
-    model = onnx.load(str(fused_bundle / "mask_decoder.onnx"))
-    ops = [n.op_type for n in model.graph.node]
-    layers = len(sam_tiny.mask_decoder.transformer.layers)
-    assert ops.count("MultiHeadAttention") == 3 * layers + 1  # self, token->image, image->token; final
-    assert "Softmax" not in ops
-    info = json.loads((fused_bundle / "manifest.json").read_text())["components"][2]
-    assert info["name"] == "mask_decoder" and info["info"]["fused_attention"] == 3 * layers + 1
-    # The original decoder is untouched.
-    assert type(sam_tiny.mask_decoder.transformer.final_attn_token_to_image).__name__ == "Attention"
+def test_relative_positions_folded_into_the_dot_product_export(sam_tiny, sam_tiny_bundle, tmp_path):
+    """``attention="fused-qk"``: no bias input, scale 1 (the queries come scaled), a wider query/key head; the
+    same embeddings as the plain export."""
+    from edgefm.export.sam import export_sam
 
-
-def test_fused_decoder_matches_the_plain_one_for_every_prompt_count(fused_bundle, sam_tiny_bundle):
-    from edgefm.runtime.sam import SamPredictor
-
-    image = np.random.default_rng(3).integers(0, 256, (200, 300, 3), dtype=np.uint8)
-    plain, fused = SamPredictor(Bundle(sam_tiny_bundle, "ort-cpu")), SamPredictor(Bundle(fused_bundle, "ort-cpu"))
-    plain.set_image(image)
-    fused.set_image(image)
-    for points in ([[150, 100]], [[150, 100], [40, 30], [280, 190]]):
-        labels = [1] + [0] * (len(points) - 1)
-        m1, s1, l1 = plain.predict(np.array(points, np.float32), np.array(labels))
-        m2, s2, l2 = fused.predict(np.array(points, np.float32), np.array(labels))
-        assert np.abs(l2 - l1).max() <= 1e-4 * max(1.0, np.abs(l1).max())
-        assert np.abs(s2 - s1).max() <= 1e-4
-        inter, union = (m1 & m2).sum((1, 2)), (m1 | m2).sum((1, 2))
-        assert (inter / np.maximum(union, 1)).min() >= 0.999
+    path = export_sam(sam_tiny, tmp_path / "qk", "tiny", attention="fused-qk")
+    model = onnx.load(str(path / "image_encoder.onnx"))
+    mha = [n for n in model.graph.node if n.op_type == "MultiHeadAttention"]
+    assert len(mha) == len(sam_tiny.image_encoder.blocks)
+    assert all(len(n.input) == 3 and onnx.helper.get_attribute_value(
+        next(a for a in n.attribute if a.name == "scale")) == 1.0 for n in mha)
+    image = np.random.default_rng(1).standard_normal((2, 3, 256, 256)).astype(np.float32)
+    plain = Bundle(sam_tiny_bundle, "ort-cpu").runner("image_encoder").run({"image": image})["image_embeddings"]
+    folded = Bundle(path, "ort-cpu").runner("image_encoder").run({"image": image})["image_embeddings"]
+    assert np.abs(folded - plain).max() <= 1e-5 * max(1.0, np.abs(plain).max())
