@@ -56,8 +56,13 @@ def build_models(smoke: bool) -> dict[str, Any]:
 
     torch.manual_seed(0)
     sam_variant = "tiny" if smoke else "vit_b"
+    sam = build_sam(SAM_CONFIGS[sam_variant]).eval()
+    with torch.no_grad():  # the official init leaves biases and relative-position tables at zero: make them count
+        for name, param in sam.named_parameters():
+            if name.endswith("bias") or "pos" in name.split(".")[-1]:
+                param.normal_(0.0, 0.02)
     return {
-        "sam": (sam_variant, build_sam(SAM_CONFIGS[sam_variant]).eval()),
+        "sam": (sam_variant, sam),
         "clip": ("tiny-vit" if smoke else "ViT-B/32", build_clip(CLIP_CONFIGS["tiny-vit" if smoke else "ViT-B/32"])),
         "dalle": ("tiny" if smoke else "official", build_decoder("tiny" if smoke else "official").eval()),
     }
@@ -82,17 +87,18 @@ def export_bundles(run: Run, models: dict[str, Any], work: Path) -> dict[str, di
                 image_size = 64 if run.smoke else 256
                 export_dalle(dst, model, image_size=image_size, precision=precision, overwrite=True)
             _note_export(run, info, out, family, variant, precision, dst, t)
-    # SAM and CLIP again with fused attention (com.microsoft.MultiHeadAttention; SAM's relative positions
-    # as its bias).
-    for family in ("sam", "clip"):
+    # SAM and CLIP again with fused attention (com.microsoft.MultiHeadAttention; SAM's relative positions as
+    # its bias, or folded into the query/key product).
+    for family, attention, key in (("sam", "fused", "fused_fp16"), ("sam", "fused-qk", "fusedqk_fp16"),
+                                   ("clip", "fused", "fused_fp16")):
         t = time.monotonic()
         variant, model = models[family]
-        dst = work / f"{family}_fused_fp16"
+        dst = work / f"{family}_{key}"
         if family == "sam":
-            export_sam(model, dst, variant, precision="fp16", overwrite=True, attention="fused")
+            export_sam(model, dst, variant, precision="fp16", overwrite=True, attention=attention)
         else:
-            export_clip(model, dst, precision="fp16", overwrite=True, attention="fused")
-        _note_export(run, info, out, family, variant, "fused_fp16", dst, t)
+            export_clip(model, dst, precision="fp16", overwrite=True, attention=attention)
+        _note_export(run, info, out, family, variant, key, dst, t)
     return out
 
 
@@ -190,14 +196,11 @@ def _parity_family(run: Run, out: dict, family: str, model: Any, bundles, backen
     variants = [("fp32", {}), ("fp16", {})]
     if backend == "ort-cuda":
         variants.insert(1, ("fp32", {"use_tf32": "0"}))
-    if family == "sam":
-        variants.append(("fused_fp16", {}))
+    variants += [(kind, {}) for kind in bundles[family] if kind.startswith("fused")]
     for kind, cuda_options in variants:
         bundle = Bundle(bundles[family][kind], "ort-cpu")
         precision = "fp16" if kind.endswith("fp16") else "fp32"
         for name in graphs:
-            if kind == "fused_fp16" and name != "image_encoder":
-                continue
             from edgefm.runtime.backends.onnxruntime import OrtRunner
 
             entry = bundle.entry(name)

@@ -76,7 +76,7 @@ def section_kernel_profile(run: Any, models: dict[str, Any], bundles: dict[str, 
         with torch.inference_mode():
             out[f"{family}.image_encoder pytorch eager"] = kernel_profile(lambda g=graph, a=x: g(a), sync, cuda=cuda)
         del graph
-        for variant in ("fp16", "fused_fp16"):
+        for variant in ("fp16", "fused_fp16", "fusedqk_fp16"):
             if variant not in bundles[family]:
                 continue
             entry = Bundle(bundles[family][variant], "ort-cpu").entry("image_encoder")

@@ -178,8 +178,9 @@ def _bench_family(run: Run, family: str, model: Any, bundles, backend: str, devi
         _torch_rows(run, comp, graphs[name], spec, feeds, device, sync, compiled, family)
         for precision in ("fp32", "fp16"):
             _ort_rows(run, comp, bundles[family][precision], name, feeds, backend, precision)
-        if "fused_fp16" in bundles[family]:
-            _ort_rows(run, comp, bundles[family]["fused_fp16"], name, feeds, backend, "fp16 fused attention")
+        for key, label in (("fused_fp16", "fp16 fused attention"), ("fusedqk_fp16", "fp16 fused, rel-pos in q.k")):
+            if key in bundles[family]:
+                _ort_rows(run, comp, bundles[family][key], name, feeds, backend, label)
         if (family, name) in (("dalle", "dvae_decoder"), ("sam", "image_encoder")):
             _nhwc_row(run, comp, bundles[family]["fp16"], name, feeds, backend)
     if family == "sam":
