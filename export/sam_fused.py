@@ -64,8 +64,8 @@ class FusedAttention(nn.Module):
         else:
             width = hd + h + w
             q_aug = torch.cat([r_q * hd**-0.5, rel_h, rel_w], dim=-1).reshape(-1, h * w, n * width)
-            rows = torch.arange(h).repeat_interleave(w)
-            cols = torch.arange(w).repeat(h)
+            rows = torch.arange(h, device=k.device).repeat_interleave(w)  # on the model's device (a GPU export)
+            cols = torch.arange(w, device=k.device).repeat(h)
             one_hots = torch.cat([F.one_hot(rows, h), F.one_hot(cols, w)], dim=-1).to(k.dtype)  # HW, h + w
             # A constant (HW, heads, width) added to the zero-padded keys: no batch-sized expand, no Shape op.
             key_pos = F.pad(one_hots, (hd, 0))[:, None, :].expand(h * w, n, width)
