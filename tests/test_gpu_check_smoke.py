@@ -1,0 +1,35 @@
+"""``benchmarks/gpu/gpu_check.py --smoke``: the GPU run's script, end to end with tiny models on ort-cpu.
+
+Device time is rare (15 minutes, some sessions only), so the script must not fail there for a reason a CPU
+could have shown: every section runs and none records an error."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = {"env", "models", "export", "gpu_parity", "bench", "kernel_profile", "sam_predictor",
+            "camera_1280x720", "dalle_generate", "edgefm_bench"}
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_run_has_every_section_and_no_error(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu" / "gpu_check.py"), "--smoke", "--out",
+                           str(out), "--work", str(tmp_path / "work"), "--iters", "2", "--warmup", "1",
+                           "--camera-seconds", "1"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    res = json.loads((out / "gpu_check.json").read_text())
+    assert res["errors"] == {}, list(res["errors"])
+    assert SECTIONS <= set(res["sections"])
+    parity = res["sections"]["gpu_parity"]
+    assert {"sam.mask_decoder.fusedqk_fp16", "clip.text_encoder.fused_fp16"} <= set(parity)
+    assert all(r["passed"] for r in parity.values() if isinstance(r, dict) and "passed" in r)
+    impls = {(r["component"], r["impl"], r["precision"]) for r in res["rows"]}
+    assert ("sam.prompt_to_masks", "onnxruntime ort-cpu captured graphs, chained", "fused_fp16") in impls
+    assert "Where the time goes" in (out / "gpu_check.md").read_text()
