@@ -42,7 +42,7 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]
 from common import machine, versions  # noqa: E402
 from gpu_profile import section_kernel_profile  # noqa: E402
 from gpu_run import Run  # noqa: E402
-from gpu_sections_bench import section_bench, torch_graphs  # noqa: E402
+from gpu_sections_bench import component_runner, section_bench, torch_graphs  # noqa: E402
 from gpu_sections_runtime import section_camera, section_cli_bench, section_dalle_generate, section_predictor  # noqa: E402
 
 DISTS = ("torch", "onnxruntime-gpu", "onnxruntime", "onnx", "numpy", "opencv-python-headless", "edgefm")
@@ -198,14 +198,9 @@ def _parity_family(run: Run, out: dict, family: str, model: Any, bundles, backen
         variants.insert(1, ("fp32", {"use_tf32": "0"}))
     variants += [(kind, {}) for kind in bundles[family] if kind.startswith("fused")]
     for kind, cuda_options in variants:
-        bundle = Bundle(bundles[family][kind], "ort-cpu")
         precision = "fp16" if kind.endswith("fp16") else "fp32"
         for name in graphs:
-            from edgefm.runtime.backends.onnxruntime import OrtRunner
-
-            entry = bundle.entry(name)
-            runner = OrtRunner(bundle.path / entry.file, entry.spec, backend,
-                               cuda_options=cuda_options or None)
+            runner = component_runner(bundles[family][kind], name, backend, cuda_options=cuda_options or None)
             got = runner.run(feeds[name])
             masks = ("low_res_masks",) if name == "mask_decoder" else ()
             report = compare_outputs(refs[name], got, precision, masks=masks)

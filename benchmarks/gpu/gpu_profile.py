@@ -57,11 +57,8 @@ def section_kernel_profile(run: Any, models: dict[str, Any], bundles: dict[str, 
     (plain and fused attention; inputs and outputs on the device), kernel by kernel."""
     import copy
 
-    import onnxruntime as ort
     import torch
-    from edgefm.runtime.backends.onnxruntime import OrtRunner
-    from edgefm.runtime.bundle import Bundle
-    from gpu_sections_bench import bench_feeds, torch_graphs
+    from gpu_sections_bench import bench_feeds, component_runner, torch_graphs
 
     cuda = device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -79,12 +76,9 @@ def section_kernel_profile(run: Any, models: dict[str, Any], bundles: dict[str, 
         for variant in ("fp16", "fused_fp16", "fusedqk_fp16"):
             if variant not in bundles[family]:
                 continue
-            entry = Bundle(bundles[family][variant], "ort-cpu").entry("image_encoder")
-            runner = OrtRunner(bundles[family][variant] / entry.file, entry.spec, backend)
-            dev = {n: ort.OrtValue.ortvalue_from_numpy(a, runner.device, 0) for n, a in feeds.items()}
-            keep = tuple(entry.spec.output_names)
+            runner = component_runner(bundles[family][variant], "image_encoder", backend)
             out[f"{family}.image_encoder onnxruntime {variant}"] = kernel_profile(
-                lambda r=runner, d=dev, k=keep: r.run_on_device(d, keep=k), sync, cuda=cuda)
+                runner.resident_call(feeds), sync, cuda=cuda)
         for key, p in out.items():
             if key.startswith(family):
                 run.log(f"   {key:44s} wall {p['wall_ms']:.2f} ms, GPU busy {p['busy_ms']:.2f} ms, "

@@ -98,26 +98,28 @@ def _torch_rows(run: Run, comp: str, graph: Any, spec: Any, feeds: dict[str, np.
             torch.cuda.empty_cache()
 
 
+def component_runner(bundle_path: Path, name: str, backend: str, **options: Any) -> Any:
+    """A fresh ``OrtRunner`` for one component of a bundle (``options``: e.g. ``cuda_options``)."""
+    from edgefm.runtime.backends.onnxruntime import OrtRunner
+    from edgefm.runtime.bundle import Bundle
+
+    entry = Bundle(bundle_path, "ort-cpu").entry(name)
+    return OrtRunner(bundle_path / entry.file, entry.spec, backend, **options)
+
+
 def _ort_rows(run: Run, comp: str, bundle_path: Path, name: str, feeds: dict[str, np.ndarray], backend: str,
               precision: str) -> None:
     """ONNX Runtime three ways: host arrays, IO binding with device-resident tensors, a captured graph."""
-    import onnxruntime as ort
-    from edgefm.runtime.backends.onnxruntime import OrtRunner, _CapturedGraph
-    from edgefm.runtime.bundle import Bundle
+    from edgefm.runtime.backends.onnxruntime import _CapturedGraph
 
     it, wu = run.iters, run.warmup
-    entry = Bundle(bundle_path, "ort-cpu").entry(name)
-    runner = OrtRunner(bundle_path / entry.file, entry.spec, backend)
+    runner = component_runner(bundle_path, name, backend)
     run.row(comp, f"onnxruntime {backend} host arrays", precision, time_fn(lambda: runner.run(feeds), it, wu))
-    dev = {n: ort.OrtValue.ortvalue_from_numpy(a, runner.device, 0) for n, a in feeds.items()}
-    keep = tuple(entry.spec.output_names)
-    run.row(comp, f"onnxruntime {backend} IO binding", precision,
-            time_fn(lambda: runner.run_on_device(dev, keep=keep), it, wu))
+    run.row(comp, f"onnxruntime {backend} IO binding", precision, time_fn(runner.resident_call(feeds), it, wu))
     try:
         captured = _CapturedGraph(runner, runner.spec.check_feeds(feeds))
         label = "CUDA graph" if backend == "ort-cuda" else "static shapes"
-        run.row(comp, f"onnxruntime {backend} {label}", precision,
-                time_fn(lambda: captured.session.run_with_iobinding(captured.binding), it, wu))
+        run.row(comp, f"onnxruntime {backend} {label}", precision, time_fn(captured.replay, it, wu))
         want, got = runner.run(feeds), captured.run(feeds)
         diff = max(float(np.abs(got[k].astype(np.float32) - want[k].astype(np.float32)).max()) for k in want)
         run.results["sections"].setdefault("captured_vs_plain_max_abs", {})[f"{comp}.{precision}"] = diff
@@ -130,17 +132,10 @@ def _nhwc_row(run: Run, comp: str, bundle_path: Path, name: str, feeds: dict[str
     """Convolution-heavy graphs again with the CUDA provider's ``prefer_nhwc`` (channels-last convolutions,
     the layout tensor cores want; the dVAE decoder is 308 GFLOP of convolutions), IO binding. (On ort-cpu, in
     a smoke run, the option does not apply.)"""
-    import onnxruntime as ort
-    from edgefm.runtime.backends.onnxruntime import OrtRunner
-    from edgefm.runtime.bundle import Bundle
-
-    entry = Bundle(bundle_path, "ort-cpu").entry(name)
     try:
-        runner = OrtRunner(bundle_path / entry.file, entry.spec, backend, cuda_options={"prefer_nhwc": "1"})
-        dev = {n: ort.OrtValue.ortvalue_from_numpy(a, runner.device, 0) for n, a in feeds.items()}
-        keep = tuple(entry.spec.output_names)
+        runner = component_runner(bundle_path, name, backend, cuda_options={"prefer_nhwc": "1"})
         run.row(comp, f"onnxruntime {backend} IO binding, prefer_nhwc", "fp16",
-                time_fn(lambda: runner.run_on_device(dev, keep=keep), run.iters, run.warmup))
+                time_fn(runner.resident_call(feeds), run.iters, run.warmup))
     except Exception as exc:  # an onnxruntime-gpu built without NHWC kernels refuses the option
         run.log(f"   {comp} prefer_nhwc failed: {type(exc).__name__}: {str(exc)[:300]}")
         run.results["errors"][f"prefer_nhwc.{comp}"] = traceback.format_exc()

@@ -140,3 +140,15 @@ def test_predictor_on_captured_graphs_gives_the_host_masks_across_images_and_pro
 def test_predictor_cuda_graphs_need_ort_cuda(sam_tiny_bundle):
     with pytest.raises(InputError, match="cuda_graphs=True .* needs backend 'ort-cuda', not 'ort-cpu'"):
         SamPredictor(sam_tiny_bundle, backend="ort-cpu", cuda_graphs=True)
+
+
+def test_resident_call_runs_the_component_on_inputs_uploaded_once(sam_tiny_bundle):
+    runner = Bundle(sam_tiny_bundle, "ort-cpu").runner("prompt_encoder")
+    feeds = _prompts(2, 3, seed=6)
+    call = runner.resident_call(feeds)
+    want = runner.run(feeds)
+    for _ in range(2):  # the same uploaded inputs serve every call
+        got = call()
+        assert isinstance(got["dense_embeddings"], ort.OrtValue)
+        for name in want:
+            np.testing.assert_array_equal(got[name].numpy(), want[name])
