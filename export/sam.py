@@ -20,6 +20,7 @@ from edgefm.runtime.spec import ComponentSpec
 from torch import nn
 
 from .bundle import BundleWriter
+from .fused_attention import to_ort_attention
 from .onnx import INT8_INFO, at_precision, check_options, example_inputs, onnx_from_module
 from .parity import gate, measure
 
@@ -190,8 +191,6 @@ def export_sam(
             extra = onnx_from_module(graph, spec, onnx_path, example_inputs(spec, feeds[name]), opset)
             info: dict[str, Any] = {"opset": opset}
             if name in (IMAGE_ENCODER, MASK_DECODER) and fused:
-                from .fused_attention import to_ort_attention
-
                 info["fused_attention"] = to_ort_attention(onnx_path)
             wanted = INT8_PRECISIONS[name] if precision == "int8" else precision
             path, files = at_precision(onnx_path, wanted, extra, writer.workdir)
