@@ -24,9 +24,10 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 from edgefm.runtime.errors import BundleError, InputError
-from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto
+from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto, numpy_helper
 
 # Operators TensorRT 10.x's ONNX parser imports, read from the parser's source (onnx/onnx-tensorrt, 10.x
 # line, onnxOpCheckers.cpp): every operator registered with a static checker that does not reject it
@@ -164,6 +165,7 @@ class _Walker:
         self.trt_minor = trt_minor
         self.found: list[Violation] = []
         self._called: list[tuple[str, str]] = []
+        self.values: dict[str, TensorProto] = {}  # initializers and Constant values, for the Q/DQ checks
 
     def tensor(self, where: str, name: str, elem_type: int, io: bool = False) -> None:
         if elem_type == TensorProto.UNDEFINED and not io:
@@ -182,6 +184,9 @@ class _Walker:
             if vi.type.HasField("tensor_type"):
                 self.tensor("value_info", prefix + vi.name, vi.type.tensor_type.elem_type)
         local = {i.name for i in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
+        self.values.update({i.name: i for i in g.initializer})
+        self.values.update({n.output[0]: a.t for n in g.node if n.op_type == "Constant"
+                            for a in n.attribute if a.type == AttributeProto.TENSOR})
         constants = outer | local
         for i, node in enumerate(g.node):
             self.node(node, prefix + (node.name or f"#{i}"), constants)
@@ -213,7 +218,7 @@ class _Walker:
             if len(node.output) > n_carried and trip not in constants:
                 add(Violation(name, op, domain, "data-dependent output shape: its scan outputs are as long as a "
                               "trip count computed at run time"))
-        for reason in _restrictions(node, self.opset):
+        for reason in _restrictions(node, self.opset) + self.qdq(node, constants):
             add(Violation(name, op, domain, reason))
         if op == "Constant":
             for a in node.attribute:
@@ -225,6 +230,33 @@ class _Walker:
             subgraphs = [a.g] if a.type == AttributeProto.GRAPH else list(a.graphs)
             for sub in subgraphs:
                 self.graph(sub, f"{name} > {a.name} > ", constants)  # subgraphs see the outer scope
+
+    def qdq(self, node: NodeProto, constants: frozenset[str]) -> list[str]:
+        """TensorRT's explicit quantization rules: symmetric signed quantization (zero point 0, int8 / fp8 /
+        int4), scales known at build time, per-channel scales on constant weights only, no int32 (bias)
+        dequantization."""
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            return []
+        x, scale, zero = (list(node.input) + ["", ""])[:3]
+        out = []
+        if scale not in constants:
+            out.append(f"its scale {scale!r} is computed at run time; TensorRT needs int8 scales at build time")
+        elif x not in constants and int(np.prod(self.values[scale].dims)) > 1:
+            out.append("per-channel scale on an activation: TensorRT quantizes activations per tensor "
+                       "(per-channel scales are for constant weights)")
+        if node.op_type == "DequantizeLinear" and x in self.values and self.values[x].data_type == TensorProto.INT32:
+            return out + ["dequantizes an int32 tensor (a quantized bias): TensorRT dequantizes int8, fp8 and int4 "
+                          "only; keep biases in floating point (onnxruntime's QuantizeBias=False)"]
+        if zero:
+            z = self.values.get(zero)
+            if z is None:
+                out.append(f"its zero point {zero!r} is computed at run time; TensorRT needs a constant 0")
+            elif z.data_type not in (TensorProto.INT8, TensorProto.FLOAT8E4M3FN, TensorProto.INT4):
+                out.append(f"zero point of type {_dtype(z.data_type)}: TensorRT's quantized types are signed "
+                           "(int8, fp8, int4), so quantize symmetrically to int8")
+            elif z.data_location != TensorProto.EXTERNAL and np.any(numpy_helper.to_array(z)):
+                out.append("non-zero zero point: TensorRT quantizes symmetrically (zero point 0)")
+        return out
 
     def functions_called(self) -> None:
         done = 0

@@ -197,6 +197,39 @@ def test_rank_restrictions_and_subgraphs():
     ]
 
 
+def test_quantize_dequantize_rules():
+    """TensorRT's explicit quantization: signed symmetric (zero point 0), build-time scales, per-channel only on
+    constant weights, no int32 bias dequantization. ONNX Runtime's default static quantization (uint8
+    activations with zero points, int32 biases) breaks three of them."""
+    t = helper.make_tensor
+    inits = [t("s", F32, [], [0.1]), t("s4", F32, [4], [0.1] * 4), t("z8", TensorProto.INT8, [], [0]),
+             t("zu8", TensorProto.UINT8, [], [128]), t("z3", TensorProto.INT8, [], [3]),
+             t("w", TensorProto.INT8, [4, 4], [1] * 16), t("z8x4", TensorProto.INT8, [4], [0] * 4),
+             t("b", TensorProto.INT32, [4], [5] * 4), t("z32", TensorProto.INT32, [4], [0] * 4)]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "z8"], ["q_ok"], name="ok"),
+        helper.make_node("DequantizeLinear", ["w", "s4", "z8x4"], ["w_ok"], name="weights", axis=1),
+        helper.make_node("QuantizeLinear", ["x", "s", "zu8"], ["q_u8"], name="uint8"),
+        helper.make_node("QuantizeLinear", ["x", "s", "z3"], ["q_z3"], name="offset"),
+        helper.make_node("QuantizeLinear", ["x", "s4", "z8x4"], ["q_pc"], name="per_channel", axis=1),
+        helper.make_node("QuantizeLinear", ["x", "x_scale"], ["q_dyn"], name="runtime_scale"),
+        helper.make_node("DequantizeLinear", ["b", "s4", "z32"], ["b_f"], name="bias"),
+    ]
+    m = model(nodes, [io("x"), io("x_scale", F32, ())], [io("q_ok", TensorProto.INT8), io("w_ok", F32, (4, 4))],
+              initializer=inits)
+    assert [str(v) for v in check_tensorrt_compat(m)] == [
+        "QuantizeLinear node 'uint8': zero point of type UINT8: TensorRT's quantized types are signed (int8, fp8, "
+        "int4), so quantize symmetrically to int8",
+        "QuantizeLinear node 'offset': non-zero zero point: TensorRT quantizes symmetrically (zero point 0)",
+        "QuantizeLinear node 'per_channel': per-channel scale on an activation: TensorRT quantizes activations per "
+        "tensor (per-channel scales are for constant weights)",
+        "QuantizeLinear node 'runtime_scale': its scale 'x_scale' is computed at run time; TensorRT needs int8 "
+        "scales at build time",
+        "DequantizeLinear node 'bias': dequantizes an int32 tensor (a quantized bias): TensorRT dequantizes int8, "
+        "fp8 and int4 only; keep biases in floating point (onnxruntime's QuantizeBias=False)",
+    ]
+
+
 def test_loop_with_computed_trip_count():
     body = helper.make_graph(
         [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
