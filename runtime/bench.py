@@ -40,7 +40,7 @@ import numpy as np
 from .bench_pipelines import PIPELINES
 from .bundle import Bundle
 from .errors import InputError
-from .manifest import Manifest
+from .manifest import PRECISIONS, Manifest
 from .spec import ComponentSpec
 from .timing import latency_stats, time_calls
 
@@ -203,13 +203,16 @@ def environment_stamp(bundle: Bundle, threads: int | None) -> dict[str, Any]:
 
 def bench_bundle(path: str | Path, backend: str = "auto", batch: int = 1, iters: int = 50, warmup: int = 5,
                  threads: int | None = None, pipelines: bool = True, seed: int = 0,
-                 progress: Callable[[str], None] | None = None, cuda_graph: bool = False) -> dict[str, Any]:
+                 progress: Callable[[str], None] | None = None, cuda_graph: bool = False,
+                 precision: str | None = None) -> dict[str, Any]:
     """Benchmark every component of the bundle at ``path`` (and its family's pipelines); see the module doc.
-    ``cuda_graph``: also time each ONNX component as a replayed CUDA graph (ort-cuda only)."""
+    ``cuda_graph``: also time each ONNX component as a replayed CUDA graph (ort-cuda only); ``precision``:
+    time that precision of the components that have it (see :class:`Bundle`)."""
     for flag, value, lo in (("--batch", batch, 1), ("--iters", iters, 1), ("--warmup", warmup, 0)):
         if int(value) < lo:
             raise InputError(f"{flag} must be at least {lo}, got {value}")
-    bundle = Bundle(path, backend=backend, threads=threads)  # runners load lazily: nothing on the GPU yet
+    # Runners load lazily: nothing is on the GPU yet.
+    bundle = Bundle(path, backend=backend, threads=threads, precision=precision)
     if cuda_graph and bundle.backend != "ort-cuda":
         raise InputError(f"--cuda-graph replays ONNX Runtime CUDA graphs: it needs --backend ort-cuda, not "
                          f"{bundle.backend!r} (the tensorrt backend captures CUDA graphs by itself)")
@@ -340,7 +343,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     result = bench_bundle(args.bundle, args.backend, args.batch, args.iters, args.warmup, args.threads,
                           pipelines=not args.no_pipelines,
                           progress=lambda m: print(f"edgefm: {m}", file=sys.stderr, flush=True),
-                          cuda_graph=args.cuda_graph)
+                          cuda_graph=args.cuda_graph, precision=args.precision)
     print(markdown_table(result), end="")
     if args.json:
         _write_json(args.json, result)
@@ -355,6 +358,9 @@ def register(sub: Any) -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="time every component of a bundle (and its pipelines) on a backend")
     b.add_argument("bundle")
     b.add_argument("--backend", default="auto", help="auto | ort-cpu | ort-cuda | ort-trt | tensorrt")
+    b.add_argument("--precision", default=None, choices=list(PRECISIONS),
+                   help="time this precision of the components that have it (default: fp16 on a GPU, fp32 on "
+                        "the CPU)")
     b.add_argument("--batch", type=int, default=1, help="size of the batch dims (batch, image_batch)")
     b.add_argument("--iters", type=int, default=50, help="timed runs per component")
     b.add_argument("--warmup", type=int, default=5, help="untimed runs before them")

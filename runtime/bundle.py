@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .backends import Runner, open_runner, resolve_backend
-from .errors import BundleError
+from .errors import BundleError, InputError
 from .manifest import ComponentEntry, Manifest, read_manifest
 from .spec import ComponentSpec
 
@@ -46,7 +46,11 @@ class Bundle:
         threads: int | None = None,
         family: str | None = None,
         timed: bool = False,
+        precision: str | None = None,
     ) -> None:
+        """``precision``: run that precision of every component that has it (e.g. the int8 engine of an image
+        encoder beside its fp16 one); the other components, and all of them when it is ``None``, take the
+        backend's default (fp16 on a GPU, fp32 on the CPU)."""
         self.path = Path(path)
         self.manifest: Manifest = read_manifest(self.path)
         if family is not None and self.manifest.family != family:
@@ -57,6 +61,13 @@ class Bundle:
         self.backend = resolve_backend(backend, formats)
         self.verify = verify
         self.threads = threads
+        self.precision = precision
+        if precision is not None:
+            fmt = self._format()
+            have = sorted({c.precision for c in self.manifest.components if c.format == fmt})
+            if precision not in have:
+                raise InputError(f"--precision {precision!r}: no {fmt} component of {self.path} has it (it has "
+                                 f"{have}); build or quantize one, or leave --precision out")
         self._runners: dict[str, Runner] = {}
         # component name -> seconds of each run call, filled when ``timed``
         self.timings: dict[str, list[float]] | None = {} if timed else None
@@ -75,7 +86,7 @@ class Bundle:
 
     def entry(self, name: str) -> ComponentEntry:
         """The component file this bundle's backend runs: an engine for TensorRT, else ONNX."""
-        fmt = "tensorrt" if self.backend == "tensorrt" else "onnx"
+        fmt = self._format()
         found = self.manifest.find(name, format=fmt)
         if not found:
             raise BundleError(
@@ -84,7 +95,10 @@ class Bundle:
             )
         # Prefer fp16 on a GPU backend when both precisions exist, fp32 on the CPU.
         order = ("fp32", "mixed", "fp16", "int8") if self.backend == "ort-cpu" else ("fp16", "mixed", "fp32", "int8")
-        return sorted(found, key=lambda c: order.index(c.precision))[0]
+        return sorted(found, key=lambda c: (c.precision != self.precision, order.index(c.precision)))[0]
+
+    def _format(self) -> str:
+        return "tensorrt" if self.backend == "tensorrt" else "onnx"
 
     def spec(self, name: str) -> ComponentSpec:
         return self.entry(name).spec

@@ -130,6 +130,9 @@ def test_bad_backend_and_arguments(sam_tiny_bundle):
     args = _cli(["bench", str(sam_tiny_bundle), "--backend", "ort-cpu", "--cuda-graph"])
     with pytest.raises(InputError, match="--cuda-graph .* needs --backend ort-cuda, not 'ort-cpu'"):
         args.func(args)
+    with pytest.raises(InputError, match=r"--precision 'int8': no onnx component of .* has it \(it has \['fp32'\]\); "
+                       "build or quantize one, or leave --precision out"):
+        bench_bundle(sam_tiny_bundle, backend="ort-cpu", iters=1, precision="int8")
 
 
 def test_graph_replay_row(sam_tiny_bundle):
