@@ -138,7 +138,7 @@ def fp16_from_onnx(src: str | Path, dst: str | Path) -> list[str]:
     if len(keep) != len(half.graph.node):
         del half.graph.node[:]
         half.graph.node.extend(keep)
-    return _save(half, dst)
+    return save_graph(half, dst)
 
 
 def int8_from_onnx(src: str | Path, dst: str | Path) -> list[str]:
@@ -177,7 +177,7 @@ def int8_from_onnx(src: str | Path, dst: str | Path) -> list[str]:
         # Re-saved by our own rule (one data file named after the graph, only above 2 GB) instead of the
         # quantizer's, so that every precision of a bundle lays its files out the same way.
         model = onnx.load(str(out))
-    return _save(model, dst)
+    return save_graph(model, dst)
 
 
 def at_precision(onnx_path: Path, precision: str, extra: list[str], workdir: Callable[[str], Path]
@@ -192,7 +192,7 @@ def at_precision(onnx_path: Path, precision: str, extra: list[str], workdir: Cal
     return dst, rewrite(onnx_path, dst)
 
 
-def _save(model, dst: str | Path) -> list[str]:
+def save_graph(model, dst: str | Path) -> list[str]:
     """Save ``model`` as one file, or with its weights in ``<name>.data`` beside it above ONNX's 2 GB."""
     onnx = require("onnx", "export", "Exporting")
     n_bytes = sum(len(t.raw_data) for t in model.graph.initializer)

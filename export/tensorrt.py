@@ -8,8 +8,10 @@ since 8.6 and is implied in 11.x): the ONNX graph carries the precision. fp16 en
 from the bundle's mixed-precision ONNX (``export/onnx.py`` ``fp16_from_onnx``: Softmax and the written-out
 reductions kept fp32, fp32 I/O; LayerNorm's statistics pinned to fp32 by ``pin_normalization_fp32``); only
 when a bundle has no fp16 ONNX *and* the installed TensorRT still has ``BuilderFlag.FP16`` (10.x) is the fp32
-graph built weakly typed with that flag. int8 engines need an explicitly quantized (Q/DQ)
-ONNX component; calibrated implicit INT8 is deprecated in 10.x and gone in 11.x, so it is not offered.
+graph built weakly typed with that flag. int8 engines are built, strongly typed, from the explicitly
+quantized (Q/DQ, fp16 elsewhere) components that ``edgefm quantize`` adds (``export/quantize.py``), and the
+components it leaves alone are built fp16; calibrated implicit INT8 is deprecated in 10.x and gone in 11.x,
+so it is not offered.
 
 Profiles come from the component's :class:`ComponentSpec` ranges (min/opt/max of every symbolic dim);
 ``--max-batch`` / ``--max-points`` replace the max of the dims named ``batch``/``image_batch`` and
@@ -122,24 +124,45 @@ def plan_sources(manifest: Manifest, precision: str, has_fp16_flag: bool,
     unknown = [n for n in names if n not in manifest.component_names]
     if unknown:
         raise InputError(f"--component {unknown} not in the bundle; it has {manifest.component_names}")
-    steps = []
+    if precision == "int8":
+        return _plan_int8(manifest, names, has_fp16_flag)
+    return [_plan_float(manifest, name, precision, has_fp16_flag) for name in names]
+
+
+def _plan_float(manifest: Manifest, name: str, precision: str, has_fp16_flag: bool) -> BuildStep:
+    onnx = {c.precision: c for c in manifest.find(name, format="onnx")}
+    src = next((onnx[p] for p in _SOURCES[precision] if p in onnx), None)
+    if src is not None:
+        return BuildStep(src, precision, False)
+    if precision == "fp16" and "fp32" in onnx and has_fp16_flag:
+        return BuildStep(onnx["fp32"], precision, True)
+    if precision == "fp16" and "fp32" in onnx:
+        raise InputError(f"component {name!r} has only an fp32 ONNX and this TensorRT has no FP16 builder flag "
+                         "(11.x builds strongly typed networks only): re-export the bundle with --precision "
+                         "fp16 to get the mixed-precision ONNX, or build --precision fp32")
+    raise InputError(f"component {name!r} has no {'/'.join(_SOURCES[precision])} ONNX to build a "
+                     f"{precision} engine from (it has {sorted(onnx)}); choose one of those precisions")
+
+
+def _plan_int8(manifest: Manifest, names: list[str], has_fp16_flag: bool) -> list[BuildStep]:
+    """int8 engines from the Q/DQ components ``edgefm quantize`` adds; the components it does not quantize
+    (small, or without image inputs) are built fp16, and their entries say so."""
+    steps: list[BuildStep] = []
     for name in names:
-        onnx = {c.precision: c for c in manifest.find(name, format="onnx")}
-        src = next((onnx[p] for p in _SOURCES[precision] if p in onnx), None)
-        if src is not None:
-            steps.append(BuildStep(src, precision, False))
-        elif precision == "fp16" and "fp32" in onnx and has_fp16_flag:
-            steps.append(BuildStep(onnx["fp32"], precision, True))
-        elif precision == "fp16" and "fp32" in onnx:
-            raise InputError(f"component {name!r} has only an fp32 ONNX and this TensorRT has no FP16 builder flag "
-                             "(11.x builds strongly typed networks only): re-export the bundle with --precision "
-                             "fp16 to get the mixed-precision ONNX, or build --precision fp32")
-        elif precision == "int8":
-            raise InputError(f"component {name!r} has no int8 (Q/DQ) ONNX: int8 engines are built from explicitly "
-                             "quantized graphs (e.g. made with NVIDIA ModelOpt); build --precision fp16 instead")
+        src = next(iter(manifest.find(name, format="onnx", precision="int8")), None)
+        if src is None:
+            steps.append(_plan_float(manifest, name, "fp16", has_fp16_flag))
+        elif src.info.get("quantization", {}).get("format") != "QDQ":
+            raise InputError(f"component {name!r}: its int8 ONNX ({src.file}) is ONNX Runtime's dynamic "
+                             "quantization (MatMulInteger, for CPUs), which TensorRT cannot parse. Export the "
+                             "model with --precision fp32 and run `edgefm quantize BUNDLE --calibration IMAGES` "
+                             "to add a calibrated Q/DQ graph")
         else:
-            raise InputError(f"component {name!r} has no {'/'.join(_SOURCES[precision])} ONNX to build a "
-                             f"{precision} engine from (it has {sorted(onnx)}); choose one of those precisions")
+            steps.append(BuildStep(src, "int8", False))
+    if not any(s.precision == "int8" for s in steps):
+        raise InputError(f"no component of {names} has an int8 (Q/DQ) ONNX: run `edgefm quantize BUNDLE "
+                         "--calibration IMAGES` first (it adds calibrated int8 image encoders), or build "
+                         "--precision fp16")
     return steps
 
 
@@ -272,18 +295,19 @@ def build_engine(bundle: str | Path, precision: str = "fp16", workspace: str | i
         raise BackendError("building a TensorRT engine needs an NVIDIA GPU, and none is visible")
     cache_path = Path(timing_cache) if timing_cache is not None else folder / TIMING_CACHE
     cache = TimingCache.load(cache_path)
-    built: list[tuple[Path, str, ComponentEntry]] = []
+    built: list[ComponentEntry] = []
+    files: dict[str, Path] = {}
     tmps: list[Path] = []
     try:
         for step in steps:
             src = step.source
             if progress:
-                progress(f"building {src.name} ({precision}) from {src.file}")
+                progress(f"building {src.name} ({step.precision}) from {src.file}")
             profiles = profiles_from_spec(src.spec, overrides)
             builder, network, _parser = network_from_onnx(folder / src.file, strongly_typed=not step.fp16_flag)
             pinned = pin_normalization_fp32(network, trt)
             data = engine_from_network(builder, network, profiles, n_bytes, step.fp16_flag, cache)
-            tmp = folder / f".{src.name}.{precision}.engine.tmp-{os.getpid()}"
+            tmp = folder / f".{src.name}.{step.precision}.engine.tmp-{os.getpid()}"
             tmps.append(tmp)
             tmp.write_bytes(data)
             digest = sha256_file(tmp)
@@ -295,27 +319,34 @@ def build_engine(bundle: str | Path, precision: str = "fp16", workspace: str | i
                 "workspace_bytes": n_bytes, "normalization_layers_fp32": pinned,
                 "built": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             }
-            entry = ComponentEntry(src.name, f"{src.name}.{precision}.{digest[:8]}.engine", digest, "tensorrt",
-                                   precision, engine_spec(src.spec, overrides), info=info)
-            built.append((tmp, entry.file, entry))
-        _commit(folder, manifest, built)
+            entry = ComponentEntry(src.name, f"{src.name}.{step.precision}.{digest[:8]}.engine", digest,
+                                   "tensorrt", step.precision, engine_spec(src.spec, overrides), info=info)
+            files[entry.file] = tmp
+            built.append(entry)
+        commit_components(folder, manifest, built, files)
         cache.save(cache_path)
     finally:  # after a failure nothing of this build stays; after success the temp files were renamed
         for tmp in tmps:
             tmp.unlink(missing_ok=True)
-    return [entry for _, _, entry in built]
+    return built
 
 
-def _commit(folder: Path, manifest: Manifest, built: list[tuple[Path, str, ComponentEntry]]) -> None:
-    """Move engines into place, then swap the manifest by rename; drop engine files no longer listed."""
-    replaced = {(e.name, e.precision) for _, _, e in built}
-    keep = [c for c in manifest.components if not (c.format == "tensorrt" and (c.name, c.precision) in replaced)]
-    old_files = {c.file for c in manifest.components} - {c.file for c in keep}
-    for tmp, name, _ in built:
+def commit_components(folder: Path, manifest: Manifest, entries: list[ComponentEntry], files: dict[str, Path]
+                      ) -> None:
+    """Add ``entries`` to the bundle: move ``files`` (bundle file name -> temporary path) into place, then swap
+    the manifest by rename. An entry replaces any of the same component, format and precision, and with an
+    ONNX replaced go the engines built from it; files no longer listed are deleted."""
+    replaced = {(e.name, e.format, e.precision) for e in entries}
+    keep = [c for c in manifest.components if (c.name, c.format, c.precision) not in replaced]
+    gone = {c.file for c in manifest.components} - {c.file for c in keep}
+    keep = [c for c in keep if not (c.format == "tensorrt" and c.info.get("source") in gone)]
+    old_files = {f for c in manifest.components for f in (c.file, *c.extra_files)}
+    for name, tmp in files.items():
         os.replace(tmp, folder / name)
-    manifest.components = keep + [e for _, _, e in built]
+    manifest.components = keep + list(entries)
     _write_atomic(folder / MANIFEST_NAME, (json.dumps(manifest.to_json(), indent=2) + "\n").encode())
-    for name in old_files - {n for _, n, _ in built}:
+    listed = {f for c in manifest.components for f in (c.file, *c.extra_files)}
+    for name in old_files - listed:
         (folder / name).unlink(missing_ok=True)
 
 

@@ -203,8 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     register_bench(sub)
     register_camera(sub)
     # The engine builder needs no torch, only TensorRT (imported when a build runs).
+    from edgefm.export.quantize import add_quantize_parser
     from edgefm.export.tensorrt import add_build_engine_parser
 
+    add_quantize_parser(sub)  # needs onnx and onnxruntime's quantizer (the [export] extra), not torch
     add_build_engine_parser(sub)
     for cmd in (s, d):
         cmd.add_argument("--backend", default="auto", help="auto | ort-cpu | ort-cuda | ort-trt | tensorrt")

@@ -144,8 +144,8 @@ def test_plan_sources():
     with pytest.raises(InputError, match="re-export the bundle with --precision fp16"):
         ext.plan_sources(mixed, "fp16", has_fp16_flag=False)  # TensorRT 11.x: no FP16 flag
     assert [s.source.file for s in ext.plan_sources(mixed, "fp32", False)] == ["a.onnx", "d.onnx"]
-    with pytest.raises(InputError, match="no int8 \\(Q/DQ\\) ONNX"):
-        ext.plan_sources(mixed, "int8", True)
+    with pytest.raises(InputError, match="has an int8 \\(Q/DQ\\) ONNX: run `edgefm quantize BUNDLE --calibration"):
+        ext.plan_sources(mixed, "int8", True)  # tests/export/test_quantize.py covers the bundles that have one
     with pytest.raises(InputError, match="--component \\['clip'\\] not in the bundle"):
         ext.plan_sources(mixed, "fp32", True, ["clip"])
     with pytest.raises(InputError, match="--precision 'bf16'"):
