@@ -10,8 +10,8 @@ reductions kept fp32, fp32 I/O; LayerNorm's statistics pinned to fp32 by ``pin_n
 when a bundle has no fp16 ONNX *and* the installed TensorRT still has ``BuilderFlag.FP16`` (10.x) is the fp32
 graph built weakly typed with that flag. int8 engines are built, strongly typed, from the explicitly
 quantized (Q/DQ, fp16 elsewhere) components that ``edgefm quantize`` adds (``export/quantize.py``), and the
-components it leaves alone are built fp16; calibrated implicit INT8 is deprecated in 10.x and gone in 11.x,
-so it is not offered.
+components it leaves alone are built fp16 where the rules above allow, else fp32; calibrated implicit INT8
+is deprecated in 10.x and gone in 11.x, so it is not offered.
 
 Profiles come from the component's :class:`ComponentSpec` ranges (min/opt/max of every symbolic dim);
 ``--max-batch`` / ``--max-points`` replace the max of the dims named ``batch``/``image_batch`` and
@@ -146,12 +146,16 @@ def _plan_float(manifest: Manifest, name: str, precision: str, has_fp16_flag: bo
 
 def _plan_int8(manifest: Manifest, names: list[str], has_fp16_flag: bool) -> list[BuildStep]:
     """int8 engines from the Q/DQ components ``edgefm quantize`` adds; the components it does not quantize
-    (small, or without image inputs) are built fp16, and their entries say so."""
+    (small, or without image inputs) are built fp16 where a source allows it, else fp32 (TensorRT 11 with the
+    fp32 bundle that quantize starts from), and their entries say which."""
     steps: list[BuildStep] = []
     for name in names:
         src = next(iter(manifest.find(name, format="onnx", precision="int8")), None)
         if src is None:
-            steps.append(_plan_float(manifest, name, "fp16", has_fp16_flag))
+            try:
+                steps.append(_plan_float(manifest, name, "fp16", has_fp16_flag))
+            except InputError:
+                steps.append(_plan_float(manifest, name, "fp32", has_fp16_flag))
         elif src.info.get("quantization", {}).get("format") != "QDQ":
             raise InputError(f"component {name!r}: its int8 ONNX ({src.file}) is ONNX Runtime's dynamic "
                              "quantization (MatMulInteger, for CPUs), which TensorRT cannot parse. Export the "
