@@ -40,7 +40,7 @@ import numpy as np
 from .bench_pipelines import PIPELINES
 from .bundle import Bundle
 from .errors import InputError
-from .manifest import PRECISIONS, Manifest
+from .manifest import Manifest, add_precision_arg
 from .spec import ComponentSpec
 from .timing import latency_stats, time_calls
 
@@ -358,9 +358,7 @@ def register(sub: Any) -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="time every component of a bundle (and its pipelines) on a backend")
     b.add_argument("bundle")
     b.add_argument("--backend", default="auto", help="auto | ort-cpu | ort-cuda | ort-trt | tensorrt")
-    b.add_argument("--precision", default=None, choices=list(PRECISIONS),
-                   help="time this precision of the components that have it (default: fp16 on a GPU, fp32 on "
-                        "the CPU)")
+    add_precision_arg(b, "time")
     b.add_argument("--batch", type=int, default=1, help="size of the batch dims (batch, image_batch)")
     b.add_argument("--iters", type=int, default=50, help="timed runs per component")
     b.add_argument("--warmup", type=int, default=5, help="untimed runs before them")

@@ -20,6 +20,7 @@ from .clip.cli import register as register_clip
 from .dalle.cli import add_export_args as add_dalle_export_args
 from .dalle.cli import register as register_dalle
 from .errors import EdgefmError, InputError, require
+from .manifest import add_precision_arg
 
 
 def _floats(text: str, n: tuple[int, ...], what: str) -> list[float]:
@@ -115,7 +116,7 @@ def cmd_segment(args: argparse.Namespace) -> None:
     box = _floats(args.box, (4,), "--box") if args.box else None
     if not points and box is None and not args.auto:
         raise InputError("give a prompt: --point X,Y[,LABEL] (repeatable), --box X0,Y0,X1,Y1, or --auto")
-    predictor = SamPredictor(args.bundle, backend=args.backend, threads=args.threads)
+    predictor = SamPredictor(args.bundle, backend=args.backend, threads=args.threads, precision=args.precision)
     t0 = time.perf_counter()
     if args.auto:
         from .sam import SamAutomaticMaskGenerator
@@ -138,7 +139,8 @@ def cmd_segment(args: argparse.Namespace) -> None:
         print(f"mask: {int(masks[0].sum())} pixels, predicted IoU {scores[best]:.3f}")
     ms = (time.perf_counter() - t0) * 1e3
     write_image(args.out, drawn)
-    print(f"wrote {args.out}  ({ms:.0f} ms on {predictor.backend})")
+    encoder = predictor.bundle.entry("image_encoder").precision
+    print(f"wrote {args.out}  ({ms:.0f} ms on {predictor.backend}, {encoder} image encoder)")
     if args.masks_out:
         np.savez_compressed(args.masks_out, masks=np.array(masks, bool), scores=np.asarray(scores))
         print(f"wrote {args.masks_out}")
@@ -211,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     for cmd in (s, d):
         cmd.add_argument("--backend", default="auto", help="auto | ort-cpu | ort-cuda | ort-trt | tensorrt")
     s.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime")
+    add_precision_arg(s)
     return p
 
 

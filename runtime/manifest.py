@@ -172,3 +172,10 @@ def read_manifest(folder: str | Path) -> Manifest:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ManifestError(f"{path}: cannot be read as JSON ({exc}); re-export the bundle") from exc
     return parse_manifest(data, str(path))
+
+
+def add_precision_arg(parser: Any, verb: str = "run") -> None:
+    """``--precision`` for a command that opens bundles (see ``Bundle``'s ``precision``)."""
+    parser.add_argument("--precision", default=None, choices=list(PRECISIONS),
+                        help=f"{verb} this precision of the components that have it, e.g. the int8 image encoder "
+                             "of `edgefm quantize` (default: fp16 on a GPU, fp32 on the CPU)")

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from ..manifest import add_precision_arg
 
 TASK_FAMILY = {"classify": "clip", "segment": "sam", "track": "sam", "auto": "sam"}
 
@@ -61,7 +62,7 @@ def build_task(args: argparse.Namespace, bundles: dict[str, Path]) -> Any:
         labels = [lab.strip() for lab in (args.labels or "").split(",") if lab.strip()]
         if not labels:
             raise InputError("--task classify needs --labels, comma-separated, e.g. --labels 'cat,dog,person'")
-        model = ClipModel(bundles["clip"], backend=args.backend, threads=args.threads)
+        model = ClipModel(bundles["clip"], backend=args.backend, threads=args.threads, precision=args.precision)
         return tasks.ClassifyTask(model, labels, templates=args.templates, smooth=args.smooth)
     from ..sam.predictor import SamPredictor
 
@@ -69,7 +70,7 @@ def build_task(args: argparse.Namespace, bundles: dict[str, Path]) -> Any:
     box = parse_numbers(args.box, 4, "--box") if args.box else None
     if args.task in ("segment", "track"):
         tasks._check_prompt(points, box, args.task)
-    predictor = SamPredictor(bundles["sam"], backend=args.backend, threads=args.threads)
+    predictor = SamPredictor(bundles["sam"], backend=args.backend, threads=args.threads, precision=args.precision)
     if args.task == "segment":
         return tasks.SegmentTask(predictor, points, box)
     if args.task == "track":
@@ -147,4 +148,5 @@ def register(sub: Any) -> None:
     run.add_argument("--reconnects", type=int, default=5, help="network streams: reconnect attempts")
     run.add_argument("--backend", default="auto", help="auto, ort-cpu, ort-cuda, ort-trt or tensorrt")
     run.add_argument("--threads", type=int, default=None, help="ONNX Runtime CPU threads")
+    add_precision_arg(run)
     c.set_defaults(func=cmd_camera)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from ..manifest import add_precision_arg
 
 SHEET_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 SHEET_GAP, SHEET_TITLE = 6, 28  # contact sheet: pixels between tiles, height of the query row
@@ -40,7 +41,7 @@ def cmd_classify(args: argparse.Namespace) -> None:
     labels = _labels(args)
     if args.top_k < 1:
         raise InputError(f"--top-k must be at least 1, got {args.top_k}")
-    model = ClipModel(args.bundle, backend=args.backend, threads=args.threads)
+    model = ClipModel(args.bundle, backend=args.backend, threads=args.threads, precision=args.precision)
     probs = model.zero_shot(args.images, labels, templates=args.templates, batch_size=args.batch_size)
     for path, row in zip(args.images, probs):
         print(path)
@@ -52,7 +53,7 @@ def cmd_index_build(args: argparse.Namespace) -> None:
     from .index import ImageIndex
     from .model import ClipModel
 
-    model = ClipModel(args.bundle, backend=args.backend, threads=args.threads)
+    model = ClipModel(args.bundle, backend=args.backend, threads=args.threads, precision=args.precision)
     index = ImageIndex.build(args.folder, model, batch_size=args.batch_size, progress=not args.no_progress,
                              dtype="float16" if args.fp16 else "float32")
     out = index.save(args.out)
@@ -119,7 +120,7 @@ def cmd_index_query(args: argparse.Namespace) -> None:
     if not args.bundle and not Path(bundle).is_dir():
         raise InputError(f"the bundle that built {args.index} ({bundle}) is no longer there; pass its new "
                          "location with --bundle BUNDLE")
-    model = ClipModel(bundle, backend=args.backend, threads=args.threads)
+    model = ClipModel(bundle, backend=args.backend, threads=args.threads, precision=args.precision)
     hits = index.search(args.query, k=args.top_k, model=model)
     for rank, (path, score) in enumerate(hits, 1):
         print(f"{rank:>3}. {score:.4f}  {path}")
@@ -131,6 +132,7 @@ def cmd_index_query(args: argparse.Namespace) -> None:
 
 def _runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", help="auto, ort-cpu, ort-cuda, ort-trt or tensorrt")
+    add_precision_arg(p)
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime CPU threads")
     p.add_argument("--batch-size", type=int, default=32)
 

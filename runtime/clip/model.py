@@ -38,13 +38,16 @@ class ClipModel:
         bundle: the bundle folder (or an open :class:`Bundle` of family "clip").
         backend: "auto", "ort-cpu", "ort-cuda", "ort-trt" or "tensorrt" (see ``Bundle``).
         threads: intra-op threads for ONNX Runtime on the CPU (default: one per core).
+        precision: run that precision of the components that have it (e.g. an int8 image encoder), see
+            ``Bundle``; default: fp16 on a GPU, fp32 on the CPU.
     """
 
     def __init__(
-        self, bundle: str | Path | Bundle, backend: str = "auto", threads: int | None = None
+        self, bundle: str | Path | Bundle, backend: str = "auto", threads: int | None = None,
+        precision: str | None = None,
     ) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle, backend, threads=threads,
-                                                                        family="clip")
+                                                                        family="clip", precision=precision)
         if self.bundle.family != "clip":
             raise BundleError(
                 f"{self.bundle.path} holds a {self.bundle.family!r} bundle; ClipModel needs 'clip'"

@@ -38,12 +38,14 @@ class SamPredictor:
     MAX_PROMPT_GRAPHS = 4
 
     def __init__(self, bundle: Bundle | str | Path, backend: str = "auto", threads: int | None = None,
-                 cuda_graphs: bool = False) -> None:
+                 cuda_graphs: bool = False, precision: str | None = None) -> None:
         """``cuda_graphs`` (ort-cuda): run the encoder, and the prompt encoder + decoder per prompt shape, as
         captured CUDA graphs that share their device buffers: ``set_image`` is one host copy and one replay,
         ``predict`` the point arrays copied in and two replays. Costs a second copy of each component's
-        weights in GPU memory (the captured sessions are separate from the plain ones)."""
-        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle, backend, threads=threads, family="sam")
+        weights in GPU memory (the captured sessions are separate from the plain ones). ``precision``: run that
+        precision of the components that have it (e.g. an int8 encoder engine), see :class:`Bundle`."""
+        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle, backend, threads=threads, family="sam",
+                                                                        precision=precision)
         pre = self.bundle.preprocess
         self.image_size = int(pre["image_size"])
         self.mean, self.std = pre["mean"], pre["std"]

@@ -22,7 +22,6 @@ import onnx  # noqa: E402
 from edgefm.export import tensorrt as ext  # noqa: E402
 from edgefm.export.quantize import calibration_images, quantize_bundle, split_holdout  # noqa: E402
 from edgefm.export.trt_compat import check_tensorrt_compat  # noqa: E402
-from edgefm.runtime.bundle import Bundle  # noqa: E402
 from edgefm.runtime.cli import main  # noqa: E402
 from edgefm.runtime.clip import ClipModel  # noqa: E402
 from edgefm.runtime.draw import write_image  # noqa: E402
@@ -124,9 +123,9 @@ def test_sam_parity_gate_and_task_accuracy(quantized, fp32_bundles):
     # each object of 30 held-out scenes, single-mask output.
     ious = {}
     for precision in (None, "int8"):
-        predictor = SamPredictor(Bundle(quantized["sam"], "ort-cpu", threads=1, precision=precision))
-        assert (predictor.encoder.spec.name, Bundle(quantized["sam"], "ort-cpu", precision=precision)
-                .entry("image_encoder").precision) == ("image_encoder", precision or "fp32")
+        predictor = SamPredictor(quantized["sam"], "ort-cpu", threads=1, precision=precision)
+        assert [predictor.bundle.entry(n).precision for n in ("image_encoder", "mask_decoder")] == [
+            precision or "fp32", "fp32"]
         scores = []
         for i in range(30):
             scene = random_scene(1000, i, SAM_SIZES[i % 3])
@@ -148,7 +147,8 @@ def test_clip_parity_gate_and_zero_shot(quantized):
     truth = np.array([CLASSES.index(s.objects[0].label) for s in scenes])
     top1 = {}
     for precision in (None, "int8"):
-        model = ClipModel(Bundle(quantized["clip"], "ort-cpu", threads=1, precision=precision))
+        model = ClipModel(quantized["clip"], "ort-cpu", threads=1, precision=precision)
+        assert model.bundle.entry("image_encoder").precision == (precision or "fp32")
         probs = model.zero_shot([s.image for s in scenes], list(CLASSES), templates=templates)
         top1[precision] = float((probs.argmax(1) == truth).mean())
     print(f"CLIP zero-shot top-1 at 96 px: fp32 {top1[None]:.4f}, int8 Q/DQ {top1['int8']:.4f}")
@@ -206,6 +206,31 @@ def test_cli_writes_and_bench_times_int8(fp32_bundles, calibration, tmp_path, ca
     assert (comps["image_encoder"]["precision"], comps["text_encoder"]["precision"]) == ("int8", "fp32")
     assert main(["bench", str(bundle), "--backend", "ort-cpu", "--precision", "fp16"]) == 2
     assert "--precision 'fp16': no onnx component of" in capsys.readouterr().err
+
+
+def test_segment_and_classify_cli_run_the_int8_encoder(quantized, tmp_path, capsys):
+    """--precision int8 reaches the runtime commands: the same click gives (nearly) the same mask through
+    the int8 encoder, and the same label."""
+    scene = random_scene(1000, 3, (192, 256))
+    obj = scene.objects[0]
+    write_image(tmp_path / "scene.png", scene.image)
+    x, y = interior_point(obj.mask)[0]
+    masks = {}
+    for precision in ("fp32", "int8"):
+        out = tmp_path / f"{precision}.npz"
+        assert main(["segment", str(quantized["sam"]), str(tmp_path / "scene.png"), "--point", f"{x},{y}",
+                     "--backend", "ort-cpu", "--precision", precision, "--out", str(tmp_path / f"{precision}.png"),
+                     "--masks-out", str(out)]) == 0
+        assert f"on ort-cpu, {precision} image encoder)" in capsys.readouterr().out
+        masks[precision] = np.load(out)["masks"][0]
+    iou = (masks["fp32"] & masks["int8"]).sum() / (masks["fp32"] | masks["int8"]).sum()
+    assert iou >= 0.95 and (masks["int8"] & obj.mask).sum() / (masks["int8"] | obj.mask).sum() >= 0.8
+    single = single_object(1000, 5, 96)
+    write_image(tmp_path / "object.png", single.image)
+    capsys.readouterr()
+    assert main(["classify", str(quantized["clip"]), str(tmp_path / "object.png"), "--labels",
+                 ",".join(CLASSES), "--backend", "ort-cpu", "--precision", "int8", "--top-k", "1"]) == 0
+    assert capsys.readouterr().out.split("\n")[1].split("  ")[-1] == single.objects[0].label
 
 
 def test_quantize_imports_no_torch(fp32_bundles, calibration, tmp_path):
