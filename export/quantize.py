@@ -9,7 +9,7 @@ graph's own dtypes decide the precision of everything else. The int8 component w
   0), one scale per tensor, from the ``|x|`` statistics of the bundle's fp32 graph on the user's images with
   the bundle's own preprocessing (:mod:`edgefm.export.calibrate`). Outputs are not quantized (each GEMM's
   result reaches its bias, residual or LayerNorm unrounded), nor are attention's activation x activation
-  products, the first Conv (raw pixels) or biases (TensorRT dequantizes int8, not int32);
+  products, the first Conv (the network input) or biases (TensorRT dequantizes int8, not int32);
 - everything else in fp16 with the fp16 export's fp32 islands (``FP32_OPS``, LayerNorm statistics), opset 19
   so that Q/DQ scales can be fp16 and no Cast sits between a DequantizeLinear and its MatMul.
 
@@ -18,8 +18,10 @@ images against the bundle's fp32 ONNX on ONNX Runtime's CPU provider, which expo
 ONNX Runtime's CPU kernels for fp16 are slow, so every held-out image runs the fp32-elsewhere twin of the
 graph (same Q/DQ nodes and scales) and the first one also runs the written graph; both are recorded.
 
-The image encoders of SAM and CLIP are quantized; the other components are small or take no images, and
-``edgefm build-engine --precision int8`` builds them in fp16.
+The image encoders of SAM and CLIP are quantized, and DALL·E's dVAE decoder (all convolutions; calibrated on
+the codes the bundle's dVAE encoder gives the images, and gated by PSNR >= 30 dB against fp32 as well); the
+other components are small or autoregressive, and ``edgefm build-engine --precision int8`` builds them in
+fp16.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from .onnx import fp16_from_onnx, save_graph
 from .parity import compare_outputs, mask_iou
 from .tensorrt import commit_components
 
-QUANTIZABLE = {"sam": ("image_encoder",), "clip": ("image_encoder",)}
+QUANTIZABLE = {"sam": ("image_encoder",), "clip": ("image_encoder",), "dalle": ("dvae_decoder",)}
 QDQ_OPS = ["MatMul", "Gemm", "Conv"]
 METHODS = ("percentile", "minmax")
 QDQ_OPSET = 19  # QuantizeLinear/DequantizeLinear with fp16 scales
@@ -58,6 +60,7 @@ QDQ_OPSET = 19  # QuantizeLinear/DequantizeLinear with fp16 scales
 QDQ_INFO = {"method": "static, calibrated (TensorRT explicit quantization)", "format": "QDQ", "ops": QDQ_OPS,
             "weights": "int8, symmetric, per output channel", "activations": "int8, symmetric, per tensor",
             "elsewhere": "fp16 (the first Conv too), FP32_OPS and LayerNorm statistics in fp32"}
+MIN_PSNR_DB = 30.0  # dVAE decoder pictures against fp32 (stricter than the cosine policy: see measure)
 _SAM_GRID = 4  # SAM mask check: a 4 x 4 grid of single-point prompts per held-out image, single-mask output
 
 
@@ -80,19 +83,27 @@ def split_holdout(files: list[Path]) -> tuple[list[Path], list[Path]]:
     return [f for f in files if f not in held], held
 
 
-def image_feeds(family: str, preprocess: dict[str, Any], input_name: str, image: np.ndarray
-                ) -> dict[str, np.ndarray]:
-    """One RGB uint8 image as the encoder's feed, preprocessed exactly as the runtime does."""
-    mean, std, size = preprocess["mean"], preprocess["std"], int(preprocess["image_size"])
-    if family == "sam":
+def feeder(folder: Path, manifest: Any, name: str, threads: int | None = None
+           ) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    """RGB uint8 image -> the component's feed, made exactly as the runtime makes it: the encoders' own
+    preprocessing, and for the dVAE decoder the codes the bundle's dVAE encoder gives the image."""
+    pre = manifest.preprocess
+    if manifest.family == "dalle":
+        from edgefm.runtime.dalle.generator import DvaeCodec
+
+        if "dvae_encoder" not in manifest.component_names:
+            raise InputError(f"{folder}: quantizing the dVAE decoder needs the bundle's dvae_encoder to turn the "
+                             "calibration images into codes; export with --dvae-encoder encoder.pkl")
+        codec = DvaeCodec(folder, backend="ort-cpu", threads=threads)
+        return lambda image: {"image_tokens": codec.encode(image)[None]}
+    mean, std, size = pre["mean"], pre["std"], int(pre["image_size"])
+    if manifest.family == "sam":
         from edgefm.runtime.sam.transforms import normalize_and_pad, resize_longest_side
 
-        x = normalize_and_pad(resize_longest_side(image, size), size, mean, std)
-    else:
-        from edgefm.runtime.clip.preprocess import preprocess as clip_preprocess
+        return lambda image: {"image": normalize_and_pad(resize_longest_side(image, size), size, mean, std)}
+    from edgefm.runtime.clip.preprocess import preprocess as clip_preprocess
 
-        x = clip_preprocess(image, size, mean, std, preprocess["resize"])[None]
-    return {input_name: x}
+    return lambda image: {"image": clip_preprocess(image, size, mean, std, pre["resize"])[None]}
 
 
 def _takes_calibration_cache(quantize_static: Callable[..., Any]) -> bool:
@@ -219,6 +230,11 @@ def _outputs_of(path: Path, feeds: list[dict[str, np.ndarray]], threads: int | N
     return out
 
 
+def _psnr(ref: np.ndarray, got: np.ndarray) -> float:
+    mse = float(np.mean((ref.astype(np.float64) - got.astype(np.float64)) ** 2))
+    return 99.0 if mse < 1e-10 else 10.0 * np.log10(1.0 / mse)  # capped: JSON has no infinity
+
+
 def measure(bundle: Path, family: str, fp32: Path, twin: Path, written: Path,
             held: Iterable[tuple[str, dict[str, np.ndarray], np.ndarray]], threads: int | None) -> dict[str, Any]:
     """The int8 policy on every held-out image (the twin graph) and on the first one (the written graph).
@@ -236,6 +252,9 @@ def measure(bundle: Path, family: str, fp32: Path, twin: Path, written: Path,
     rows, failures = [], []
     for label, image, ref, got in zip(labels, images, refs, gots):
         rep = compare_outputs(ref, got, "int8")["outputs"]
+        if family == "dalle":  # a picture's cosine hardly moves (its mean dominates): PSNR too, over [0, 1]
+            for o, m in rep.items():
+                m["psnr_db"] = _psnr(ref[o], got[o])
         row: dict[str, Any] = {"image": label, **{o: round(m["cosine"], 7) for o, m in rep.items()}}
         if predictor is not None:
             row["mask_iou"] = rep["image_embeddings"]["mask_iou"] = _sam_mask_iou(
@@ -246,13 +265,16 @@ def measure(bundle: Path, family: str, fp32: Path, twin: Path, written: Path,
             agg["cosine"] = min(agg["cosine"], m["cosine"])
             agg["max_abs"] = max(agg["max_abs"], m["max_abs"])
             agg["ref_max_abs"] = max(agg["ref_max_abs"], m["ref_max_abs"])
-            if "mask_iou" in m:
-                agg["mask_iou"] = min(agg["mask_iou"], m["mask_iou"])
+            for k in ("mask_iou", "psnr_db"):
+                if k in m:
+                    agg[k] = min(agg[k], m[k])
     written_report = {"image": labels[0], "outputs": compare_outputs(refs[0], first, "int8")["outputs"]}
     for o, agg in outputs.items():
         fails = [f"cosine {agg['cosine']:.5f} < 0.99"] if agg["cosine"] < 0.99 else []
         if agg.get("mask_iou", 1.0) < 0.95:
             fails.append(f"mask IoU {agg['mask_iou']:.4f} < 0.95")
+        if agg.get("psnr_db", MIN_PSNR_DB) < MIN_PSNR_DB:
+            fails.append(f"PSNR {agg['psnr_db']:.1f} dB < {MIN_PSNR_DB} dB")
         agg["passed"] = not fails
         agg.pop("failures", None)
         failures += [f"{o}: {f}" for f in fails]
@@ -274,8 +296,9 @@ def quantize_bundle(bundle: str | Path, calibration: str | Path, components: lis
     allowed = QUANTIZABLE.get(manifest.family, ())
     names = components or list(allowed)
     if not names or any(n not in allowed for n in names):
-        raise InputError(f"edgefm quantize covers the image encoders of SAM and CLIP bundles ({allowed or 'none'} "
-                         f"in this {manifest.family} bundle), not {[n for n in names if n not in allowed]}")
+        raise InputError(f"edgefm quantize covers the image encoders of SAM and CLIP and DALL·E's dVAE decoder "
+                         f"({list(allowed) or 'none'} in this {manifest.family} bundle), not "
+                         f"{[n for n in names if n not in allowed]}")
     if int(max_images) < 2:
         raise InputError(f"--max-images must be at least 2, got {max_images}")
     cal_files, held_files = split_holdout(calibration_images(calibration, int(max_images)))
@@ -293,12 +316,12 @@ def quantize_bundle(bundle: str | Path, calibration: str | Path, components: lis
             if src.info.get("fused_attention"):
                 raise InputError(f"{folder}: {name!r} was exported with --attention fused (ONNX Runtime's "
                                  "MultiHeadAttention), which TensorRT cannot parse; export with --attention plain")
-            input_name = src.spec.inputs[0].name
+            feed = feeder(folder, manifest, name, threads)
 
-            def held_out(paths: list[Path], _input: str = input_name) -> Iterator[tuple]:
+            def held_out(paths: list[Path], _feed: Callable = feed) -> Iterator[tuple]:
                 for p in paths:
                     image = read_image(p)
-                    yield p.name, image_feeds(manifest.family, manifest.preprocess, _input, image), image
+                    yield p.name, _feed(image), image
 
             if progress:
                 progress(f"quantizing {name}: calibrating ({method}) on {len(cal_files)} image(s) from {calibration}")
@@ -306,7 +329,7 @@ def quantize_bundle(bundle: str | Path, calibration: str | Path, components: lis
             work.mkdir()
             twin, dst = work / f"{name}.int8-fp32.onnx", work / f"{name}.int8.onnx"
             extra = qdq_from_onnx(folder / src.file, twin, dst, cal_files,
-                                  lambda p, _held=held_out: next(_held([p]))[1], method, threads, progress)
+                                  lambda p, _feed=feed: _feed(read_image(p)), method, threads, progress)
             if progress:
                 progress(f"checking {name} int8 against fp32 on {len(held_files)} held-out image(s)")
             report = measure(folder, manifest.family, folder / src.file, twin, dst, held_out(held_files), threads)
@@ -329,8 +352,8 @@ def quantize_bundle(bundle: str | Path, calibration: str | Path, components: lis
 
 def add_quantize_parser(sub: Any) -> argparse.ArgumentParser:
     """Register ``edgefm quantize`` on an argparse subparsers object."""
-    p = sub.add_parser("quantize", help="add calibrated int8 (Q/DQ) image encoders to a SAM or CLIP bundle, for "
-                                        "TensorRT int8 engines (needs edgefm[export])")
+    p = sub.add_parser("quantize", help="add calibrated int8 (Q/DQ) image encoders (SAM, CLIP) or dVAE decoders "
+                                        "(DALL·E) to a bundle, for TensorRT int8 engines (needs the onnx package)")
     p.add_argument("bundle")
     p.add_argument("--calibration", required=True, help="folder of representative images (at least 2)")
     p.add_argument("--max-images", type=int, default=256, help="use at most this many images (sorted by name)")
@@ -351,6 +374,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         rep = parity[f"{e.name}.int8"]
         worst = ", ".join(f"{o} cosine {m['cosine']:.5f}"
                           + (f", mask IoU {m['mask_iou']:.4f}" if "mask_iou" in m else "")
+                          + (f", PSNR {m['psnr_db']:.1f} dB" if "psnr_db" in m else "")
                           for o, m in rep["outputs"].items())
         print(f"wrote {Path(args.bundle) / e.file}  (int8 Q/DQ; worst of {rep['calibration']['held_out']} held-out "
               f"image(s) against fp32: {worst}{'' if rep['passed'] else '  PARITY FAILED, gate off'})")

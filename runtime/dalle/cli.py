@@ -15,6 +15,7 @@ import numpy as np
 
 from ..draw import put_label, read_image, write_image
 from ..errors import InputError
+from ..manifest import add_precision_arg
 
 
 def image_grid(
@@ -60,7 +61,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.n < 1:
         raise InputError(f"-n must be at least 1, got {args.n}")
     reranker = load_reranker(args.rerank, args.backend, args.threads) if args.rerank else None
-    gen = DalleGenerator(args.bundle, backend=args.backend, threads=args.threads)
+    gen = DalleGenerator(args.bundle, backend=args.backend, threads=args.threads, precision=args.precision)
     t0 = time.perf_counter()
     result = gen.generate(args.prompt, n=args.n, seed=args.seed, temperature=args.temperature,
                           top_k=args.top_k, top_p=args.top_p, rerank=reranker, progress=not args.no_progress,
@@ -87,7 +88,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_dvae(args: argparse.Namespace) -> None:
     from .generator import DvaeCodec
 
-    codec = DvaeCodec(args.bundle, backend=args.backend, threads=args.threads)
+    codec = DvaeCodec(args.bundle, backend=args.backend, threads=args.threads, precision=args.precision)
     image = codec.prepare(read_image(args.image))
     ids = codec.encode(image)
     recon = codec.decode(ids)
@@ -156,3 +157,4 @@ def register(sub: Any) -> None:
     for cmd in (g, d):
         cmd.add_argument("--backend", default="auto", help="auto | ort-cpu | ort-cuda | ort-trt | tensorrt")
         cmd.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime")
+        add_precision_arg(cmd)

@@ -163,9 +163,10 @@ def to_uint8(images: np.ndarray) -> list[np.ndarray]:
     return [np.ascontiguousarray(im.transpose(1, 2, 0)) for im in x]
 
 
-def _open(bundle: Bundle | str | Path, backend: str, threads: int | None, need: tuple[str, ...]) -> Bundle:
+def _open(bundle: Bundle | str | Path, backend: str, threads: int | None, need: tuple[str, ...],
+          precision: str | None = None) -> Bundle:
     if not isinstance(bundle, Bundle):
-        bundle = Bundle(bundle, backend, threads=threads, family="dalle")
+        bundle = Bundle(bundle, backend, threads=threads, family="dalle", precision=precision)
     elif bundle.family != "dalle":
         raise BundleError(
             f"{bundle.path} holds a {bundle.family!r} bundle, but a 'dalle' bundle is needed here"
@@ -192,9 +193,10 @@ class DvaeCodec:
     """
 
     def __init__(
-        self, bundle: Bundle | str | Path, backend: str = "auto", threads: int | None = None
+        self, bundle: Bundle | str | Path, backend: str = "auto", threads: int | None = None,
+        precision: str | None = None,
     ) -> None:
-        self.bundle = _open(bundle, backend, threads, (DVAE_DECODER,))
+        self.bundle = _open(bundle, backend, threads, (DVAE_DECODER,), precision)
         pre = self.bundle.preprocess
         self.image_size = int(pre["image_size"])
         self.grid = int(self.bundle.config["image_grid"])
@@ -257,8 +259,8 @@ class DalleGenerator:
     """``generate(prompt, n, seed, temperature, top_k, top_p, rerank)`` on a bundle with a prior."""
 
     def __init__(self, bundle: Bundle | str | Path, backend: str = "auto", threads: int | None = None,
-                 tokenizer: Any | None = None) -> None:
-        self.bundle = _open(bundle, backend, threads, (PRIOR_PREFILL, PRIOR_STEP, DVAE_DECODER))
+                 tokenizer: Any | None = None, precision: str | None = None) -> None:
+        self.bundle = _open(bundle, backend, threads, (PRIOR_PREFILL, PRIOR_STEP, DVAE_DECODER), precision)
         cfg = self.bundle.config
         tok = cfg.get("tokenizer", {})
         if tok.get("kind") != "clip_bpe":

@@ -54,7 +54,8 @@ def calibration(tmp_path_factory) -> dict[str, Path]:
     for i in range(40):
         write_image(root / "sam" / f"{i:03d}.png", random_scene(2000, i, SAM_SIZES[i % 3]).image)
         write_image(root / "clip" / f"{i:03d}.png", single_object(2000, i, (64, 96)[i % 2]).image)
-    return {"sam": root / "sam", "clip": root / "clip"}
+        write_image(root / "dalle" / f"{i:03d}.png", single_object(2000, 100 + i, 64).image)
+    return {"sam": root / "sam", "clip": root / "clip", "dalle": root / "dalle"}
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +183,8 @@ def test_input_errors(fp32_bundles, tmp_path):
     write_image(tmp_path / "one" / "a.png", np.zeros((8, 8, 3), np.uint8))
     with pytest.raises(InputError, match=r"holds 1 image\(s\) .*give at least 2"):
         quantize_bundle(bundle, tmp_path / "one")
-    with pytest.raises(InputError, match=r"image encoders of SAM and CLIP bundles .*not \['mask_decoder'\]"):
+    with pytest.raises(InputError, match=r"image encoders of SAM and CLIP and DALL·E's dVAE decoder "
+                       r"\(\['image_encoder'\] in this sam bundle\), not \['mask_decoder'\]"):
         quantize_bundle(bundle, tmp_path / "one", components=["mask_decoder"])
     fused = tmp_path / "fused"
     shutil.copytree(bundle, fused)
@@ -231,6 +233,38 @@ def test_segment_and_classify_cli_run_the_int8_encoder(quantized, tmp_path, caps
     assert main(["classify", str(quantized["clip"]), str(tmp_path / "object.png"), "--labels",
                  ",".join(CLASSES), "--backend", "ort-cpu", "--precision", "int8", "--top-k", "1"]) == 0
     assert capsys.readouterr().out.split("\n")[1].split("  ")[-1] == single.objects[0].label
+
+
+def test_dvae_decoder(fp32_bundles, calibration, tmp_path):
+    """The dVAE decoder, calibrated on the codes of the bundle's own encoder: PSNR against fp32 (stricter than
+    the cosine of a picture), and the reconstructions keep their class as often as fp32's do."""
+    from edgefm.export.dalle import export_dalle
+    from edgefm.runtime.dalle.generator import DvaeCodec
+
+    bundle = export_dalle(tmp_path / "dalle", WEIGHTS / "dvae_shapes_decoder.safetensors",
+                          WEIGHTS / "dvae_shapes_encoder.safetensors", image_size=64)  # the prior's 8 x 8 codes
+    entries = quantize_bundle(bundle, calibration["dalle"])
+    assert [(e.name, e.precision) for e in entries] == [("dvae_decoder", "int8")]
+    assert check_tensorrt_compat(bundle / entries[0].file) == []
+    rep = read_manifest(bundle).parity["dvae_decoder.int8"]
+    image = rep["outputs"]["image"]
+    assert rep["passed"] and image["cosine"] >= 0.99 and image["psnr_db"] >= 40  # gate 30 dB; README 45
+    templates = json.loads((WEIGHTS / "clip_shapes.json").read_text())["templates"]
+    clip = ClipModel(fp32_bundles["clip"], "ort-cpu", threads=1)
+    scenes = [single_object(1000, i, 64) for i in range(72)]
+    truth = np.array([CLASSES.index(s.objects[0].label) for s in scenes])
+    top1 = {}
+    for precision in (None, "int8"):
+        codec = DvaeCodec(bundle, "ort-cpu", threads=1, precision=precision)
+        assert codec.bundle.entry("dvae_decoder").precision == (precision or "fp32")
+        rebuilt = list(codec.decode(codec.encode(np.stack([s.image for s in scenes]))))
+        probs = clip.zero_shot(rebuilt, list(CLASSES), templates=templates)
+        top1[precision] = float((probs.argmax(1) == truth).mean())
+    print(f"CLIP top-1 on dVAE reconstructions: fp32 decoder {top1[None]:.3f}, int8 Q/DQ {top1['int8']:.3f}")
+    assert top1["int8"] >= top1[None] - 0.03  # 72 images: 0.014 each
+    decoder_only = export_dalle(tmp_path / "decoder_only", WEIGHTS / "dvae_shapes_decoder.safetensors", image_size=64)
+    with pytest.raises(InputError, match="needs the bundle's dvae_encoder .* export with --dvae-encoder"):
+        quantize_bundle(decoder_only, calibration["dalle"])
 
 
 def test_quantize_imports_no_torch(fp32_bundles, calibration, tmp_path):
