@@ -99,6 +99,7 @@ def _print_manifest(path: Path, brief: bool = False) -> None:
                 continue
             for out, r in rep["outputs"].items():
                 iou = f"  mask IoU {r['mask_iou']:.5f}" if "mask_iou" in r else ""
+                iou += f"  PSNR {r['psnr_db']:.1f} dB" if "psnr_db" in r else ""
                 print(f"  {name + '.' + out:<36} {'PASS' if r['passed'] else 'FAIL'}  cos {r['cosine']:.7f}  "
                       f"max abs {r['max_abs']:.2e} (|ref| {r['ref_max_abs']:.3g}){iou}")
 
