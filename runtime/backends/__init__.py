@@ -72,4 +72,5 @@ def open_runner(entry: ComponentEntry, folder: Path, backend: str, **options) ->
         return TensorRTRunner(path, entry, **options)
     from .onnxruntime import OrtRunner
 
-    return OrtRunner(path, entry.spec, backend=backend, **options)
+    qdq = entry.info.get("quantization", {}).get("format") == "QDQ"
+    return OrtRunner(path, entry.spec, backend=backend, explicit_int8=qdq, **options)

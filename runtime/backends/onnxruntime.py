@@ -83,13 +83,17 @@ def unavailable_reason(backend: str) -> str:
     return "it is not installed or not usable here"
 
 
-def _provider_options(backend: str, cache_dir: Path | None,
-                      cuda_options: dict[str, Any] | None = None) -> list[tuple[str, dict[str, Any]]]:
+def _provider_options(backend: str, cache_dir: Path | None, cuda_options: dict[str, Any] | None = None,
+                      explicit_int8: bool = False) -> list[tuple[str, dict[str, Any]]]:
     out = []
     for p in _PROVIDERS[backend]:
         opts: dict[str, Any] = {}
         if p == "TensorrtExecutionProvider":
             opts = {"trt_fp16_enable": True, "trt_engine_cache_enable": cache_dir is not None}
+            if explicit_int8:
+                # A Q/DQ graph (edgefm quantize): TensorRT's builder refuses int8 layers unless int8 is enabled
+                # (onnxruntime issue 13381); the scales are in the graph, so no calibration table is given.
+                opts["trt_int8_enable"] = True
             if cache_dir is not None:
                 opts["trt_engine_cache_path"] = str(cache_dir / "trt-ep")
                 opts["trt_timing_cache_enable"] = True
@@ -113,7 +117,9 @@ class OrtRunner:
         spin: bool = False,
         cuda_graph: bool = False,
         cuda_options: dict[str, Any] | None = None,
+        explicit_int8: bool = False,
     ) -> None:
+        """``explicit_int8``: the graph is explicitly quantized (Q/DQ), so the TensorRT provider builds int8."""
         if backend not in _PROVIDERS:
             raise BackendError(f"unknown ONNX Runtime backend {backend!r}; expected one of {list(_PROVIDERS)}")
         if cuda_graph and backend != "ort-cuda":
@@ -135,7 +141,7 @@ class OrtRunner:
                 f"(it has {rt.get_available_providers()}); install onnxruntime-gpu "
                 "(pip install 'edgefm[gpu]') or choose --backend ort-cpu"
             )
-        self._providers = _provider_options(backend, cache, cuda_options)
+        self._providers = _provider_options(backend, cache, cuda_options, explicit_int8)
         self.session = self._open(so, self._providers)
         got_in = [i.name for i in self.session.get_inputs()]
         got_out = [o.name for o in self.session.get_outputs()]

@@ -294,6 +294,25 @@ def test_older_onnxruntime_path_gives_the_same_graph(fp32_bundles, calibration, 
     assert graphs[True] == graphs[False]
 
 
+def test_ort_tensorrt_provider_builds_the_qdq_graph_in_int8(quantized, monkeypatch):
+    """On ort-trt, TensorRT's builder refuses a Q/DQ graph unless int8 is enabled: the flag goes with the Q/DQ
+    component only (recorded through open_runner; the provider itself needs a GPU)."""
+    from edgefm.runtime.backends import onnxruntime as ortb
+    from edgefm.runtime.backends import open_runner
+
+    made = {}
+    monkeypatch.setattr(ortb, "OrtRunner", lambda path, spec, backend, explicit_int8, **kw: made.setdefault(
+        Path(path).name, (explicit_int8, dict(ortb._provider_options(backend, None, None, explicit_int8)))))
+    m = read_manifest(quantized["sam"])
+    for entry in m.components:
+        open_runner(entry, quantized["sam"], "ort-trt")
+    trt = "TensorrtExecutionProvider"
+    assert made["image_encoder.int8.onnx"][0] and made["image_encoder.int8.onnx"][1][trt]["trt_int8_enable"]
+    assert made["image_encoder.onnx"] == (False, made["image_encoder.onnx"][1])
+    assert "trt_int8_enable" not in made["image_encoder.onnx"][1][trt]
+    assert made["image_encoder.onnx"][1][trt]["trt_fp16_enable"]
+
+
 def test_int8_engine_plan(quantized, fp32_bundles, tmp_path):
     """build-engine --precision int8: the Q/DQ encoder int8, the rest fp16; ONNX Runtime's dynamic int8 and
     a bundle without Q/DQ graphs are refused with what to do."""
