@@ -47,7 +47,7 @@ from edgefm.runtime.errors import BackendError, InputError, ParityError, require
 from edgefm.runtime.manifest import ComponentEntry, read_manifest
 
 from .calibrate import activation_products, activation_thresholds, activations_to_calibrate
-from .onnx import fp16_from_onnx, save_graph
+from .onnx import FP32_OPS, fp16_from_onnx, save_graph
 from .parity import compare_outputs, mask_iou
 from .tensorrt import commit_components
 
@@ -59,7 +59,7 @@ QDQ_OPSET = 19  # QuantizeLinear/DequantizeLinear with fp16 scales
 # from ONNX Runtime's dynamic int8 (MatMulInteger), which TensorRT cannot parse.
 QDQ_INFO = {"method": "static, calibrated (TensorRT explicit quantization)", "format": "QDQ", "ops": QDQ_OPS,
             "weights": "int8, symmetric, per output channel", "activations": "int8, symmetric, per tensor",
-            "elsewhere": "fp16 (the first Conv too), FP32_OPS and LayerNorm statistics in fp32"}
+            "elsewhere": f"fp16 (the first Conv too), except {', '.join(FP32_OPS)} and LayerNorm statistics: fp32"}
 MIN_PSNR_DB = 30.0  # dVAE decoder pictures against fp32 (stricter than the cosine policy: see measure)
 _SAM_GRID = 4  # SAM mask check: a 4 x 4 grid of single-point prompts per held-out image, single-mask output
 
@@ -97,13 +97,14 @@ def feeder(folder: Path, manifest: Any, name: str, threads: int | None = None
         codec = DvaeCodec(folder, backend="ort-cpu", threads=threads)
         return lambda image: {"image_tokens": codec.encode(image)[None]}
     mean, std, size = pre["mean"], pre["std"], int(pre["image_size"])
+    key = manifest.find(name, format="onnx")[0].spec.inputs[0].name
     if manifest.family == "sam":
         from edgefm.runtime.sam.transforms import normalize_and_pad, resize_longest_side
 
-        return lambda image: {"image": normalize_and_pad(resize_longest_side(image, size), size, mean, std)}
+        return lambda image: {key: normalize_and_pad(resize_longest_side(image, size), size, mean, std)}
     from edgefm.runtime.clip.preprocess import preprocess as clip_preprocess
 
-    return lambda image: {"image": clip_preprocess(image, size, mean, std, pre["resize"])[None]}
+    return lambda image: {key: clip_preprocess(image, size, mean, std, pre["resize"])[None]}
 
 
 def _takes_calibration_cache(quantize_static: Callable[..., Any]) -> bool:
