@@ -24,7 +24,7 @@ from edgefm.export.quantize import calibration_images, quantize_bundle, split_ho
 from edgefm.export.trt_compat import check_tensorrt_compat  # noqa: E402
 from edgefm.runtime.cli import main  # noqa: E402
 from edgefm.runtime.clip import ClipModel  # noqa: E402
-from edgefm.runtime.draw import write_image  # noqa: E402
+from edgefm.runtime.draw import read_image, write_image  # noqa: E402
 from edgefm.runtime.errors import InputError, ParityError  # noqa: E402
 from edgefm.runtime.manifest import ComponentEntry, Manifest, read_manifest  # noqa: E402
 from edgefm.runtime.sam import SamPredictor  # noqa: E402
@@ -262,6 +262,15 @@ def test_dvae_decoder(fp32_bundles, calibration, tmp_path):
         top1[precision] = float((probs.argmax(1) == truth).mean())
     print(f"CLIP top-1 on dVAE reconstructions: fp32 decoder {top1[None]:.3f}, int8 Q/DQ {top1['int8']:.3f}")
     assert top1["int8"] >= top1[None] - 0.03  # 72 images: 0.014 each
+    write_image(tmp_path / "object.png", scenes[0].image)  # the CLI reaches the int8 decoder too
+    pictures = {}
+    for precision in ("fp32", "int8"):
+        out = tmp_path / f"dvae_{precision}.png"
+        assert main(["dvae", str(bundle), str(tmp_path / "object.png"), "--out", str(out), "--backend", "ort-cpu",
+                     "--precision", precision]) == 0
+        pictures[precision] = read_image(out).astype(np.float64)
+    mse = np.mean((pictures["fp32"] - pictures["int8"]) ** 2)
+    assert mse > 0 and 10 * np.log10(255**2 / mse) >= 30  # a different decoder ran, and it is close
     decoder_only = export_dalle(tmp_path / "decoder_only", WEIGHTS / "dvae_shapes_decoder.safetensors", image_size=64)
     with pytest.raises(InputError, match="needs the bundle's dvae_encoder .* export with --dvae-encoder"):
         quantize_bundle(decoder_only, calibration["dalle"])
