@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 from edgefm.runtime.errors import require
 
+from .onnx import constant_names
+
 BINS = 2048
 PERCENTILE = 99.999  # of |x|: TensorRT's and ONNX Runtime's usual percentile calibration setting
 
@@ -55,7 +57,7 @@ class AbsHistogram:
 def activations_to_calibrate(graph: Any, op_types: list[str], exclude: list[str]) -> list[str]:
     """The activation inputs that static quantization gives a Q/DQ pair: the data input of each ``op_types``
     node not in ``exclude`` whose weight (input 1) is a constant, in graph order, each once."""
-    consts = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    consts = constant_names(graph)
     out: list[str] = []
     for n in graph.node:
         if n.op_type in op_types and n.name not in exclude and len(n.input) > 1 and n.input[1] in consts:
@@ -66,7 +68,7 @@ def activations_to_calibrate(graph: Any, op_types: list[str], exclude: list[str]
 
 def activation_products(graph: Any, op_types: list[str]) -> list[str]:
     """Names of the ``op_types`` nodes whose second input is not a constant (attention's q k^T and p v)."""
-    consts = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    consts = constant_names(graph)
     return [n.name for n in graph.node if n.op_type in op_types and len(n.input) > 1 and n.input[1] not in consts]
 
 

@@ -55,6 +55,11 @@ def check_options(family: str, precision: str, precisions: tuple[str, ...], opse
         raise InputError(f"--opset {opset} is too old: opset 17 is needed for one-op LayerNorm")
 
 
+def constant_names(graph) -> set[str]:
+    """Names of a graph's constant tensors: its initializers and the outputs of its Constant nodes."""
+    return {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+
+
 def example_inputs(spec: ComponentSpec, values: dict[str, np.ndarray] | None = None, **sizes: int):
     """Torch tensors for tracing: given ``values`` or zeros at the spec's opt sizes."""
     torch = _torch()

@@ -29,6 +29,8 @@ import onnx
 from edgefm.runtime.errors import BundleError, InputError
 from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto, numpy_helper
 
+from .onnx import constant_names
+
 # Operators TensorRT 10.x's ONNX parser imports, read from the parser's source (onnx/onnx-tensorrt, 10.x
 # line, onnxOpCheckers.cpp): every operator registered with a static checker that does not reject it
 # outright, minus the parser's own ``TRT_*`` operators. docs/operators.md there is the same parser's
@@ -183,7 +185,7 @@ class _Walker:
         for vi in g.value_info:
             if vi.type.HasField("tensor_type"):
                 self.tensor("value_info", prefix + vi.name, vi.type.tensor_type.elem_type)
-        local = {i.name for i in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
+        local = constant_names(g)
         self.values.update({i.name: i for i in g.initializer})
         self.values.update({n.output[0]: a.t for n in g.node if n.op_type == "Constant"
                             for a in n.attribute if a.type == AttributeProto.TENSOR})
