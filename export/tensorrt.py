@@ -156,7 +156,7 @@ def _plan_int8(manifest: Manifest, names: list[str], has_fp16_flag: bool) -> lis
                 steps.append(_plan_float(manifest, name, "fp16", has_fp16_flag))
             except InputError:
                 steps.append(_plan_float(manifest, name, "fp32", has_fp16_flag))
-        elif src.info.get("quantization", {}).get("format") != "QDQ":
+        elif not src.explicitly_quantized:
             raise InputError(f"component {name!r}: its int8 ONNX ({src.file}) is ONNX Runtime's dynamic "
                              "quantization (MatMulInteger, for CPUs), which TensorRT cannot parse. Export the "
                              "model with --precision fp32 and run `edgefm quantize BUNDLE --calibration IMAGES` "

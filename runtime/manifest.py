@@ -35,6 +35,11 @@ class ComponentEntry:
     extra_files: dict[str, str] = field(default_factory=dict)  # file name -> sha256 (ONNX external data)
     info: dict[str, Any] = field(default_factory=dict)  # opset, TensorRT version, GPU, profiles...
 
+    @property
+    def explicitly_quantized(self) -> bool:
+        """A Q/DQ graph (``edgefm quantize``), as TensorRT builds int8 from; not ONNX Runtime's dynamic int8."""
+        return self.info.get("quantization", {}).get("format") == "QDQ"
+
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,

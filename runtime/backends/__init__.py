@@ -72,5 +72,4 @@ def open_runner(entry: ComponentEntry, folder: Path, backend: str, **options) ->
         return TensorRTRunner(path, entry, **options)
     from .onnxruntime import OrtRunner
 
-    qdq = entry.info.get("quantization", {}).get("format") == "QDQ"
-    return OrtRunner(path, entry.spec, backend=backend, explicit_int8=qdq, **options)
+    return OrtRunner(path, entry.spec, backend=backend, explicit_int8=entry.explicitly_quantized, **options)
