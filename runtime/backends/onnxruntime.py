@@ -227,14 +227,27 @@ class OrtRunner:
     def _run_graph(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Static shapes: the first call with a set of input shapes captures a CUDA graph for it, later calls
         with the same shapes replay it; the least recently used of more than MAX_GRAPHS is released."""
-        key = tuple((n, a.shape) for n, a in feeds.items())
-        graph = self._graphs.pop(key, None)
-        if graph is None:
-            graph = _CapturedGraph(self, feeds)
-            while len(self._graphs) >= self.MAX_GRAPHS:
-                self._graphs.pop(next(iter(self._graphs)))
-        self._graphs[key] = graph
+        graph, _ = recent_graph(self._graphs, shapes_key(feeds), lambda: _CapturedGraph(self, feeds), self.MAX_GRAPHS)
         return graph.run(feeds)
+
+
+def shapes_key(feeds: dict[str, Any]) -> tuple:
+    """The input names and shapes a captured graph is fixed to."""
+    return tuple((n, a.shape) for n, a in feeds.items())
+
+
+def recent_graph(cache: dict[tuple, Any], key: tuple, capture: Callable[[], Any], limit: int) -> tuple[Any, bool]:
+    """``cache[key]``, captured with ``capture()`` when missing, and ``True`` when it was. The cache's order is
+    its recency: the key becomes the most recent, and after a capture the least recent go while the cache
+    holds more than ``limit``."""
+    value = cache.pop(key, None)
+    captured = value is None
+    if captured:
+        value = capture()
+        while len(cache) >= limit:
+            cache.pop(next(iter(cache)))
+    cache[key] = value
+    return value, captured
 
 
 class _CapturedGraph:

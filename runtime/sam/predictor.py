@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ..backends.onnxruntime import _CapturedGraph
+from ..backends.onnxruntime import _CapturedGraph, recent_graph, shapes_key
 from ..bundle import Bundle
 from ..errors import InputError
 from .mask_upscale import MaskUpscaler
@@ -189,19 +189,16 @@ class SamPredictor:
     def _replay_prompt(self, prompt: dict[str, np.ndarray]) -> dict[str, Any]:
         """Captured-graph predict: the pair for these prompt shapes (captured on first use, the least recently
         used of more than MAX_PROMPT_GRAPHS released), its inputs refilled, both replayed."""
-        key = tuple((n, a.shape) for n, a in prompt.items())
-        pair = self._prompt_graphs.pop(key, None)
-        if pair is None:
+        def capture() -> tuple[_CapturedGraph, _CapturedGraph]:
             pe = _CapturedGraph(self.prompt_encoder, prompt)
             bound = {"image_embeddings": self._encoder_graph.outputs["image_embeddings"],
                      **{n: pe.outputs[n] for n in ("sparse_embeddings", "dense_embeddings")}}
-            pair = (pe, _CapturedGraph(self.decoder, {}, bound=bound))
-            while len(self._prompt_graphs) >= self.MAX_PROMPT_GRAPHS:
-                self._prompt_graphs.pop(next(iter(self._prompt_graphs)))
-        else:
+            return pe, _CapturedGraph(self.decoder, {}, bound=bound)
+
+        pair, captured = recent_graph(self._prompt_graphs, shapes_key(prompt), capture, self.MAX_PROMPT_GRAPHS)
+        if not captured:  # capturing ran both once already
             pair[0].replay(prompt)
             pair[1].replay()
-        self._prompt_graphs[key] = pair
         return pair[1].outputs
 
     def _prompt_points(self, point_coords, point_labels, boxes) -> tuple[np.ndarray, np.ndarray]:
