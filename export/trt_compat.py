@@ -243,7 +243,7 @@ class _Walker:
         out = []
         if scale not in constants:
             out.append(f"its scale {scale!r} is computed at run time; TensorRT needs int8 scales at build time")
-        elif x not in constants and int(np.prod(self.values[scale].dims)) > 1:
+        elif x not in constants and scale in self.values and int(np.prod(self.values[scale].dims)) > 1:
             out.append("per-channel scale on an activation: TensorRT quantizes activations per tensor "
                        "(per-channel scales are for constant weights)")
         if node.op_type == "DequantizeLinear" and x in self.values and self.values[x].data_type == TensorProto.INT32:

@@ -228,6 +228,11 @@ def test_quantize_dequantize_rules():
         "DequantizeLinear node 'bias': dequantizes an int32 tensor (a quantized bias): TensorRT dequantizes int8, "
         "fp8 and int4 only; keep biases in floating point (onnxruntime's QuantizeBias=False)",
     ]
+    # A scale from a Constant's value_float (a scalar, so per tensor) is a build-time scale like any other.
+    scalar = model([helper.make_node("Constant", [], ["sf"], name="sf", value_float=0.1),
+                    helper.make_node("QuantizeLinear", ["x", "sf", "z8"], ["q"], name="q")], [io("x")],
+                   [io("q", TensorProto.INT8)], initializer=[t("z8", TensorProto.INT8, [], [0])])
+    assert check_tensorrt_compat(scalar) == []
 
 
 def test_loop_with_computed_trip_count():
