@@ -4,6 +4,8 @@ into place only once every file, checksum and the manifest are written. A failur
 from __future__ import annotations
 
 import datetime as _dt
+import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -11,7 +13,7 @@ from typing import Any
 
 from edgefm.runtime.bundle import sha256_file
 from edgefm.runtime.errors import EdgefmError
-from edgefm.runtime.manifest import ComponentEntry, Manifest
+from edgefm.runtime.manifest import MANIFEST_NAME, ComponentEntry, Manifest
 from edgefm.runtime.spec import ComponentSpec
 
 
@@ -87,3 +89,29 @@ class BundleWriter:
     def __exit__(self, *exc) -> None:
         if self.tmp.exists():
             shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def commit_components(folder: Path, manifest: Manifest, entries: list[ComponentEntry], files: dict[str, Path]
+                      ) -> None:
+    """Add ``entries`` to the bundle: move ``files`` (bundle file name -> temporary path) into place, then swap
+    the manifest by rename. An entry replaces any of the same component, format and precision, and with an
+    ONNX replaced go the engines built from it; files no longer listed are deleted."""
+    replaced = {(e.name, e.format, e.precision) for e in entries}
+    keep = [c for c in manifest.components if (c.name, c.format, c.precision) not in replaced]
+    gone = {c.file for c in manifest.components} - {c.file for c in keep}
+    keep = [c for c in keep if not (c.format == "tensorrt" and c.info.get("source") in gone)]
+    old_files = {f for c in manifest.components for f in (c.file, *c.extra_files)}
+    for name, tmp in files.items():
+        os.replace(tmp, folder / name)
+    manifest.components = keep + list(entries)
+    write_atomic(folder / MANIFEST_NAME, (json.dumps(manifest.to_json(), indent=2) + "\n").encode())
+    listed = {f for c in manifest.components for f in (c.file, *c.extra_files)}
+    for name in old_files - listed:
+        (folder / name).unlink(missing_ok=True)

@@ -53,11 +53,8 @@ from torch import nn
 
 from .bundle import BundleWriter
 from .onnx import at_precision, check_options, example_inputs, onnx_from_module
-from .parity import compare_outputs, gate, measure
+from .parity import ID_AGREEMENT, compare_outputs, gate, ids_report, measure
 
-# Share of encoder ids that must equal PyTorch's. fp32: identical (DESIGN.md, tokens); reduced precision
-# may flip near-tied argmaxes, which DESIGN.md leaves open: we ask for 95 %.
-ID_AGREEMENT = {"fp32": 1.0, "fp16": 0.95}
 CLIP_SOT, CLIP_EOT = CLIP_TEXT_VOCAB - 2, CLIP_TEXT_VOCAB - 1
 DOWNSAMPLE = 8  # dVAE image side / grid side
 
@@ -170,23 +167,6 @@ def step_parity_feeds(prior: DallePrior, text_ids: np.ndarray, n_fed: int, seed:
             _, k, v = prior.step(torch.from_numpy(tokens[j]), c.text_len + j, k, v)
     return {"token": tokens[n_fed], "position": np.array([c.text_len + n_fed], np.int64),
             "k_cache": k.numpy(), "v_cache": v.numpy()}
-
-
-def ids_report(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], precision: str) -> dict[str, Any]:
-    """Parity of token-id outputs: the share of ids equal to PyTorch's (a float metric would be meaningless
-    for ids), in the same report layout as :func:`compare_outputs`."""
-    report = compare_outputs(ref, got, precision)
-    report["passed"] = True
-    need = ID_AGREEMENT.get(precision, 0.95)
-    for name, m in report["outputs"].items():
-        m["id_agreement"] = float(np.mean(ref[name] == got[name])) if ref[name].size else 1.0
-        m["min_id_agreement"] = need
-        m.pop("max_abs_bound", None), m.pop("failures", None)
-        m["passed"] = m["id_agreement"] >= need
-        if not m["passed"]:
-            m["failures"] = [f"ids agree {m['id_agreement']:.4f} < {need}"]
-            report["passed"] = False
-    return report
 
 
 def _source(path: Path, loader: str) -> dict[str, str]:

@@ -46,10 +46,10 @@ from edgefm.runtime.draw import read_image
 from edgefm.runtime.errors import BackendError, InputError, ParityError, require
 from edgefm.runtime.manifest import ComponentEntry, read_manifest
 
+from .bundle import commit_components
 from .calibrate import activation_products, activation_thresholds, activations_to_calibrate
 from .onnx import FP32_OPS, fp16_from_onnx, save_graph
 from .parity import compare_outputs, mask_iou
-from .tensorrt import commit_components
 
 QUANTIZABLE = {"sam": ("image_encoder",), "clip": ("image_encoder",), "dalle": ("dvae_decoder",)}
 QDQ_OPS = ["MatMul", "Gemm", "Conv"]

@@ -15,7 +15,7 @@ import torch
 from edgefm.models.checkpoint import sha256_file
 from edgefm.models.sam import SAM_CONFIGS, Sam, SamConfig, load_sam
 from edgefm.runtime.manifest import Manifest
-from edgefm.runtime.sam.spec import IMAGE_ENCODER, MASK_DECODER, PROMPT_ENCODER, sam_specs
+from edgefm.runtime.sam.spec import IMAGE_ENCODER, MASK_DECODER, MASK_OUTPUTS, PROMPT_ENCODER, sam_specs
 from edgefm.runtime.spec import ComponentSpec
 from torch import nn
 
@@ -29,7 +29,6 @@ from .parity import gate, measure
 # matrix int8 would blur; its Convs stay fp32 in any case (INT8_OPS). The mask decoder falls back to fp32 if
 # int8 misses the mask IoU policy.
 INT8_PRECISIONS = {IMAGE_ENCODER: "int8", PROMPT_ENCODER: "fp32", MASK_DECODER: "int8"}
-MASK_OUTPUTS = ("low_res_masks",)  # judged by thresholded-mask IoU in the parity report
 
 
 class ImageEncoderGraph(nn.Module):

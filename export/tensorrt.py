@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import importlib.util
-import json
 import os
 import re
 import sys
@@ -43,8 +42,10 @@ from edgefm.runtime.backends.tensorrt import (
 )
 from edgefm.runtime.bundle import sha256_file
 from edgefm.runtime.errors import BackendError, BundleError, InputError
-from edgefm.runtime.manifest import MANIFEST_NAME, ComponentEntry, Manifest, read_manifest
+from edgefm.runtime.manifest import ComponentEntry, Manifest, read_manifest
 from edgefm.runtime.spec import ComponentSpec, DimRange
+
+from .bundle import commit_components, write_atomic
 
 PRECISIONS = ("fp32", "fp16", "int8")
 BATCH_DIMS = ("batch", "image_batch")  # what --max-batch bounds
@@ -227,7 +228,7 @@ class TimingCache:
         return cls(path.read_bytes() if path.is_file() else b"")
 
     def save(self, path: Path) -> None:
-        _write_atomic(path, self.data)
+        write_atomic(path, self.data)
 
 
 def engine_from_network(builder: Any, network: Any, profiles: list[ProfileShapes], workspace: int,
@@ -260,13 +261,6 @@ def engine_from_network(builder: Any, network: Any, profiles: list[ProfileShapes
     if timing_cache is not None:
         timing_cache.data = bytes(memoryview(config.get_timing_cache().serialize()))
     return bytes(memoryview(serialized))
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def build_engine(bundle: str | Path, precision: str = "fp16", workspace: str | int = DEFAULT_WORKSPACE,
@@ -333,25 +327,6 @@ def build_engine(bundle: str | Path, precision: str = "fp16", workspace: str | i
         for tmp in tmps:
             tmp.unlink(missing_ok=True)
     return built
-
-
-def commit_components(folder: Path, manifest: Manifest, entries: list[ComponentEntry], files: dict[str, Path]
-                      ) -> None:
-    """Add ``entries`` to the bundle: move ``files`` (bundle file name -> temporary path) into place, then swap
-    the manifest by rename. An entry replaces any of the same component, format and precision, and with an
-    ONNX replaced go the engines built from it; files no longer listed are deleted."""
-    replaced = {(e.name, e.format, e.precision) for e in entries}
-    keep = [c for c in manifest.components if (c.name, c.format, c.precision) not in replaced]
-    gone = {c.file for c in manifest.components} - {c.file for c in keep}
-    keep = [c for c in keep if not (c.format == "tensorrt" and c.info.get("source") in gone)]
-    old_files = {f for c in manifest.components for f in (c.file, *c.extra_files)}
-    for name, tmp in files.items():
-        os.replace(tmp, folder / name)
-    manifest.components = keep + list(entries)
-    _write_atomic(folder / MANIFEST_NAME, (json.dumps(manifest.to_json(), indent=2) + "\n").encode())
-    listed = {f for c in manifest.components for f in (c.file, *c.extra_files)}
-    for name in old_files - listed:
-        (folder / name).unlink(missing_ok=True)
 
 
 def add_build_engine_parser(sub: Any) -> argparse.ArgumentParser:

@@ -13,6 +13,7 @@ IMAGE_ENCODER = "image_encoder"
 PROMPT_ENCODER = "prompt_encoder"
 MASK_DECODER = "mask_decoder"
 NUM_MASK_OUTPUTS = 4  # token 0: single-mask output; tokens 1..3: the multimask outputs
+MASK_OUTPUTS = ("low_res_masks",)  # mask logits: parity judges them by the IoU of the thresholded masks
 
 # Ranges: ONNX Runtime accepts anything inside them; TensorRT profiles are built from them.
 IMAGE_BATCH = DimRange(1, 1, 8)

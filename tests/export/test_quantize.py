@@ -20,6 +20,7 @@ import pytest
 pytest.importorskip("torch")  # exporting the shipped checkpoints needs the [export] extra
 import onnx  # noqa: E402
 from edgefm.export import tensorrt as ext  # noqa: E402
+from edgefm.export.bundle import commit_components  # noqa: E402
 from edgefm.export.quantize import calibration_images, quantize_bundle, split_holdout  # noqa: E402
 from edgefm.export.trt_compat import check_tensorrt_compat  # noqa: E402
 from edgefm.runtime.cli import main  # noqa: E402
@@ -358,7 +359,7 @@ def test_requantizing_replaces_the_int8_onnx_and_its_engines(quantized, calibrat
         ComponentEntry("prompt_encoder", "pe.engine", "0", "tensorrt", "fp16", spec,
                            info={"source": "prompt_encoder.onnx"}),
     ]
-    ext.commit_components(bundle, m, [], {})
+    commit_components(bundle, m, [], {})
     quantize_bundle(bundle, calibration["sam"], max_images=10, method="minmax", parity_gate=False)  # not the point here
     after = read_manifest(bundle)
     assert [(c.name, c.format, c.precision) for c in after.components if c.precision == "int8"] == [
