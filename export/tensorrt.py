@@ -41,13 +41,15 @@ from edgefm.runtime.backends.tensorrt import (
     profiles_to_json,
 )
 from edgefm.runtime.bundle import sha256_file
-from edgefm.runtime.errors import BackendError, BundleError, InputError
+from edgefm.runtime.errors import BackendError, BundleError, InputError, ParityError
 from edgefm.runtime.manifest import ComponentEntry, Manifest, read_manifest
 from edgefm.runtime.spec import ComponentSpec, DimRange
 
 from .bundle import commit_components, write_atomic
+from .engine_parity import parity_summary
 
 PRECISIONS = ("fp32", "fp16", "int8")
+PARITY_MODES = ("gate", "report", "skip")  # refuse a failing engine / record it / do not run the check
 BATCH_DIMS = ("batch", "image_batch")  # what --max-batch bounds
 POINT_DIMS = ("num_points",)  # what --max-points bounds
 DEFAULT_WORKSPACE = "4GiB"
@@ -196,11 +198,15 @@ def network_from_onnx(path: str | Path, strongly_typed: bool = True, logger: Any
     return builder, network, parser
 
 
-def pin_normalization_fp32(network: Any, trt: Any) -> int:
+def pin_normalization_fp32(network: Any, trt: Any) -> int | None:
     """Run every normalization layer's statistics in fp32 (``INormalizationLayer.compute_precision``), as the
     ONNX ``stash_type`` of the exported LayerNormalization says: the fp16 ONNX keeps LayerNorm's I/O in fp16
     (``export/onnx.py`` FP32_OPS), so the accumulation must not follow the I/O type. Returns how many layers
-    were pinned."""
+    were pinned, or None where TensorRT has no such control: 11.x removed the property (its bindings have no
+    ``compute_precision``) and types every layer from the network, so there the engine's parity check against
+    the fp32 ONNX (``export/engine_parity.py``) is what proves the fp16 LayerNorms hold."""
+    if not hasattr(trt.INormalizationLayer, "compute_precision"):
+        return None
     n = 0
     for i in range(network.num_layers):
         layer = network.get_layer(i)
@@ -232,8 +238,11 @@ class TimingCache:
 
 
 def engine_from_network(builder: Any, network: Any, profiles: list[ProfileShapes], workspace: int,
-                        fp16_flag: bool = False, timing_cache: TimingCache | None = None) -> bytes:
-    """Build a serialized engine, starting from and updating ``timing_cache`` when given."""
+                        fp16_flag: bool = False, timing_cache: TimingCache | None = None, tf32: bool = True
+                        ) -> bytes:
+    """Build a serialized engine, starting from and updating ``timing_cache`` when given. ``tf32=False`` clears
+    TensorRT's TF32 flag (on by default in 10.x and 11.x: fp32 MatMuls and Convs would round their inputs to
+    10-bit mantissas), so that an fp32 engine meets the fp32 parity policy rather than fp16's."""
     trt = import_tensorrt("Building TensorRT engines")
     names = [network.get_input(i).name for i in range(network.num_inputs)]
     shape_tensors = [network.get_input(i).name for i in range(network.num_inputs)
@@ -244,6 +253,8 @@ def engine_from_network(builder: Any, network: Any, profiles: list[ProfileShapes
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
     if fp16_flag:
         config.set_flag(trt.BuilderFlag.FP16)
+    if not tf32 and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)
     for shapes in profiles:
         if sorted(shapes) != sorted(names):
             raise BundleError(f"the graph's inputs {names} differ from the spec's {sorted(shapes)}; re-export")
@@ -266,16 +277,21 @@ def engine_from_network(builder: Any, network: Any, profiles: list[ProfileShapes
 def build_engine(bundle: str | Path, precision: str = "fp16", workspace: str | int = DEFAULT_WORKSPACE,
                  max_batch: int | None = None, max_points: int | None = None,
                  timing_cache: str | Path | None = None, components: list[str] | None = None,
-                 progress: Any = None) -> list[ComponentEntry]:
+                 progress: Any = None, parity: str = "gate", threads: int | None = None) -> list[ComponentEntry]:
     """Build one engine per component of ``bundle`` and add them to its manifest; returns the new entries.
 
-    Engines already in the bundle for the same component and precision are replaced. Nothing in the bundle
-    changes unless every engine builds.
+    Each engine is run once against the bundle's ONNX on ONNX Runtime's CPU (``export/engine_parity.py``)
+    before anything is written: ``parity="gate"`` refuses an engine that misses its precision's policy,
+    ``"report"`` records the result either way, ``"skip"`` does not run the check. Engines already in the
+    bundle for the same component and precision are replaced. Nothing in the bundle changes unless every
+    engine builds (and passes the gate).
     """
     folder = Path(bundle)
     manifest = read_manifest(folder)
     if precision not in PRECISIONS:
         raise InputError(f"--precision {precision!r} is not supported; choose one of {list(PRECISIONS)}")
+    if parity not in PARITY_MODES:
+        raise InputError(f"parity={parity!r}: choose one of {list(PARITY_MODES)}")
     n_bytes = parse_size(workspace)
     overrides = dim_overrides(max_batch, max_points)
     # edgefm's static check first (export/trt_compat.py): an incompatible graph fails with one clear message
@@ -296,6 +312,8 @@ def build_engine(bundle: str | Path, precision: str = "fp16", workspace: str | i
     built: list[ComponentEntry] = []
     files: dict[str, Path] = {}
     tmps: list[Path] = []
+    reports: dict[str, Any] = {}
+    inputs = None
     try:
         for step in steps:
             src = step.source
@@ -304,23 +322,37 @@ def build_engine(bundle: str | Path, precision: str = "fp16", workspace: str | i
             profiles = profiles_from_spec(src.spec, overrides)
             builder, network, _parser = network_from_onnx(folder / src.file, strongly_typed=not step.fp16_flag)
             pinned = pin_normalization_fp32(network, trt)
-            data = engine_from_network(builder, network, profiles, n_bytes, step.fp16_flag, cache)
+            data = engine_from_network(builder, network, profiles, n_bytes, step.fp16_flag, cache,
+                                       tf32=step.precision != "fp32")
+            del builder, network, _parser  # the builder's GPU memory goes before the engine runs
             tmp = folder / f".{src.name}.{step.precision}.engine.tmp-{os.getpid()}"
             tmps.append(tmp)
             tmp.write_bytes(data)
             digest = sha256_file(tmp)
+            flags = (["FP16"] if step.fp16_flag else []) + (["no TF32"] if step.precision == "fp32" else [])
             info = {
                 "tensorrt_version": trt.__version__, "gpu": gpu["name"],
                 "compute_capability": gpu["compute_capability"],
                 "profiles": profiles_to_json(profiles), "source": src.file, "source_precision": src.precision,
-                "strongly_typed": not step.fp16_flag, "builder_flags": ["FP16"] if step.fp16_flag else [],
+                "strongly_typed": not step.fp16_flag, "builder_flags": flags,
                 "workspace_bytes": n_bytes, "normalization_layers_fp32": pinned,
                 "built": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             }
             entry = ComponentEntry(src.name, f"{src.name}.{step.precision}.{digest[:8]}.engine", digest,
                                    "tensorrt", step.precision, engine_spec(src.spec, overrides), info=info)
+            if parity != "skip":
+                from .engine_parity import ParityInputs, check_engine_file, failure_message
+
+                inputs = inputs or ParityInputs(folder, manifest, threads=threads)
+                report = check_engine_file(tmp, entry, folder, manifest, src, inputs, threads, progress)
+                report["gate"] = parity == "gate"
+                reports[f"{src.name}.tensorrt.{step.precision}"] = report
+                info["parity"] = {"passed": report["passed"], "reference": report["reference"]}
+                if not report["passed"] and parity == "gate":
+                    raise ParityError(failure_message(src.name, src.file, report))
             files[entry.file] = tmp
             built.append(entry)
+        manifest.parity.update(reports)
         commit_components(folder, manifest, built, files)
         cache.save(cache_path)
     finally:  # after a failure nothing of this build stays; after success the temp files were renamed
@@ -339,15 +371,25 @@ def add_build_engine_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-points", type=int, default=None, help="largest number of SAM prompt points")
     p.add_argument("--timing-cache", default=None, help=f"timing cache file (default BUNDLE/{TIMING_CACHE})")
     p.add_argument("--component", action="append", default=None, help="build only this component (repeatable)")
+    p.add_argument("--no-parity-gate", action="store_true",
+                   help="add engines that miss the parity policy against the ONNX anyway (recorded)")
+    p.add_argument("--skip-parity", action="store_true",
+                   help="do not run each engine against the ONNX on ONNX Runtime's CPU (recorded as unchecked)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads of the ONNX Runtime reference runs")
     p.set_defaults(func=cmd_build_engine)
     return p
 
 
 def cmd_build_engine(args: argparse.Namespace) -> None:
+    parity = "skip" if args.skip_parity else "report" if args.no_parity_gate else "gate"
     entries = build_engine(args.bundle, args.precision, args.workspace, args.max_batch, args.max_points,
                            args.timing_cache, args.component,
-                           progress=lambda m: print(f"edgefm: {m}", file=sys.stderr, flush=True))
+                           progress=lambda m: print(f"edgefm: {m}", file=sys.stderr, flush=True),
+                           parity=parity, threads=args.threads)
+    reports = read_manifest(args.bundle).parity
     for e in entries:
         ranges = ", ".join(f"{k}=[{r.min}..{r.max}] opt {r.opt}" for k, r in e.spec.dims.items())
         print(f"wrote {Path(args.bundle) / e.file}  ({e.precision}, TensorRT {e.info['tensorrt_version']}, "
               f"{e.info['gpu']} sm {e.info['compute_capability']}; {ranges or 'static shapes'})")
+        report = reports.get(f"{e.name}.tensorrt.{e.precision}")
+        print(f"  parity: {parity_summary(report) if report and parity != 'skip' else 'not checked (--skip-parity)'}")

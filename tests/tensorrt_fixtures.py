@@ -91,12 +91,15 @@ class FakeCudart(types.ModuleType):
 
 
 def make_fake_trt(cudart: FakeCudart, version: str = "10.13.0.35", fp16_flag: bool = True) -> types.ModuleType:
+    """TensorRT 10.x's surface; with ``version`` 11.x, without what 11.x removed (the FP16 builder flag and
+    ``INormalizationLayer.compute_precision``, as its bindings show)."""
     trt = types.ModuleType("tensorrt")
     trt.__version__ = version
     trt.log = {"networks": [], "configs": [], "deserialized": 0, "executes": 0}
+    trt.engine_factor = 2.0  # what the fake engine multiplies x by
     trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level=2: None})
     trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=5)
-    trt.BuilderFlag = types.SimpleNamespace(**({"FP16": "FP16"} if fp16_flag else {}))
+    trt.BuilderFlag = types.SimpleNamespace(TF32="TF32", **({"FP16": "FP16"} if fp16_flag else {}))
     trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
     trt.TensorIOMode = types.SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT")
     trt.LayerType = types.SimpleNamespace(NORMALIZATION="NORMALIZATION", MATRIX_MULTIPLY="MATRIX_MULTIPLY")
@@ -104,10 +107,11 @@ def make_fake_trt(cudart: FakeCudart, version: str = "10.13.0.35", fp16_flag: bo
 
     class Layer:  # ILayer: its type; the builder down-casts by assigning __class__, as the bindings document
         def __init__(self, kind):
-            self.type, self.compute_precision, self.name = kind, None, f"/{kind.lower()}"
+            self.type, self.name = kind, f"/{kind.lower()}"
 
     class INormalizationLayer(Layer):
-        pass
+        if not version.startswith("11."):
+            compute_precision = None
 
     trt.INormalizationLayer = INormalizationLayer
 
@@ -139,6 +143,9 @@ def make_fake_trt(cudart: FakeCudart, version: str = "10.13.0.35", fp16_flag: bo
 
         def set_flag(self, flag):
             self.flags.append(flag)
+
+        def clear_flag(self, flag):
+            self.cleared = [*getattr(self, "cleared", []), flag]
 
         def add_optimization_profile(self, p):
             self.profiles.append(dict(p))
@@ -172,7 +179,13 @@ def make_fake_trt(cudart: FakeCudart, version: str = "10.13.0.35", fp16_flag: bo
             self.network, self.errors = network, []
 
         def parse_from_file(self, path):
-            graph = json.loads(Path(path).read_text())
+            try:
+                graph = json.loads(Path(path).read_text())
+            except (UnicodeDecodeError, json.JSONDecodeError):  # a real ONNX file: its I/O names
+                import onnx
+
+                g = onnx.load(str(path)).graph
+                graph = {"inputs": [i.name for i in g.input], "outputs": [o.name for o in g.output]}
             self.errors = graph.get("errors", [])
             self.network.inputs, self.network.outputs = graph["inputs"], graph["outputs"]
             self.network.layers = [Layer(kind) for kind in graph.get("layers", [])]
@@ -206,10 +219,10 @@ def make_fake_trt(cudart: FakeCudart, version: str = "10.13.0.35", fp16_flag: bo
             n = int(np.prod(self.shapes["x"]))
             src, dst = self.addr["x"], self.addr["y"]
 
-            def run():  # y = 2 x, reading and writing the bound "device" buffers
+            def run():  # y = 2 x (trt.engine_factor), reading and writing the bound "device" buffers
                 trt.log["executes"] += 1
                 x = np.frombuffer((ctypes.c_float * n).from_address(src), np.float32)
-                np.frombuffer((ctypes.c_float * n).from_address(dst), np.float32)[:] = 2 * x
+                np.frombuffer((ctypes.c_float * n).from_address(dst), np.float32)[:] = trt.engine_factor * x
 
             if cudart.capturing is not None:
                 cudart.capturing.append(run)
@@ -252,10 +265,10 @@ def make_fake_trt(cudart: FakeCudart, version: str = "10.13.0.35", fp16_flag: bo
     return trt
 
 
-def install_fakes(monkeypatch) -> tuple[types.ModuleType, FakeCudart]:
+def install_fakes(monkeypatch, version: str = "10.13.0.35") -> tuple[types.ModuleType, FakeCudart]:
     """Install fake ``tensorrt`` and ``cuda.bindings.runtime`` modules for one test; returns (trt, cudart)."""
     cudart = FakeCudart()
-    trt = make_fake_trt(cudart)
+    trt = make_fake_trt(cudart, version, fp16_flag=not version.startswith("11."))
     cuda, bindings = types.ModuleType("cuda"), types.ModuleType("cuda.bindings")
     cuda.bindings, bindings.runtime = bindings, cudart
     for name, mod in (("tensorrt", trt), ("cuda", cuda), ("cuda.bindings", bindings),

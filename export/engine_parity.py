@@ -1,0 +1,181 @@
+"""Parity of a freshly built TensorRT engine against the bundle's ONNX on ONNX Runtime, before it is added.
+
+What Polygraphy's ``run --trt --onnxrt`` checks, on edgefm's terms. ``build-engine`` runs every new engine
+once on seeded inputs at its profile's opt shapes and compares the outputs with ONNX Runtime's CPU run of the
+reference ONNX, under the parity policy of the engine's precision (``export/parity.py``, DESIGN.md):
+
+- fp32 and fp16 engines are judged against the component's fp32 ONNX, which export gated against PyTorch, so
+  the chain engine -> fp32 ONNX -> PyTorch holds. A bundle exported without fp32 falls back to the engine's
+  own source ONNX.
+- int8 engines are judged against their own Q/DQ source: ``edgefm quantize`` already gated that graph against
+  fp32 on held-out images; this check proves TensorRT runs that graph.
+
+The inputs need no PyTorch and no images: normalized-pixel noise for images, points inside the image for SAM
+prompts, real tokenizer ids for CLIP text, ids inside the vocabularies for DALL·E. Inputs that another
+component produces (SAM's image and prompt embeddings, the DALL·E prior's KV cache) come from running that
+component's reference ONNX first, as the runtime chains them. Mask logits are judged by the IoU of their
+thresholded masks, token ids by their agreement, like export's reports.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from edgefm.runtime.errors import ParityError
+from edgefm.runtime.manifest import ComponentEntry, Manifest
+from edgefm.runtime.sam.spec import MASK_OUTPUTS
+from edgefm.runtime.spec import ComponentSpec, TensorSpec
+
+from .parity import compare_outputs, ids_report
+
+# Text inputs of CLIP's text encoder (cycled to the batch).
+PROMPTS = ("a photo of a cat", "a red circle and a blue square on a white table", "a diagram", "two dogs")
+# SAM point labels along the points of a prompt: foreground, background, box corners, padding.
+POINT_LABELS = (1.0, 0.0, 2.0, 3.0, -1.0)
+
+
+def reference_entry(manifest: Manifest, source: ComponentEntry) -> ComponentEntry:
+    """The ONNX an engine built from ``source`` is judged against (see the module docstring)."""
+    if source.precision == "int8":
+        return source
+    fp32 = manifest.find(source.name, format="onnx", precision="fp32")
+    return fp32[0] if fp32 else source
+
+
+class ParityInputs:
+    """Seeded inputs per component of one bundle, produced components run once on ONNX Runtime's CPU."""
+
+    def __init__(self, folder: str | Path, manifest: Manifest, seed: int = 0, threads: int | None = None) -> None:
+        self.folder, self.manifest, self.seed, self.threads = Path(folder), manifest, seed, threads
+        self._produced: dict[tuple, dict[str, np.ndarray]] = {}
+
+    def feeds(self, spec: ComponentSpec, sizes: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+        """Inputs of ``spec`` at its opt shapes (or the dim sizes in ``sizes``)."""
+        sizes = {**{k: r.opt for k, r in spec.dims.items()}, **(sizes or {})}
+        rng = np.random.default_rng(self.seed)
+        out = {}
+        for t in spec.inputs:
+            shape = spec.concrete_shape(t, **sizes)
+            value = self._value(t, shape, rng)
+            if value is None:
+                value = self._from_producer(spec.name, t, sizes, shape)
+            out[t.name] = value
+        return out
+
+    def _value(self, t: TensorSpec, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray | None:
+        config, pre = self.manifest.config, self.manifest.preprocess
+        name = t.name
+        if name == "image" and t.dtype == "float32":
+            return rng.normal(0.0, 1.0, shape).astype(np.float32)  # normalized pixels
+        if name == "point_coords":
+            return rng.uniform(0, float(pre["image_size"]), shape).astype(np.float32)
+        if name == "point_labels":
+            return np.broadcast_to(np.resize(np.array(POINT_LABELS, np.float32), shape[-1]), shape).copy()
+        if name == "mask_input":
+            return rng.normal(0.0, 4.0, shape).astype(np.float32)  # low-res mask logits
+        if name == "has_mask_input":
+            return ((np.arange(shape[0]) + 1) % 2).astype(np.float32)
+        if name == "tokens":
+            from edgefm.runtime.clip.tokenizer import ClipTokenizer
+
+            texts = [PROMPTS[i % len(PROMPTS)] for i in range(shape[0])]
+            return ClipTokenizer(context_length=shape[1])(texts)
+        if name == "text_tokens":
+            return rng.integers(0, int(config["text_vocab"]), shape, dtype=np.int64)
+        if name in ("image_tokens", "token"):
+            return rng.integers(0, int(config["image_vocab"]), shape, dtype=np.int64)
+        if name == "position":  # the first image position after the text
+            return np.full(shape, int(config["text_len"]), np.int64)
+        return None
+
+    def _from_producer(self, consumer: str, t: TensorSpec, sizes: dict[str, int], shape: tuple[int, ...]
+                       ) -> np.ndarray:
+        for producer in self.manifest.component_names:
+            entries = [c for c in self.manifest.find(producer, format="onnx") if c.precision != "int8"]
+            if producer == consumer or not entries or t.name not in entries[0].spec.output_names:
+                continue
+            ref = reference_entry(self.manifest, entries[0])
+            key = (producer, tuple(sorted(sizes.items())))
+            if key not in self._produced:
+                from edgefm.runtime.backends.onnxruntime import OrtRunner
+
+                spec = ref.spec
+                runner = OrtRunner(self.folder / ref.file, spec, "ort-cpu", threads=self.threads)
+                self._produced[key] = runner.run(self.feeds(spec, {k: v for k, v in sizes.items() if k in spec.dims}))
+            return self._produced[key][t.name]
+        if t.dtype == "float32":  # an input with no known meaning and no producer: unit noise
+            return np.random.default_rng(self.seed).normal(0.0, 1.0, shape).astype(np.float32)
+        raise ParityError(f"no parity input is known for {consumer}'s {t.dtype} input {t.name!r}, and no "
+                          f"component of {self.folder} produces it; build with --skip-parity")
+
+
+def judge(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], precision: str, spec: ComponentSpec,
+          mask_threshold: float = 0.0) -> dict[str, Any]:
+    """Report ``got`` against ``ref`` by the policy of ``precision``: id outputs by agreement, mask logits by
+    IoU, the rest by cosine (and max abs for fp32)."""
+    ids = {t.name for t in spec.outputs if t.dtype.startswith("int")}
+    report = compare_outputs({k: v for k, v in ref.items() if k not in ids}, got, precision,
+                             masks=tuple(n for n in MASK_OUTPUTS if n in ref), mask_threshold=mask_threshold)
+    if ids:
+        id_rep = ids_report({k: ref[k] for k in ids}, got, precision)
+        report["outputs"].update(id_rep["outputs"])
+        report["passed"] = report["passed"] and id_rep["passed"]
+    return report
+
+
+def check_engine(engine: Any, folder: str | Path, manifest: Manifest, source: ComponentEntry, precision: str,
+                 spec: ComponentSpec, inputs: ParityInputs | None = None, threads: int | None = None
+                 ) -> dict[str, Any]:
+    """Run ``engine`` (any runner: ``run(dict) -> dict``) and the reference ONNX of ``source`` on the same
+    inputs at ``spec``'s opt shapes; returns the report (``passed``, metrics per output, what was compared)."""
+    from edgefm.runtime.backends.onnxruntime import OrtRunner
+
+    folder = Path(folder)
+    inputs = inputs or ParityInputs(folder, manifest, threads=threads)
+    ref_entry = reference_entry(manifest, source)
+    feeds = inputs.feeds(spec)
+    ref = OrtRunner(folder / ref_entry.file, ref_entry.spec, "ort-cpu", threads=threads).run(feeds)
+    got = engine.run(feeds)
+    report = judge(ref, got, precision, spec, float(manifest.config.get("mask_threshold", 0.0)))
+    report.update(reference=ref_entry.file, reference_backend="onnxruntime CPU",
+                  inputs={k: list(v.shape) for k, v in feeds.items()})
+    return report
+
+
+def check_engine_file(path: Path, entry: ComponentEntry, folder: Path, manifest: Manifest, source: ComponentEntry,
+                      inputs: ParityInputs, threads: int | None = None, progress: Any = None) -> dict[str, Any]:
+    """Deserialize the engine file ``path`` just built for ``entry`` and judge it with :func:`check_engine`."""
+    from edgefm.runtime.backends.tensorrt import TensorRTRunner
+
+    if progress:
+        progress(f"checking the {entry.precision} engine of {entry.name} against "
+                 f"{reference_entry(manifest, source).file} on ONNX Runtime CPU")
+    runner = TensorRTRunner(path, entry, cuda_graphs=False)
+    try:
+        return check_engine(runner, folder, manifest, source, entry.precision, entry.spec, inputs, threads)
+    finally:
+        runner.close()
+
+
+def failure_message(component: str, engine_file: str, report: dict[str, Any]) -> str:
+    lines = [f"{out}: {', '.join(m['failures'])}" for out, m in report["outputs"].items() if not m["passed"]]
+    return (f"the {report['precision']} TensorRT engine of {component!r} ({engine_file}) misses the "
+            f"{report['precision']} parity policy against {report['reference']} on ONNX Runtime CPU: "
+            f"{'; '.join(lines)}. Nothing was written. Build --precision fp32 (or fp16 if this was int8), or "
+            "pass --no-parity-gate to add it anyway (recorded in the manifest)")
+
+
+def parity_summary(report: dict[str, Any]) -> str:
+    """One line: the verdict, the reference, and each output's deciding metric."""
+    parts = []
+    for out, m in report["outputs"].items():
+        if "id_agreement" in m:
+            parts.append(f"{out} ids agree {m['id_agreement']:.4f}")
+        elif "mask_iou" in m:
+            parts.append(f"{out} mask IoU {m['mask_iou']:.4f}")
+        else:
+            parts.append(f"{out} cosine {m['cosine']:.6f}, max abs {m['max_abs']:.3g}")
+    verdict = "passed" if report["passed"] else "FAILED (added with --no-parity-gate)"
+    return f"{verdict} {report['precision']} policy vs {report['reference']} (ONNX Runtime CPU): {'; '.join(parts)}"
