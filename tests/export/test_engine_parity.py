@@ -157,3 +157,6 @@ def test_build_engine_gates_on_parity(tmp_path, monkeypatch, capsys):
     assert engine.info["parity"] == {"passed": True, "reference": "double.onnx"}
     assert engine.info["builder_flags"] == ["no TF32"] and trt.log["configs"][-1].cleared == ["TF32"]
     assert m.parity["double.tensorrt.fp32"]["inputs"] == {"x": [2, 3]}  # the profile's opt shape
+    main(["inspect", str(bundle)])
+    line = next(x for x in capsys.readouterr().out.splitlines() if "double.tensorrt.fp32.y" in x)
+    assert "PASS  cos 1.0000000  max abs 0.00e+00" in line and line.endswith("vs double.onnx")
