@@ -200,16 +200,13 @@ def qdq_from_onnx(src: str | Path, twin: str | Path, dst: str | Path, items: lis
 def _sam_mask_iou(predictor: Any, image: np.ndarray, fp32: np.ndarray, int8: np.ndarray) -> float:
     """IoU of the masks of a grid of single-point prompts decoded from the fp32 and from the int8 image
     embedding by ``predictor`` (the bundle's fp32 prompt encoder and decoder)."""
-    from edgefm.runtime.sam.transforms import resized_shape
-
     h, w = image.shape[:2]
-    predictor.original_size, predictor.input_size = (h, w), resized_shape(h, w, predictor.image_size)
     xs, ys = np.meshgrid((np.arange(_SAM_GRID) + 0.5) * w / _SAM_GRID, (np.arange(_SAM_GRID) + 0.5) * h / _SAM_GRID)
     coords = np.stack([xs.ravel(), ys.ravel()], 1)[:, None].astype(np.float32)
     labels = np.ones(coords.shape[:2], np.float32)
     masks = []
     for embedding in (fp32, int8):
-        predictor.features = embedding
+        predictor.set_image_embedding(embedding, (h, w))
         masks.append(predictor.predict_batch(coords, labels, multimask_output=False)[0])
     return mask_iou(*masks)
 

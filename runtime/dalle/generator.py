@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 
+from ..backends import Runner
 from ..bundle import Bundle
 from ..errors import BundleError, InputError
 from ..sam.transforms import as_rgb_uint8
@@ -201,8 +202,13 @@ class DvaeCodec:
         self.image_size = int(pre["image_size"])
         self.grid = int(self.bundle.config["image_grid"])
         self.interpolation = _INTERPOLATION.get(str(pre.get("interpolation", "lanczos")), cv2.INTER_LANCZOS4)
-        self.decoder = self.bundle.runner(DVAE_DECODER)
-        self.batch_limit = self.decoder.spec.dims["batch"].max
+        self.batch_limit = self.bundle.spec(DVAE_DECODER).dims["batch"].max
+
+    @property
+    def decoder(self) -> Runner:
+        """The dVAE decoder's runner, opened by the first ``decode``: a codec that only encodes (``edgefm
+        quantize`` calibrating the decoder on the encoder's codes) never loads it."""
+        return self.bundle.runner(DVAE_DECODER)
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
         """One picture (HWC uint8 RGB, any size) -> ``image_size``² HWC uint8: shortest side, center crop."""

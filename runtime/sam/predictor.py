@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from ..backends import Runner
 from ..backends.onnxruntime import _CapturedGraph, recent_graph, shapes_key
 from ..bundle import Bundle
 from ..errors import InputError
@@ -50,13 +51,12 @@ class SamPredictor:
         self.image_size = int(pre["image_size"])
         self.mean, self.std = pre["mean"], pre["std"]
         self.mask_threshold = float(self.bundle.config.get("mask_threshold", 0.0))
-        self.encoder = self.bundle.runner(IMAGE_ENCODER)
         self.prompt_encoder = self.bundle.runner(PROMPT_ENCODER)
         self.decoder = self.bundle.runner(MASK_DECODER)
         self.low_res_size = self.decoder.spec.outputs[1].shape[-1]
-        # ONNX Runtime on a GPU: chain the encoder into the decoder without a host round trip.
-        self._on_device = all(getattr(r, "device", "cpu") == "cuda" and hasattr(r, "run_on_device")
-                              for r in (self.encoder, self.decoder))
+        # ONNX Runtime on a GPU: chain the encoder into the decoder without a host round trip. (One backend
+        # runs every component of a bundle, so the decoder's runner says what the encoder's will be.)
+        self._on_device = getattr(self.decoder, "device", "cpu") == "cuda" and hasattr(self.decoder, "run_on_device")
         if cuda_graphs and not (self._on_device and self.bundle.backend == "ort-cuda"):
             raise InputError(f"cuda_graphs=True replays ONNX Runtime CUDA graphs: it needs backend 'ort-cuda', "
                              f"not {self.bundle.backend!r} (the tensorrt backend captures CUDA graphs by itself)")
@@ -69,6 +69,12 @@ class SamPredictor:
     @property
     def backend(self) -> str:
         return self.bundle.backend
+
+    @property
+    def encoder(self) -> Runner:
+        """The image encoder's runner, opened by the first ``set_image``: a predictor given embeddings with
+        :meth:`set_image_embedding` never loads the encoder's weights (nor needs its file)."""
+        return self.bundle.runner(IMAGE_ENCODER)
 
     def reset_image(self) -> None:
         self.features: np.ndarray | None = None
@@ -108,6 +114,29 @@ class SamPredictor:
             out = self.encoder.run({"image": x})
         self.features = out["image_embeddings"]
         self.original_size, self.input_size = tuple(original_size), tuple(input_size)
+
+    def set_image_embedding(self, embedding: np.ndarray, original_size: tuple[int, int]) -> None:
+        """Prompt against an embedding computed elsewhere: ``get_image_embedding()`` of a predictor on the same
+        bundle (a server running the image encoder, say), for an image of ``original_size`` (H, W) pixels.
+        Only the prompt encoder and the mask decoder run here."""
+        want = self.decoder.spec.concrete_shape(self.decoder.spec.inputs[0])
+        emb = np.asarray(embedding, dtype=np.float32)
+        emb = emb[None] if emb.shape == want[1:] else emb
+        if emb.shape != want:
+            raise InputError(f"embedding has shape {tuple(np.shape(embedding))}, but this bundle's mask decoder "
+                             f"takes {want}: pass get_image_embedding() of a predictor on the same bundle")
+        size = tuple(int(v) for v in original_size)
+        if len(size) != 2 or min(size) < 1:
+            raise InputError(f"original_size must be the image's (H, W) in pixels, got {original_size!r}")
+        if self._graphs:
+            raise InputError("set_image_embedding does not work with cuda_graphs=True: the captured decoder reads "
+                             "the embedding from the captured encoder's buffer; use a predictor without cuda_graphs")
+        if self._on_device:
+            from ..backends.onnxruntime import ort
+
+            emb = ort().OrtValue.ortvalue_from_numpy(np.ascontiguousarray(emb), self.decoder.device, 0)
+        self.features = emb
+        self.original_size, self.input_size = size, resized_shape(*size, self.image_size)
 
     def get_image_embedding(self) -> np.ndarray:
         self._need_image()

@@ -109,3 +109,33 @@ def test_normalize_and_pad_is_the_per_pixel_formula_bit_for_bit(hw):
     want = np.zeros((1, 3, 1024, 1024), np.float32)
     want[0, :, : hw[0], : hw[1]] = ((image.astype(np.float32) - np.float32(mean)) / np.float32(std)).transpose(2, 0, 1)
     assert got.dtype == np.float32 and np.array_equal(got, want)
+
+
+def test_embedding_from_elsewhere(sam_tiny_bundle, tmp_path):
+    """The split deployment: a server encodes, an edge box without the encoder file only prompts."""
+    import shutil
+
+    from edgefm.runtime.errors import BundleError
+    from edgefm.runtime.manifest import read_manifest
+    from edgefm.runtime.sam import SamPredictor
+
+    edge_dir = shutil.copytree(sam_tiny_bundle, tmp_path / "edge")
+    encoders = [c for c in read_manifest(edge_dir).components if c.name == "image_encoder"]
+    for c in encoders:
+        for f in (c.file, *c.extra_files):
+            (edge_dir / f).unlink()
+    server, edge = SamPredictor(sam_tiny_bundle, backend="ort-cpu"), SamPredictor(edge_dir, backend="ort-cpu")
+    img = scene(300, 420, seed=4)
+    server.set_image(img)
+    edge.set_image_embedding(server.get_image_embedding()[0], img.shape[:2])  # (C, E, E) is taken too
+    assert (edge.original_size, edge.input_size) == (server.original_size, server.input_size)
+    prompt = _prompts(300, 420)["box_and_point"]
+    for a, b in zip(server.predict(**prompt), edge.predict(**prompt)):
+        np.testing.assert_array_equal(a, b)
+    assert "image_encoder" not in edge.bundle._runners  # never opened
+    with pytest.raises(BundleError, match=f"{encoders[0].file} is missing from the bundle"):
+        edge.set_image(img)
+    with pytest.raises(InputError, match=r"embedding has shape \(1, 8, 8\), but this bundle's mask decoder takes"):
+        edge.set_image_embedding(np.zeros((1, 8, 8)), (300, 420))
+    with pytest.raises(InputError, match="original_size must be the image's \\(H, W\\)"):
+        edge.set_image_embedding(server.get_image_embedding(), (300, 0))
