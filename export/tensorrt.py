@@ -46,7 +46,7 @@ from edgefm.runtime.manifest import ComponentEntry, Manifest, read_manifest
 from edgefm.runtime.spec import ComponentSpec, DimRange
 
 from .bundle import commit_components, write_atomic
-from .engine_parity import parity_summary
+from .verify import parity_summary
 
 PRECISIONS = ("fp32", "fp16", "int8")
 PARITY_MODES = ("gate", "report", "skip")  # refuse a failing engine / record it / do not run the check
@@ -204,7 +204,7 @@ def pin_normalization_fp32(network: Any, trt: Any) -> int | None:
     (``export/onnx.py`` FP32_OPS), so the accumulation must not follow the I/O type. Returns how many layers
     were pinned, or None where TensorRT has no such control: 11.x removed the property (its bindings have no
     ``compute_precision``) and types every layer from the network, so there the engine's parity check against
-    the fp32 ONNX (``export/engine_parity.py``) is what proves the fp16 LayerNorms hold."""
+    the fp32 ONNX (``export/verify.py``) is what proves the fp16 LayerNorms hold."""
     if not hasattr(trt.INormalizationLayer, "compute_precision"):
         return None
     n = 0
@@ -280,7 +280,7 @@ def build_engine(bundle: str | Path, precision: str = "fp16", workspace: str | i
                  progress: Any = None, parity: str = "gate", threads: int | None = None) -> list[ComponentEntry]:
     """Build one engine per component of ``bundle`` and add them to its manifest; returns the new entries.
 
-    Each engine is run once against the bundle's ONNX on ONNX Runtime's CPU (``export/engine_parity.py``)
+    Each engine is run once against the bundle's ONNX on ONNX Runtime's CPU (``export/verify.py``)
     before anything is written: ``parity="gate"`` refuses an engine that misses its precision's policy,
     ``"report"`` records the result either way, ``"skip"`` does not run the check. Engines already in the
     bundle for the same component and precision are replaced. Nothing in the bundle changes unless every
@@ -341,7 +341,7 @@ def build_engine(bundle: str | Path, precision: str = "fp16", workspace: str | i
             entry = ComponentEntry(src.name, f"{src.name}.{step.precision}.{digest[:8]}.engine", digest,
                                    "tensorrt", step.precision, engine_spec(src.spec, overrides), info=info)
             if parity != "skip":
-                from .engine_parity import ParityInputs, check_engine_file, failure_message
+                from .verify import ParityInputs, check_engine_file, failure_message
 
                 inputs = inputs or ParityInputs(folder, manifest, threads=threads)
                 report = check_engine_file(tmp, entry, folder, manifest, src, inputs, threads, progress)
@@ -392,4 +392,5 @@ def cmd_build_engine(args: argparse.Namespace) -> None:
         print(f"wrote {Path(args.bundle) / e.file}  ({e.precision}, TensorRT {e.info['tensorrt_version']}, "
               f"{e.info['gpu']} sm {e.info['compute_capability']}; {ranges or 'static shapes'})")
         report = reports.get(f"{e.name}.tensorrt.{e.precision}")
-        print(f"  parity: {parity_summary(report) if report and parity != 'skip' else 'not checked (--skip-parity)'}")
+        said = parity_summary(report, "FAILED (added with --no-parity-gate)") if report else "not checked"
+        print(f"  parity: {said}")

@@ -1,19 +1,23 @@
-"""Parity of a freshly built TensorRT engine against the bundle's ONNX on ONNX Runtime, before it is added.
+"""Parity of what a backend runs against the bundle's ONNX on ONNX Runtime's CPU: engines as they are built,
+and any bundle on any backend with ``edgefm verify``.
 
-What Polygraphy's ``run --trt --onnxrt`` checks, on edgefm's terms. ``build-engine`` runs every new engine
-once on seeded inputs at its profile's opt shapes and compares the outputs with ONNX Runtime's CPU run of the
-reference ONNX, under the parity policy of the engine's precision (``export/parity.py``, DESIGN.md):
+What Polygraphy's ``run --trt --onnxrt`` checks, on edgefm's terms. Each component runs once on seeded inputs
+at its profile's opt shapes; its outputs are compared with ONNX Runtime's CPU run of the reference ONNX, under
+the parity policy of the component's precision (``export/parity.py``, DESIGN.md):
 
-- fp32 and fp16 engines are judged against the component's fp32 ONNX, which export gated against PyTorch, so
-  the chain engine -> fp32 ONNX -> PyTorch holds. A bundle exported without fp32 falls back to the engine's
-  own source ONNX.
-- int8 engines are judged against their own Q/DQ source: ``edgefm quantize`` already gated that graph against
-  fp32 on held-out images; this check proves TensorRT runs that graph.
+- fp32, fp16 and mixed components (ONNX or engines) are judged against the component's fp32 ONNX, which export
+  gated against PyTorch, so the chain -> fp32 ONNX -> PyTorch holds. A bundle exported without fp32 falls
+  back to the component's own ONNX (an engine's: its source).
+- int8 components are judged against their int8 ONNX (an engine's: its Q/DQ source): export or ``edgefm
+  quantize`` already gated that graph against fp32 (quantize on held-out images, where noise would not do);
+  this check proves the backend runs that graph.
 
-The inputs need no PyTorch and no images: normalized-pixel noise for images, points inside the image for SAM
-prompts, real tokenizer ids for CLIP text, ids inside the vocabularies for DALL·E. Inputs that another
-component produces (SAM's image and prompt embeddings, the DALL·E prior's KV cache) come from running that
-component's reference ONNX first, as the runtime chains them. Mask logits are judged by the IoU of their
+``build-engine`` checks every engine before adding it (``check_engine_file``); ``edgefm verify BUNDLE
+--backend B`` checks the components a backend would run (``verify_bundle``), e.g. ort-cuda's fp16 on the
+target GPU. The inputs need no PyTorch and no images: normalized-pixel noise for images, points inside the
+image for SAM prompts, real tokenizer ids for CLIP text, ids inside the vocabularies for DALL·E. Inputs that
+another component produces (SAM's image and prompt embeddings, the DALL·E prior's KV cache) come from running
+that component's reference ONNX first, as the runtime chains them. Mask logits are judged by the IoU of their
 thresholded masks, token ids by their agreement, like export's reports.
 """
 
@@ -36,8 +40,16 @@ PROMPTS = ("a photo of a cat", "a red circle and a blue square on a white table"
 POINT_LABELS = (1.0, 0.0, 2.0, 3.0, -1.0)
 
 
-def reference_entry(manifest: Manifest, source: ComponentEntry) -> ComponentEntry:
-    """The ONNX an engine built from ``source`` is judged against (see the module docstring)."""
+def reference_entry(manifest: Manifest, entry: ComponentEntry) -> ComponentEntry:
+    """The ONNX ``entry`` (an ONNX component, or an engine: then its source) is judged against (see the module
+    docstring)."""
+    source = entry
+    if entry.format != "onnx":
+        found = [c for c in manifest.find(entry.name, format="onnx") if c.file == entry.info.get("source")]
+        if not found:
+            raise ParityError(f"{entry.file}: its source ONNX {entry.info.get('source')!r} is no longer in the "
+                              "bundle, so there is nothing to check it against; rebuild the engine")
+        source = found[0]
     if source.precision == "int8":
         return source
     fp32 = manifest.find(source.name, format="onnx", precision="fp32")
@@ -125,11 +137,11 @@ def judge(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], precision: str
     return report
 
 
-def check_engine(engine: Any, folder: str | Path, manifest: Manifest, source: ComponentEntry, precision: str,
+def check_runner(runner: Any, folder: str | Path, manifest: Manifest, source: ComponentEntry, precision: str,
                  spec: ComponentSpec, inputs: ParityInputs | None = None, threads: int | None = None
                  ) -> dict[str, Any]:
-    """Run ``engine`` (any runner: ``run(dict) -> dict``) and the reference ONNX of ``source`` on the same
-    inputs at ``spec``'s opt shapes; returns the report (``passed``, metrics per output, what was compared)."""
+    """Run ``runner`` (any: ``run(dict) -> dict``) and the reference ONNX of ``source`` on the same inputs at
+    ``spec``'s opt shapes; returns the report (``passed``, metrics per output, what was compared)."""
     from edgefm.runtime.backends.onnxruntime import OrtRunner
 
     folder = Path(folder)
@@ -137,7 +149,7 @@ def check_engine(engine: Any, folder: str | Path, manifest: Manifest, source: Co
     ref_entry = reference_entry(manifest, source)
     feeds = inputs.feeds(spec)
     ref = OrtRunner(folder / ref_entry.file, ref_entry.spec, "ort-cpu", threads=threads).run(feeds)
-    got = engine.run(feeds)
+    got = runner.run(feeds)
     report = judge(ref, got, precision, spec, float(manifest.config.get("mask_threshold", 0.0)))
     report.update(reference=ref_entry.file, reference_backend="onnxruntime CPU",
                   inputs={k: list(v.shape) for k, v in feeds.items()})
@@ -146,7 +158,7 @@ def check_engine(engine: Any, folder: str | Path, manifest: Manifest, source: Co
 
 def check_engine_file(path: Path, entry: ComponentEntry, folder: Path, manifest: Manifest, source: ComponentEntry,
                       inputs: ParityInputs, threads: int | None = None, progress: Any = None) -> dict[str, Any]:
-    """Deserialize the engine file ``path`` just built for ``entry`` and judge it with :func:`check_engine`."""
+    """Deserialize the engine file ``path`` just built for ``entry`` and judge it with :func:`check_runner`."""
     from edgefm.runtime.backends.tensorrt import TensorRTRunner
 
     if progress:
@@ -154,7 +166,7 @@ def check_engine_file(path: Path, entry: ComponentEntry, folder: Path, manifest:
                  f"{reference_entry(manifest, source).file} on ONNX Runtime CPU")
     runner = TensorRTRunner(path, entry, cuda_graphs=False)
     try:
-        return check_engine(runner, folder, manifest, source, entry.precision, entry.spec, inputs, threads)
+        return check_runner(runner, folder, manifest, source, entry.precision, entry.spec, inputs, threads)
     finally:
         runner.close()
 
@@ -167,7 +179,7 @@ def failure_message(component: str, engine_file: str, report: dict[str, Any]) ->
             "pass --no-parity-gate to add it anyway (recorded in the manifest)")
 
 
-def parity_summary(report: dict[str, Any]) -> str:
+def parity_summary(report: dict[str, Any], failed: str = "FAILED") -> str:
     """One line: the verdict, the reference, and each output's deciding metric."""
     parts = []
     for out, m in report["outputs"].items():
@@ -177,5 +189,70 @@ def parity_summary(report: dict[str, Any]) -> str:
             parts.append(f"{out} mask IoU {m['mask_iou']:.4f}")
         else:
             parts.append(f"{out} cosine {m['cosine']:.6f}, max abs {m['max_abs']:.3g}")
-    verdict = "passed" if report["passed"] else "FAILED (added with --no-parity-gate)"
+    verdict = "passed" if report["passed"] else failed
     return f"{verdict} {report['precision']} policy vs {report['reference']} (ONNX Runtime CPU): {'; '.join(parts)}"
+
+
+def verify_bundle(bundle: str | Path, backend: str = "auto", precision: str | None = None,
+                  components: list[str] | None = None, threads: int | None = None, progress: Any = None
+                  ) -> dict[str, Any]:
+    """Check every component (or ``components``) of ``bundle`` as ``backend`` runs it (the file
+    :class:`~edgefm.runtime.bundle.Bundle` picks, ``precision`` as there) against its reference ONNX on ONNX
+    Runtime's CPU. Returns ``{"backend", "passed", "components": {name: report}}``; a component whose file
+    *is* the reference on ort-cpu is reported as skipped."""
+    from edgefm.runtime.bundle import Bundle
+    from edgefm.runtime.errors import InputError
+
+    b = Bundle(bundle, backend, threads=threads, precision=precision)
+    names = components or b.manifest.component_names
+    unknown = [n for n in names if n not in b.manifest.component_names]
+    if unknown:
+        raise InputError(f"--component {unknown} not in {b.path}; it has {b.manifest.component_names}")
+    inputs = ParityInputs(b.path, b.manifest, threads=threads)
+    results: dict[str, Any] = {}
+    for name in names:
+        entry = b.entry(name)
+        ref = reference_entry(b.manifest, entry)
+        if b.backend == "ort-cpu" and entry.file == ref.file:
+            results[name] = {"file": entry.file, "precision": entry.precision, "passed": True,
+                             "skipped": "it is the reference itself (ONNX Runtime CPU)"}
+            continue
+        if progress:
+            progress(f"verifying {name}: {entry.file} on {b.backend} against {ref.file} on ONNX Runtime CPU")
+        report = check_runner(b.runner(name), b.path, b.manifest, entry, entry.precision, entry.spec, inputs, threads)
+        results[name] = {"file": entry.file, **report}
+    return {"bundle": str(b.path), "backend": b.backend, "components": results,
+            "passed": all(r["passed"] for r in results.values())}
+
+
+def add_verify_parser(sub: Any) -> Any:
+    """Register ``edgefm verify`` on an argparse subparsers object."""
+    from edgefm.runtime.manifest import add_precision_arg
+
+    p = sub.add_parser("verify", help="check what a backend runs against the bundle's fp32 ONNX on ONNX Runtime CPU")
+    p.add_argument("bundle")
+    p.add_argument("--backend", default="auto", help="auto | ort-cpu | ort-cuda | ort-trt | tensorrt")
+    p.add_argument("--component", action="append", default=None, help="check only this component (repeatable)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime")
+    p.add_argument("--json", default=None, help="write the reports to this JSON file")
+    add_precision_arg(p)
+    p.set_defaults(func=cmd_verify)
+    return p
+
+
+def cmd_verify(args: Any) -> None:
+    import json
+    import sys
+
+    result = verify_bundle(args.bundle, args.backend, args.precision, args.component, args.threads,
+                           progress=lambda m: print(f"edgefm: {m}", file=sys.stderr, flush=True))
+    print(f"{result['bundle']} on {result['backend']}:")
+    for name, r in result["components"].items():
+        line = f"skipped: {r['skipped']}" if "skipped" in r else parity_summary(r)
+        print(f"  {name:<16} {r['file']} ({r['precision']})  {line}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    failed = [n for n, r in result["components"].items() if not r["passed"]]
+    if failed:
+        raise ParityError(f"{len(failed)} of {len(result['components'])} component(s) miss their parity policy on "
+                          f"{result['backend']}: {', '.join(failed)}")

@@ -14,8 +14,8 @@ pytest.importorskip("onnx", reason="the parity check's tests export bundles (edg
 
 import onnx  # noqa: E402
 from edgefm.export import tensorrt as ext  # noqa: E402
-from edgefm.export.engine_parity import PROMPTS, ParityInputs, check_engine, failure_message, judge  # noqa: E402
 from edgefm.export.onnx import fp16_from_onnx  # noqa: E402
+from edgefm.export.verify import PROMPTS, ParityInputs, check_runner, failure_message, judge  # noqa: E402
 from edgefm.runtime.backends.onnxruntime import OrtRunner  # noqa: E402
 from edgefm.runtime.bundle import sha256_file  # noqa: E402
 from edgefm.runtime.cli import main  # noqa: E402
@@ -67,12 +67,12 @@ def test_fp16_mask_decoder_passes_and_a_noisy_one_is_refused(sam_tiny_bundle, tm
     fp16_from_onnx(sam_tiny_bundle / fp32.file, tmp_path / "mask_decoder.fp16.onnx")
     half = OrtRunner(tmp_path / "mask_decoder.fp16.onnx", fp32.spec, "ort-cpu", threads=1)
     source = ComponentEntry("mask_decoder", "mask_decoder.fp16.onnx", "0", "onnx", "fp16", fp32.spec)
-    report = check_engine(half, sam_tiny_bundle, m, source, "fp16", fp32.spec, threads=1)
+    report = check_runner(half, sam_tiny_bundle, m, source, "fp16", fp32.spec, threads=1)
     assert report["reference"] == fp32.file and report["passed"], report
     masks, scores = report["outputs"]["low_res_masks"], report["outputs"]["iou_predictions"]
     assert masks["mask_iou"] >= 0.99 and scores["cosine"] >= 0.999
     assert report["inputs"] == {k: list(v) for k, v in fp32.spec.profile("opt").items()}
-    bad = check_engine(Noisy(half, 0.5), sam_tiny_bundle, m, source, "fp16", fp32.spec, threads=1)
+    bad = check_runner(Noisy(half, 0.5), sam_tiny_bundle, m, source, "fp16", fp32.spec, threads=1)
     assert not bad["passed"] and bad["outputs"]["iou_predictions"]["cosine"] < 0.999
     text = failure_message("mask_decoder", "mask_decoder.fp16.onnx", {**bad})
     assert text.startswith("the fp16 TensorRT engine of 'mask_decoder' (mask_decoder.fp16.onnx) misses the fp16 "
@@ -160,3 +160,53 @@ def test_build_engine_gates_on_parity(tmp_path, monkeypatch, capsys):
     main(["inspect", str(bundle)])
     line = next(x for x in capsys.readouterr().out.splitlines() if "double.tensorrt.fp32.y" in x)
     assert "PASS  cos 1.0000000  max abs 0.00e+00" in line and line.endswith("vs double.onnx")
+
+
+# --- edgefm verify: any bundle on any backend ---------------------------------------------------------------------
+
+
+def test_verify_a_bundle_on_a_backend(sam_tiny_bundle, tmp_path, capsys):
+    import json
+    import shutil
+
+    from edgefm.export.bundle import commit_components
+
+    folder = shutil.copytree(sam_tiny_bundle, tmp_path / "b")
+    m = read_manifest(folder)
+
+    def add_fp16(tamper: str | None = None) -> None:
+        entries, files = [], {}
+        for c in [c for c in m.components if c.precision == "fp32"]:
+            dst = tmp_path / f"{c.name}.fp16.onnx"
+            fp16_from_onnx(folder / c.file, dst)
+            if c.name == tamper:  # a decoder whose MatMul weights went wrong (30 % noise), as a bad build might
+                model, rng = onnx.load(str(dst)), np.random.default_rng(0)
+                for w in [w for w in model.graph.initializer if "MatMul" in w.name]:
+                    a = onnx.numpy_helper.to_array(w)
+                    a = a + (0.3 * a.std() * rng.standard_normal(a.shape)).astype(a.dtype)
+                    w.CopyFrom(onnx.numpy_helper.from_array(a, w.name))
+                onnx.save(model, str(dst))
+            entries.append(ComponentEntry(c.name, dst.name, sha256_file(dst), "onnx", "fp16", c.spec))
+            files[dst.name] = dst
+        commit_components(folder, m, entries, files)
+
+    add_fp16()
+    report = tmp_path / "verify.json"
+    assert main(["verify", str(folder), "--backend", "ort-cpu", "--precision", "fp16", "--threads", "1",
+                 "--json", str(report)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"{folder} on ort-cpu:" and len(out) == 4
+    assert out[1].startswith("  image_encoder    image_encoder.fp16.onnx (fp16)  passed fp16 policy vs image_encoder")
+    result = json.loads(report.read_text())
+    dec = result["components"]["mask_decoder"]
+    assert result["passed"] and dec["reference"] == m.find("mask_decoder", precision="fp32")[0].file
+    assert dec["outputs"]["low_res_masks"]["mask_iou"] >= 0.99 and dec["outputs"]["iou_predictions"]["cosine"] > 0.999
+    # Without --precision the CPU runs the fp32 files, which are the references: nothing to compare.
+    assert main(["verify", str(folder), "--backend", "ort-cpu"]) == 0
+    assert capsys.readouterr().out.count("skipped: it is the reference itself (ONNX Runtime CPU)") == 3
+    add_fp16(tamper="mask_decoder")
+    assert main(["verify", str(folder), "--backend", "ort-cpu", "--precision", "fp16", "--threads", "1"]) == 2
+    captured = capsys.readouterr()
+    assert "  mask_decoder     mask_decoder.fp16.onnx (fp16)  FAILED fp16 policy" in captured.out
+    assert ("edgefm verify: error: 1 of 3 component(s) miss their parity policy on ort-cpu: mask_decoder"
+            in captured.err)
