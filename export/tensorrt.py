@@ -340,6 +340,7 @@ def build_engine(bundle: str | Path, precision: str = "fp16", workspace: str | i
             }
             entry = ComponentEntry(src.name, f"{src.name}.{step.precision}.{digest[:8]}.engine", digest,
                                    "tensorrt", step.precision, engine_spec(src.spec, overrides), info=info)
+            info["parity"] = {"checked": False}
             if parity != "skip":
                 from .verify import ParityInputs, check_engine_file, failure_message
 
@@ -347,7 +348,7 @@ def build_engine(bundle: str | Path, precision: str = "fp16", workspace: str | i
                 report = check_engine_file(tmp, entry, folder, manifest, src, inputs, threads, progress)
                 report["gate"] = parity == "gate"
                 reports[f"{src.name}.tensorrt.{step.precision}"] = report
-                info["parity"] = {"passed": report["passed"], "reference": report["reference"]}
+                info["parity"] = {"checked": True, "passed": report["passed"], "reference": report["reference"]}
                 if not report["passed"] and parity == "gate":
                     raise ParityError(failure_message(src.name, src.file, report))
             files[entry.file] = tmp

@@ -171,9 +171,9 @@ def check_engine_file(path: Path, entry: ComponentEntry, folder: Path, manifest:
         runner.close()
 
 
-def failure_message(component: str, engine_file: str, report: dict[str, Any]) -> str:
+def failure_message(component: str, source_file: str, report: dict[str, Any]) -> str:
     lines = [f"{out}: {', '.join(m['failures'])}" for out, m in report["outputs"].items() if not m["passed"]]
-    return (f"the {report['precision']} TensorRT engine of {component!r} ({engine_file}) misses the "
+    return (f"the {report['precision']} TensorRT engine of {component!r} (built from {source_file}) misses the "
             f"{report['precision']} parity policy against {report['reference']} on ONNX Runtime CPU: "
             f"{'; '.join(lines)}. Nothing was written. Build --precision fp32 (or fp16 if this was int8), or "
             "pass --no-parity-gate to add it anyway (recorded in the manifest)")

@@ -75,7 +75,8 @@ def test_fp16_mask_decoder_passes_and_a_noisy_one_is_refused(sam_tiny_bundle, tm
     bad = check_runner(Noisy(half, 0.5), sam_tiny_bundle, m, source, "fp16", fp32.spec, threads=1)
     assert not bad["passed"] and bad["outputs"]["iou_predictions"]["cosine"] < 0.999
     text = failure_message("mask_decoder", "mask_decoder.fp16.onnx", {**bad})
-    assert text.startswith("the fp16 TensorRT engine of 'mask_decoder' (mask_decoder.fp16.onnx) misses the fp16 "
+    assert text.startswith("the fp16 TensorRT engine of 'mask_decoder' (built from mask_decoder.fp16.onnx) misses "
+                           "the fp16 "
                            f"parity policy against {fp32.file} on ONNX Runtime CPU: ")
     assert "iou_predictions: cosine 0." in text and "pass --no-parity-gate" in text
 
@@ -141,8 +142,8 @@ def test_build_engine_gates_on_parity(tmp_path, monkeypatch, capsys):
     bundle = _double_bundle(tmp_path / "b")
     trt.engine_factor = 2.01  # cosine 1, but off by 0.5 %: the fp32 policy's max-abs bound refuses it
     before = snapshot(bundle)
-    with pytest.raises(ParityError, match=r"the fp32 TensorRT engine of 'double' \(double.onnx\) misses the fp32 "
-                                          r"parity policy against double.onnx on ONNX Runtime CPU: y: max abs"):
+    with pytest.raises(ParityError, match=r"the fp32 TensorRT engine of 'double' \(built from double.onnx\) misses "
+                                          r"the fp32 parity policy against double.onnx on ONNX Runtime CPU: y: max"):
         ext.build_engine(bundle, "fp32")
     assert snapshot(bundle) == before
     ext.build_engine(bundle, "fp32", parity="report")  # --no-parity-gate: added, and recorded as failed
@@ -154,7 +155,7 @@ def test_build_engine_gates_on_parity(tmp_path, monkeypatch, capsys):
     assert "  parity: passed fp32 policy vs double.onnx (ONNX Runtime CPU): y cosine 1.000000, max abs 0" in out
     m = read_manifest(bundle)
     (engine,) = m.find("double", format="tensorrt")
-    assert engine.info["parity"] == {"passed": True, "reference": "double.onnx"}
+    assert engine.info["parity"] == {"checked": True, "passed": True, "reference": "double.onnx"}
     assert engine.info["builder_flags"] == ["no TF32"] and trt.log["configs"][-1].cleared == ["TF32"]
     assert m.parity["double.tensorrt.fp32"]["inputs"] == {"x": [2, 3]}  # the profile's opt shape
     main(["inspect", str(bundle)])
