@@ -45,3 +45,22 @@ sys.exit(code)
     assert r.returncode == 2
     assert "pip install 'edgefm[export]'" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "b").exists()
+
+
+def test_verify_without_torch(sam_tiny_bundle):
+    """The engine/backend check runs where engines run: numpy and ONNX Runtime, no torch (the decoder's inputs
+    come from running the encoder and prompt encoder first)."""
+    r = _run(BLOCK_TORCH + f"""
+from pathlib import Path
+from edgefm.export.verify import check_runner
+from edgefm.runtime.backends.onnxruntime import OrtRunner
+from edgefm.runtime.manifest import read_manifest
+folder = Path({str(sam_tiny_bundle)!r})
+m = read_manifest(folder)
+e = m.find("mask_decoder", format="onnx")[0]
+rep = check_runner(OrtRunner(folder / e.file, e.spec, "ort-cpu"), folder, m, e, "fp32", e.spec)
+print(rep["passed"], rep["outputs"]["low_res_masks"]["mask_iou"], rep["reference"])
+print("torch loaded:", "torch" in sys.modules)
+""")
+    assert r.returncode == 0, r.stderr
+    assert "True 1.0 mask_decoder.onnx" in r.stdout and "torch loaded: False" in r.stdout
