@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = {"env", "models", "export", "gpu_parity", "bench", "kernel_profile", "sam_predictor",
-            "camera_1280x720", "dalle_generate", "edgefm_bench"}
+            "camera_1280x720", "dalle_generate", "edgefm_bench", "edgefm_verify"}
 
 
 @pytest.mark.slow
@@ -33,3 +33,10 @@ def test_gpu_check_smoke_run_has_every_section_and_no_error(tmp_path):
     impls = {(r["component"], r["impl"], r["precision"]) for r in res["rows"]}
     assert ("sam.prompt_to_masks", "onnxruntime ort-cpu captured graphs, chained", "fused_fp16") in impls
     assert "Where the time goes" in (out / "gpu_check.md").read_text()
+    # On ort-cpu each single-precision bundle's files are their own references: verify says so, per component.
+    verify = res["sections"]["edgefm_verify"]
+    assert set(verify["sam.fp16"]["components"]) == {"image_encoder", "prompt_encoder", "mask_decoder"}
+    assert {line for v in verify.values() if isinstance(v, dict) and "components" in v
+            for line in v["components"].values()} == {"it is the reference itself (ONNX Runtime CPU)"}
+    report = (out / "gpu_check.md").read_text()
+    assert "| sam.fp16 | mask_decoder | it is the reference itself (ONNX Runtime CPU) |" in report

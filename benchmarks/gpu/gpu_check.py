@@ -12,7 +12,9 @@ On the GPU machine, with that machine's PyTorch, it
    prompt -> low-res masks (prompt encoder + mask decoder chained on the device);
 4. runs the runtime as a user would: ``SamPredictor`` on ort-cuda (the image embedding stays on the device)
    checked against the CPU predictor, and ``edgefm bench`` on ort-cuda (JSON + PNG);
-5. runs ``edgefm camera``'s pipeline at 1280x720 (segment, track with SAM ViT-B; classify with CLIP ViT-B/32).
+5. runs ``edgefm camera``'s pipeline at 1280x720 (segment, track with SAM ViT-B; classify with CLIP ViT-B/32);
+6. last, if time is left: ``edgefm verify`` of the fp32 and fp16 bundles on the GPU backend (each component
+   against ONNX Runtime's CPU run of its reference ONNX).
 
 Every section is independent: a failure is recorded with its traceback and the run goes on. Results are
 rewritten after each section (``gpu_check.json`` and ``gpu_check.md`` in ``--out``), so a run cut short
@@ -43,7 +45,13 @@ from common import machine, versions  # noqa: E402
 from gpu_profile import section_kernel_profile  # noqa: E402
 from gpu_run import Run  # noqa: E402
 from gpu_sections_bench import component_runner, section_bench, torch_graphs  # noqa: E402
-from gpu_sections_runtime import section_camera, section_cli_bench, section_dalle_generate, section_predictor  # noqa: E402
+from gpu_sections_runtime import (  # noqa: E402
+    section_camera,
+    section_cli_bench,
+    section_dalle_generate,
+    section_predictor,
+    section_verify,
+)
 
 DISTS = ("torch", "onnxruntime-gpu", "onnxruntime", "onnx", "numpy", "opencv-python-headless", "edgefm")
 
@@ -249,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                 min_left_s=40)
     run.section("dalle_generate", lambda: section_dalle_generate(run, work, backend), min_left_s=30)
     run.section("edgefm_bench", lambda: section_cli_bench(run, bundles, backend), min_left_s=40)
+    run.section("edgefm_verify", lambda: section_verify(run, bundles, backend), min_left_s=60)
     run.log(f"done; errors in: {list(run.results['errors'])}")
     return 0
 

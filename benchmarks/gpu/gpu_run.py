@@ -120,6 +120,13 @@ def markdown(res: dict[str, Any]) -> str:
             if isinstance(p, dict) and "wall_ms" in p:
                 top = "; ".join(f"{t['kernel'][:48]} ({t['share']})" for t in p["top"][:3])
                 lines.append(f"| {key} | {p['wall_ms']} | {p['busy_ms']} | {p['launches']} | {top} |")
+    ver = res.get("sections", {}).get("edgefm_verify", {})
+    if any(isinstance(v, dict) and "components" in v for v in ver.values()):
+        lines += ["", f"## `edgefm verify` on {env.get('backend')} (vs ONNX Runtime CPU)", "",
+                  "| bundle | component | result |", "|---|---|---|"]
+        for key, v in ver.items():
+            for name, line in (v.get("components", {}) if isinstance(v, dict) else {}).items():
+                lines.append(f"| {key} | {name} | {line} |")
     if res.get("errors"):
         lines += ["", "## Errors", ""]
         lines += [f"- {k}: {v.strip().splitlines()[-1][:300]}" for k, v in res["errors"].items()]

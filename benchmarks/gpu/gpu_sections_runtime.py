@@ -123,3 +123,20 @@ def section_dalle_generate(run: Run, work: Path, backend: str) -> None:
     for n in (1, 8):
         run.row(f"dalle.generate n={n} (shapes, 8x8 grid)", f"DalleGenerator {backend}", "fp32",
                 time_fn(lambda n=n: dev.generate(prompt, n=n, seed=0, top_k=8), 10, 2))
+
+
+def section_verify(run: Run, bundles, backend: str) -> None:
+    """``edgefm verify`` as a user runs it: each component of the fp32 and fp16 bundles on the GPU backend
+    against ONNX Runtime's CPU run of the same bundle's reference ONNX."""
+    from edgefm.export.verify import parity_summary, verify_bundle
+
+    out = run.results["sections"].setdefault("edgefm_verify", {})
+    for family, kinds in bundles.items():
+        for kind in ("fp32", "fp16"):
+            if kind not in kinds:
+                continue
+            result = verify_bundle(kinds[kind], backend)
+            lines = {n: r.get("skipped") or parity_summary(r) for n, r in result["components"].items()}
+            out[f"{family}.{kind}"] = {"passed": result["passed"], "components": lines}
+            for n, line in lines.items():
+                run.log(f"   verify {family}.{kind}.{n}: {line}")
