@@ -120,7 +120,8 @@ class ParityInputs:
         if t.dtype == "float32":  # an input with no known meaning and no producer: unit noise
             return np.random.default_rng(self.seed).normal(0.0, 1.0, shape).astype(np.float32)
         raise ParityError(f"no parity input is known for {consumer}'s {t.dtype} input {t.name!r}, and no "
-                          f"component of {self.folder} produces it; build with --skip-parity")
+                          f"component of {self.folder} produces it, so it cannot be checked (build-engine "
+                          "--skip-parity builds it unchecked)")
 
 
 def judge(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], precision: str, spec: ComponentSpec,
