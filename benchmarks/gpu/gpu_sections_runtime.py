@@ -84,14 +84,16 @@ def section_camera(run: Run, bundles, backend: str, seconds: float) -> None:
         cv2.circle(img, (int(320 + 640 * abs(np.sin(np.pi * i / 90))), 360), 140, (220, 30, 30), -1)
         frames.append(img)
     out = run.results["sections"].setdefault("camera_1280x720", {})
-    for task_name in ("classify", "segment", "track"):
+    # "+graphs": `edgefm camera --cuda-graph`, SamPredictor's captured encoder and prompt -> masks chain.
+    names = ("classify", "segment", "track") + (("segment+graphs",) if backend == "ort-cuda" else ())
+    for task_name in names:
         if task_name == "classify":
             task = ClassifyTask(ClipModel(bundles["clip"]["fp16"], backend=backend),
                                 ["red circle", "blue square", "green triangle"], templates="simple")
         else:
-            pred = SamPredictor(bundles["sam"]["fp16"], backend=backend)
-            task = (SegmentTask(pred, box=np.array([150, 200, 500, 520], np.float32)) if task_name == "segment"
-                    else TrackTask(pred, point=np.array([[320, 360]], np.float32)))
+            pred = SamPredictor(bundles["sam"]["fp16"], backend=backend, cuda_graphs=task_name.endswith("+graphs"))
+            task = (SegmentTask(pred, box=np.array([150, 200, 500, 520], np.float32))
+                    if task_name.startswith("segment") else TrackTask(pred, point=np.array([[320, 360]], np.float32)))
         for _ in range(3):
             task.infer(Frame(0, time.monotonic(), frames[0]), task.preprocess(frames[0]))
         if task_name == "track":

@@ -59,6 +59,10 @@ def build_task(args: argparse.Namespace, bundles: dict[str, Path]) -> Any:
     if args.task == "classify":
         from ..clip.model import ClipModel
 
+        if args.cuda_graph:
+            raise InputError("--cuda-graph captures SAM's encoder and prompt -> mask chain; --task classify has "
+                             "no such chain (leave --cuda-graph out)")
+
         labels = [lab.strip() for lab in (args.labels or "").split(",") if lab.strip()]
         if not labels:
             raise InputError("--task classify needs --labels, comma-separated, e.g. --labels 'cat,dog,person'")
@@ -70,7 +74,8 @@ def build_task(args: argparse.Namespace, bundles: dict[str, Path]) -> Any:
     box = parse_numbers(args.box, 4, "--box") if args.box else None
     if args.task in ("segment", "track"):
         tasks._check_prompt(points, box, args.task)
-    predictor = SamPredictor(bundles["sam"], backend=args.backend, threads=args.threads, precision=args.precision)
+    predictor = SamPredictor(bundles["sam"], backend=args.backend, threads=args.threads, precision=args.precision,
+                             cuda_graphs=args.cuda_graph)
     if args.task == "segment":
         return tasks.SegmentTask(predictor, points, box)
     if args.task == "track":
@@ -149,4 +154,7 @@ def register(sub: Any) -> None:
     run.add_argument("--backend", default="auto", help="auto, ort-cpu, ort-cuda, ort-trt or tensorrt")
     run.add_argument("--threads", type=int, default=None, help="ONNX Runtime CPU threads")
     add_precision_arg(run)
+    run.add_argument("--cuda-graph", action="store_true",
+                     help="SAM tasks on ort-cuda: each frame's encoder run and its prompt -> masks chain replay "
+                          "captured CUDA graphs (fixed shapes; a second copy of the weights in GPU memory)")
     c.set_defaults(func=cmd_camera)

@@ -248,6 +248,12 @@ def test_wrong_bundle_family_and_missing_prompt_are_clear(sam_tiny_bundle, tmp_p
                         "--point", "500,60", "--jsonl", str(tmp_path / "r.jsonl")])
     with pytest.raises(InputError, match="outside the image"):
         args.func(args)
+    # --cuda-graph: SAM's captured chains, on ort-cuda only (this machine has the CPU provider)
+    args = camera_args([str(sam_tiny_bundle), "--source", str(tmp_path / "v.avi"), "--task", "track",
+                        "--point", "30,30", "--backend", "ort-cpu", "--cuda-graph"])
+    with pytest.raises(InputError, match="cuda_graphs=True replays ONNX Runtime CUDA graphs: it needs backend "
+                                         "'ort-cuda', not 'ort-cpu'"):
+        args.func(args)
 
 
 def test_auto_draws_every_frame_while_masks_come_at_a_lower_rate(sam_tiny_bundle, tmp_path):
@@ -360,3 +366,12 @@ def test_video_sink_rejects_unknown_extension(tmp_path):
 def test_segment_task_needs_prompt_direct():
     with pytest.raises(InputError, match="--point"):
         SegmentTask.__new__(SegmentTask).__init__(type("P", (), {"backend": "x"})(), None, None)
+
+
+def test_cuda_graph_is_for_sam_tasks(demo_clip, tmp_path):
+    moving_shape_video(tmp_path / "v.avi", n=2)
+    args = camera_args([str(demo_clip), "--source", str(tmp_path / "v.avi"), "--task", "classify",
+                        "--labels", "a,b", "--cuda-graph"])
+    with pytest.raises(InputError, match="--cuda-graph captures SAM's encoder and prompt -> mask chain; --task "
+                                         "classify has no such chain"):
+        args.func(args)
