@@ -90,6 +90,8 @@ def _print_manifest(path: Path, brief: bool = False) -> None:
                     print(f"      {kind} {t.name:<20} {t.dtype:<8} {list(t.shape)}")
             if c.spec.dims:
                 print("      dims " + ", ".join(f"{k}=[{r.min}..{r.max}] opt {r.opt}" for k, r in c.spec.dims.items()))
+            if c.format == "tensorrt":
+                print("      " + _engine_line(c.info))
     if m.parity:
         gate = m.parity.get("gate", True)
         print(f"parity vs {m.parity.get('reference', 'PyTorch')} on {m.parity.get('backend', '?')}"
@@ -104,6 +106,17 @@ def _print_manifest(path: Path, brief: bool = False) -> None:
                 iou += f"  vs {rep['reference']}" if isinstance(rep.get("reference"), str) else ""  # engines
                 print(f"  {name + '.' + out:<36} {'PASS' if r['passed'] else 'FAIL'}  cos {r['cosine']:.7f}  "
                       f"max abs {r['max_abs']:.2e} (|ref| {r['ref_max_abs']:.3g}){iou}")
+
+
+def _engine_line(info: dict) -> str:
+    """What an engine was built with and for, and whether build-engine's parity check passed."""
+    parity = info.get("parity", {})
+    checked = ("parity not checked" if not parity.get("checked") else
+               f"parity {'passed' if parity.get('passed') else 'FAILED'} vs {parity.get('reference')}")
+    flags = ", ".join(info.get("builder_flags") or []) or "no flags"
+    return (f"TensorRT {info.get('tensorrt_version')} for {info.get('gpu')} (sm {info.get('compute_capability')}), "
+            f"from {info.get('source')}, {'strongly typed' if info.get('strongly_typed') else 'weakly typed'}, "
+            f"{flags}, built {info.get('built')}; {checked}")
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:

@@ -159,8 +159,13 @@ def test_build_engine_gates_on_parity(tmp_path, monkeypatch, capsys):
     assert engine.info["builder_flags"] == ["no TF32"] and trt.log["configs"][-1].cleared == ["TF32"]
     assert m.parity["double.tensorrt.fp32"]["inputs"] == {"x": [2, 3]}  # the profile's opt shape
     main(["inspect", str(bundle)])
-    line = next(x for x in capsys.readouterr().out.splitlines() if "double.tensorrt.fp32.y" in x)
+    out = capsys.readouterr().out.splitlines()
+    line = next(x for x in out if "double.tensorrt.fp32.y" in x)
     assert "PASS  cos 1.0000000  max abs 0.00e+00" in line and line.endswith("vs double.onnx")
+    engine_line = next(x for x in out if x.strip().startswith("TensorRT 10.13.0.35"))
+    assert engine_line.strip().startswith("TensorRT 10.13.0.35 for NVIDIA H100 80GB HBM3 (sm 9.0), from double.onnx, "
+                                          "strongly typed, no TF32, built ")
+    assert engine_line.endswith("; parity passed vs double.onnx")
 
 
 # --- edgefm verify: any bundle on any backend ---------------------------------------------------------------------
