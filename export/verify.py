@@ -36,6 +36,7 @@ from .parity import compare_outputs, ids_report
 
 # Text inputs of CLIP's text encoder (cycled to the batch).
 PROMPTS = ("a photo of a cat", "a red circle and a blue square on a white table", "a diagram", "two dogs")
+SHAPES = ("opt", "min", "max")  # which end of every dim range a check runs at
 # SAM point labels along the points of a prompt: foreground, background, box corners, padding.
 POINT_LABELS = (1.0, 0.0, 2.0, 3.0, -1.0)
 
@@ -139,16 +140,17 @@ def judge(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], precision: str
 
 
 def check_runner(runner: Any, folder: str | Path, manifest: Manifest, source: ComponentEntry, precision: str,
-                 spec: ComponentSpec, inputs: ParityInputs | None = None, threads: int | None = None
-                 ) -> dict[str, Any]:
+                 spec: ComponentSpec, inputs: ParityInputs | None = None, threads: int | None = None,
+                 shapes: str = "opt") -> dict[str, Any]:
     """Run ``runner`` (any: ``run(dict) -> dict``) and the reference ONNX of ``source`` on the same inputs at
-    ``spec``'s opt shapes; returns the report (``passed``, metrics per output, what was compared)."""
+    ``spec``'s ``shapes`` ("opt", "min" or "max" of every dim range); returns the report (``passed``, metrics
+    per output, what was compared)."""
     from edgefm.runtime.backends.onnxruntime import OrtRunner
 
     folder = Path(folder)
     inputs = inputs or ParityInputs(folder, manifest, threads=threads)
     ref_entry = reference_entry(manifest, source)
-    feeds = inputs.feeds(spec)
+    feeds = inputs.feeds(spec, {k: getattr(r, shapes) for k, r in spec.dims.items()})
     ref = OrtRunner(folder / ref_entry.file, ref_entry.spec, "ort-cpu", threads=threads).run(feeds)
     got = runner.run(feeds)
     report = judge(ref, got, precision, spec, float(manifest.config.get("mask_threshold", 0.0)))
@@ -195,15 +197,20 @@ def parity_summary(report: dict[str, Any], failed: str = "FAILED") -> str:
 
 
 def verify_bundle(bundle: str | Path, backend: str = "auto", precision: str | None = None,
-                  components: list[str] | None = None, threads: int | None = None, progress: Any = None
-                  ) -> dict[str, Any]:
+                  components: list[str] | None = None, threads: int | None = None, progress: Any = None,
+                  shapes: tuple[str, ...] = ("opt",)) -> dict[str, Any]:
     """Check every component (or ``components``) of ``bundle`` as ``backend`` runs it (the file
     :class:`~edgefm.runtime.bundle.Bundle` picks, ``precision`` as there) against its reference ONNX on ONNX
-    Runtime's CPU. Returns ``{"backend", "passed", "components": {name: report}}``; a component whose file
-    *is* the reference on ort-cpu is reported as skipped."""
+    Runtime's CPU, at each of ``shapes`` ("opt", "min", "max" of the component's ranges: an engine's tactics
+    differ per shape). Returns ``{"backend", "passed", "components": {key: report}}``, the key being the
+    component's name for "opt" and "name@min" / "name@max" otherwise; a component whose file *is* the
+    reference on ort-cpu is reported as skipped."""
     from edgefm.runtime.bundle import Bundle
     from edgefm.runtime.errors import InputError
 
+    bad = [s for s in shapes if s not in SHAPES]
+    if bad or not shapes:
+        raise InputError(f"--shapes {','.join(shapes)!r}: choose among {', '.join(SHAPES)} (comma-separated)")
     b = Bundle(bundle, backend, threads=threads, precision=precision)
     names = components or b.manifest.component_names
     unknown = [n for n in names if n not in b.manifest.component_names]
@@ -218,10 +225,13 @@ def verify_bundle(bundle: str | Path, backend: str = "auto", precision: str | No
             results[name] = {"file": entry.file, "precision": entry.precision, "passed": True,
                              "skipped": "it is the reference itself (ONNX Runtime CPU)"}
             continue
-        if progress:
-            progress(f"verifying {name}: {entry.file} on {b.backend} against {ref.file} on ONNX Runtime CPU")
-        report = check_runner(b.runner(name), b.path, b.manifest, entry, entry.precision, entry.spec, inputs, threads)
-        results[name] = {"file": entry.file, **report}
+        for which in shapes:
+            key = name if which == "opt" else f"{name}@{which}"
+            if progress:
+                progress(f"verifying {key}: {entry.file} on {b.backend} against {ref.file} on ONNX Runtime CPU")
+            report = check_runner(b.runner(name), b.path, b.manifest, entry, entry.precision, entry.spec, inputs,
+                                  threads, which)
+            results[key] = {"file": entry.file, **report}
     return {"bundle": str(b.path), "backend": b.backend, "components": results,
             "passed": all(r["passed"] for r in results.values())}
 
@@ -236,6 +246,8 @@ def add_verify_parser(sub: Any) -> Any:
     p.add_argument("--component", action="append", default=None, help="check only this component (repeatable)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime")
     p.add_argument("--json", default=None, help="write the reports to this JSON file")
+    p.add_argument("--shapes", default="opt", help="which ends of the shape ranges to check: opt, min, max, "
+                   "comma-separated (e.g. opt,max)")
     add_precision_arg(p)
     p.set_defaults(func=cmd_verify)
     return p
@@ -246,7 +258,8 @@ def cmd_verify(args: Any) -> None:
     import sys
 
     result = verify_bundle(args.bundle, args.backend, args.precision, args.component, args.threads,
-                           progress=lambda m: print(f"edgefm: {m}", file=sys.stderr, flush=True))
+                           progress=lambda m: print(f"edgefm: {m}", file=sys.stderr, flush=True),
+                           shapes=tuple(s.strip() for s in args.shapes.split(",") if s.strip()))
     print(f"{result['bundle']} on {result['backend']}:")
     for name, r in result["components"].items():
         line = f"skipped: {r['skipped']}" if "skipped" in r else parity_summary(r)

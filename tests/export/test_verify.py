@@ -207,6 +207,19 @@ def test_verify_a_bundle_on_a_backend(sam_tiny_bundle, tmp_path, capsys):
     dec = result["components"]["mask_decoder"]
     assert result["passed"] and dec["reference"] == m.find("mask_decoder", precision="fp32")[0].file
     assert dec["outputs"]["low_res_masks"]["mask_iou"] >= 0.99 and dec["outputs"]["iou_predictions"]["cosine"] > 0.999
+    # The other end of the ranges: the decoder at its largest prompt batch and point count.
+    assert main(["verify", str(folder), "--backend", "ort-cpu", "--precision", "fp16", "--component", "mask_decoder",
+                 "--shapes", "min,max", "--json", str(report)]) == 0
+    ends = json.loads(report.read_text())["components"]
+    spec = m.find("mask_decoder", precision="fp32")[0].spec
+    assert set(ends) == {"mask_decoder@min", "mask_decoder@max"}
+    assert ends["mask_decoder@max"]["inputs"]["sparse_embeddings"][:2] == [spec.dims["batch"].max,
+                                                                          spec.dims["num_points"].max]
+    assert ends["mask_decoder@min"]["inputs"]["sparse_embeddings"][:2] == [1, 1]
+    assert all(r["passed"] for r in ends.values()), ends
+    capsys.readouterr()
+    assert main(["verify", str(folder), "--shapes", "opt,biggest"]) == 2
+    assert "--shapes 'opt,biggest': choose among opt, min, max (comma-separated)" in capsys.readouterr().err
     # Without --precision the CPU runs the fp32 files, which are the references: nothing to compare.
     assert main(["verify", str(folder), "--backend", "ort-cpu"]) == 0
     assert capsys.readouterr().out.count("skipped: it is the reference itself (ONNX Runtime CPU)") == 3
