@@ -222,16 +222,19 @@ def verify_bundle(bundle: str | Path, backend: str = "auto", precision: str | No
         entry = b.entry(name)
         ref = reference_entry(b.manifest, entry)
         if b.backend == "ort-cpu" and entry.file == ref.file:
-            results[name] = {"file": entry.file, "precision": entry.precision, "passed": True,
+            results[name] = {"file": entry.file, "file_precision": entry.precision, "passed": True,
                              "skipped": "it is the reference itself (ONNX Runtime CPU)"}
             continue
+        # ONNX Runtime's TensorRT provider runs with trt_fp16_enable (runtime/backends/onnxruntime.py): on 10.x
+        # TensorRT may pick fp16 kernels for an fp32 graph, so fp16's policy is the one that applies.
+        policy = "fp16" if b.backend == "ort-trt" and entry.precision == "fp32" else entry.precision
         for which in shapes:
             key = name if which == "opt" else f"{name}@{which}"
             if progress:
                 progress(f"verifying {key}: {entry.file} on {b.backend} against {ref.file} on ONNX Runtime CPU")
-            report = check_runner(b.runner(name), b.path, b.manifest, entry, entry.precision, entry.spec, inputs,
-                                  threads, which)
-            results[key] = {"file": entry.file, **report}
+            report = check_runner(b.runner(name), b.path, b.manifest, entry, policy, entry.spec, inputs, threads,
+                                  which)
+            results[key] = {"file": entry.file, "file_precision": entry.precision, **report}
     return {"bundle": str(b.path), "backend": b.backend, "components": results,
             "passed": all(r["passed"] for r in results.values())}
 
@@ -263,7 +266,7 @@ def cmd_verify(args: Any) -> None:
     print(f"{result['bundle']} on {result['backend']}:")
     for name, r in result["components"].items():
         line = f"skipped: {r['skipped']}" if "skipped" in r else parity_summary(r)
-        print(f"  {name:<16} {r['file']} ({r['precision']})  {line}")
+        print(f"  {name:<16} {r['file']} ({r['file_precision']})  {line}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     failed = [n for n, r in result["components"].items() if not r["passed"]]
