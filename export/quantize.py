@@ -94,7 +94,7 @@ def feeder(folder: Path, manifest: Any, name: str, threads: int | None = None
         if "dvae_encoder" not in manifest.component_names:
             raise InputError(f"{folder}: quantizing the dVAE decoder needs the bundle's dvae_encoder to turn the "
                              "calibration images into codes; export with --dvae-encoder encoder.pkl")
-        codec = DvaeCodec(folder, backend="ort-cpu", threads=threads)
+        codec = DvaeCodec(folder, backend="ort-cpu", threads=threads, load_decoder=False)
         return lambda image: {"image_tokens": codec.encode(image)[None]}
     mean, std, size = pre["mean"], pre["std"], int(pre["image_size"])
     key = manifest.find(name, format="onnx")[0].spec.inputs[0].name
@@ -245,7 +245,7 @@ def measure(bundle: Path, family: str, fp32: Path, twin: Path, written: Path,
     if family == "sam":
         from edgefm.runtime.sam.predictor import SamPredictor
 
-        predictor = SamPredictor(bundle, backend="ort-cpu", threads=threads)
+        predictor = SamPredictor(bundle, backend="ort-cpu", threads=threads, load_encoder=False)
     outputs: dict[str, dict[str, Any]] = {}
     rows, failures = [], []
     for label, image, ref, got in zip(labels, images, refs, gots):

@@ -195,9 +195,13 @@ class DvaeCodec:
 
     def __init__(
         self, bundle: Bundle | str | Path, backend: str = "auto", threads: int | None = None,
-        precision: str | None = None,
+        precision: str | None = None, load_decoder: bool = True,
     ) -> None:
+        """``load_decoder=False``: open the decoder at the first ``decode`` instead of now (a codec that only
+        encodes, as ``edgefm quantize`` uses it, then never loads it)."""
         self.bundle = _open(bundle, backend, threads, (DVAE_DECODER,), precision)
+        if load_decoder:
+            self.bundle.runner(DVAE_DECODER)
         pre = self.bundle.preprocess
         self.image_size = int(pre["image_size"])
         self.grid = int(self.bundle.config["image_grid"])
@@ -206,8 +210,7 @@ class DvaeCodec:
 
     @property
     def decoder(self) -> Runner:
-        """The dVAE decoder's runner, opened by the first ``decode``: a codec that only encodes (``edgefm
-        quantize`` calibrating the decoder on the encoder's codes) never loads it."""
+        """The dVAE decoder's runner (opened at construction unless ``load_decoder=False``)."""
         return self.bundle.runner(DVAE_DECODER)
 
     def prepare(self, image: np.ndarray) -> np.ndarray:

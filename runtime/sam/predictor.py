@@ -39,18 +39,22 @@ class SamPredictor:
     MAX_PROMPT_GRAPHS = 4
 
     def __init__(self, bundle: Bundle | str | Path, backend: str = "auto", threads: int | None = None,
-                 cuda_graphs: bool = False, precision: str | None = None) -> None:
+                 cuda_graphs: bool = False, precision: str | None = None, load_encoder: bool = True) -> None:
         """``cuda_graphs`` (ort-cuda): run the encoder, and the prompt encoder + decoder per prompt shape, as
         captured CUDA graphs that share their device buffers: ``set_image`` is one host copy and one replay,
         ``predict`` the point arrays copied in and two replays. Costs a second copy of each component's
         weights in GPU memory (the captured sessions are separate from the plain ones). ``precision``: run that
-        precision of the components that have it (e.g. an int8 encoder engine), see :class:`Bundle`."""
+        precision of the components that have it (e.g. an int8 encoder engine), see :class:`Bundle`.
+        ``load_encoder=False``: open the image encoder at the first ``set_image`` instead of now, for a
+        predictor fed by :meth:`set_image_embedding` (its bundle may then lack the encoder file)."""
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle, backend, threads=threads, family="sam",
                                                                         precision=precision)
         pre = self.bundle.preprocess
         self.image_size = int(pre["image_size"])
         self.mean, self.std = pre["mean"], pre["std"]
         self.mask_threshold = float(self.bundle.config.get("mask_threshold", 0.0))
+        if load_encoder:  # opened now, so a bad file fails here and the first frame pays no load
+            self.bundle.runner(IMAGE_ENCODER)
         self.prompt_encoder = self.bundle.runner(PROMPT_ENCODER)
         self.decoder = self.bundle.runner(MASK_DECODER)
         self.low_res_size = self.decoder.spec.outputs[1].shape[-1]
@@ -72,8 +76,8 @@ class SamPredictor:
 
     @property
     def encoder(self) -> Runner:
-        """The image encoder's runner, opened by the first ``set_image``: a predictor given embeddings with
-        :meth:`set_image_embedding` never loads the encoder's weights (nor needs its file)."""
+        """The image encoder's runner (opened at construction, or at the first use with ``load_encoder=False``:
+        a predictor fed only by :meth:`set_image_embedding` then never loads the encoder's weights)."""
         return self.bundle.runner(IMAGE_ENCODER)
 
     def reset_image(self) -> None:

@@ -124,7 +124,10 @@ def test_embedding_from_elsewhere(sam_tiny_bundle, tmp_path):
     for c in encoders:
         for f in (c.file, *c.extra_files):
             (edge_dir / f).unlink()
-    server, edge = SamPredictor(sam_tiny_bundle, backend="ort-cpu"), SamPredictor(edge_dir, backend="ort-cpu")
+    with pytest.raises(BundleError, match=f"{encoders[0].file} is missing from the bundle"):
+        SamPredictor(edge_dir, backend="ort-cpu")  # by default the encoder opens now: a missing file fails here
+    server = SamPredictor(sam_tiny_bundle, backend="ort-cpu")
+    edge = SamPredictor(edge_dir, backend="ort-cpu", load_encoder=False)
     img = scene(300, 420, seed=4)
     server.set_image(img)
     edge.set_image_embedding(server.get_image_embedding()[0], img.shape[:2])  # (C, E, E) is taken too
