@@ -8,9 +8,10 @@ the parity policy of the component's precision (``export/parity.py``, DESIGN.md)
 - fp32, fp16 and mixed components (ONNX or engines) are judged against the component's fp32 ONNX, which export
   gated against PyTorch, so the chain -> fp32 ONNX -> PyTorch holds. A bundle exported without fp32 falls
   back to the component's own ONNX (an engine's: its source).
-- int8 components are judged against their int8 ONNX (an engine's: its Q/DQ source): export or ``edgefm
-  quantize`` already gated that graph against fp32 (quantize on held-out images, where noise would not do);
-  this check proves the backend runs that graph.
+- Calibrated int8 (``edgefm quantize``'s Q/DQ graphs, and every int8 engine) is judged against its Q/DQ
+  ONNX: quantize gated that graph against fp32 on held-out real images, a test noise would not be fair to;
+  this check proves the backend runs that graph. Export's dynamic int8, which measures activations per call
+  and was gated against PyTorch on the same kind of seeded inputs, is judged against fp32 like the rest.
 
 ``build-engine`` checks every engine before adding it (``check_engine_file``); ``edgefm verify BUNDLE
 --backend B`` checks the components a backend would run (``verify_bundle``), e.g. ort-cuda's fp16 on the
@@ -51,7 +52,7 @@ def reference_entry(manifest: Manifest, entry: ComponentEntry) -> ComponentEntry
             raise ParityError(f"{entry.file}: its source ONNX {entry.info.get('source')!r} is no longer in the "
                               "bundle, so there is nothing to check it against; rebuild the engine")
         source = found[0]
-    if source.precision == "int8":
+    if source.precision == "int8" and source.explicitly_quantized:
         return source
     fp32 = manifest.find(source.name, format="onnx", precision="fp32")
     return fp32[0] if fp32 else source

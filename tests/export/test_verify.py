@@ -14,7 +14,7 @@ pytest.importorskip("onnx", reason="the parity check's tests export bundles (edg
 
 import onnx  # noqa: E402
 from edgefm.export import tensorrt as ext  # noqa: E402
-from edgefm.export.onnx import fp16_from_onnx  # noqa: E402
+from edgefm.export.onnx import fp16_from_onnx, int8_from_onnx  # noqa: E402
 from edgefm.export.verify import PROMPTS, ParityInputs, check_runner, failure_message, judge  # noqa: E402
 from edgefm.runtime.backends.onnxruntime import OrtRunner  # noqa: E402
 from edgefm.runtime.bundle import sha256_file  # noqa: E402
@@ -180,11 +180,11 @@ def test_verify_a_bundle_on_a_backend(sam_tiny_bundle, tmp_path, capsys):
     folder = shutil.copytree(sam_tiny_bundle, tmp_path / "b")
     m = read_manifest(folder)
 
-    def add_fp16(tamper: str | None = None) -> None:
+    def add_fp16(tamper: str | None = None, precision: str = "fp16") -> None:
         entries, files = [], {}
         for c in [c for c in m.components if c.precision == "fp32"]:
-            dst = tmp_path / f"{c.name}.fp16.onnx"
-            fp16_from_onnx(folder / c.file, dst)
+            dst = tmp_path / f"{c.name}.{precision}.onnx"
+            (fp16_from_onnx if precision == "fp16" else int8_from_onnx)(folder / c.file, dst)
             if c.name == tamper:  # a decoder whose MatMul weights went wrong (30 % noise), as a bad build might
                 model, rng = onnx.load(str(dst)), np.random.default_rng(0)
                 for w in [w for w in model.graph.initializer if "MatMul" in w.name]:
@@ -192,7 +192,7 @@ def test_verify_a_bundle_on_a_backend(sam_tiny_bundle, tmp_path, capsys):
                     a = a + (0.3 * a.std() * rng.standard_normal(a.shape)).astype(a.dtype)
                     w.CopyFrom(onnx.numpy_helper.from_array(a, w.name))
                 onnx.save(model, str(dst))
-            entries.append(ComponentEntry(c.name, dst.name, sha256_file(dst), "onnx", "fp16", c.spec))
+            entries.append(ComponentEntry(c.name, dst.name, sha256_file(dst), "onnx", precision, c.spec))
             files[dst.name] = dst
         commit_components(folder, m, entries, files)
 
@@ -223,6 +223,13 @@ def test_verify_a_bundle_on_a_backend(sam_tiny_bundle, tmp_path, capsys):
     # Without --precision the CPU runs the fp32 files, which are the references: nothing to compare.
     assert main(["verify", str(folder), "--backend", "ort-cpu"]) == 0
     assert capsys.readouterr().out.count("skipped: it is the reference itself (ONNX Runtime CPU)") == 3
+    # Export's dynamic int8 is judged against fp32 too (by int8's policy); only calibrated Q/DQ graphs are
+    # their own references.
+    add_fp16(precision="int8")
+    assert main(["verify", str(folder), "--backend", "ort-cpu", "--precision", "int8", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "  image_encoder    image_encoder.int8.onnx (int8)  passed int8 policy vs image_encoder" in out
+    assert "skipped" not in out
     add_fp16(tamper="mask_decoder")
     assert main(["verify", str(folder), "--backend", "ort-cpu", "--precision", "fp16", "--threads", "1"]) == 2
     captured = capsys.readouterr()
