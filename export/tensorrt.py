@@ -46,7 +46,7 @@ from edgefm.runtime.manifest import ComponentEntry, Manifest, read_manifest
 from edgefm.runtime.spec import ComponentSpec, DimRange
 
 from .bundle import commit_components, write_atomic
-from .verify import parity_summary
+from .verify import ParityInputs, check_engine_file, failure_message, parity_summary
 
 PRECISIONS = ("fp32", "fp16", "int8")
 PARITY_MODES = ("gate", "report", "skip")  # refuse a failing engine / record it / do not run the check
@@ -313,7 +313,7 @@ def build_engine(bundle: str | Path, precision: str = "fp16", workspace: str | i
     files: dict[str, Path] = {}
     tmps: list[Path] = []
     reports: dict[str, Any] = {}
-    inputs = None
+    inputs = ParityInputs(folder, manifest, threads=threads)  # references open at the first check
     try:
         for step in steps:
             src = step.source
@@ -342,10 +342,7 @@ def build_engine(bundle: str | Path, precision: str = "fp16", workspace: str | i
                                    "tensorrt", step.precision, engine_spec(src.spec, overrides), info=info)
             info["parity"] = {"checked": False}
             if parity != "skip":
-                from .verify import ParityInputs, check_engine_file, failure_message
-
-                inputs = inputs or ParityInputs(folder, manifest, threads=threads)
-                report = check_engine_file(tmp, entry, folder, manifest, src, inputs, threads, progress)
+                report = check_engine_file(tmp, entry, folder, manifest, inputs, threads, progress)
                 report["gate"] = parity == "gate"
                 reports[f"{src.name}.tensorrt.{step.precision}"] = report
                 info["parity"] = {"checked": True, "passed": report["passed"], "reference": report["reference"]}

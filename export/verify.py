@@ -59,11 +59,22 @@ def reference_entry(manifest: Manifest, entry: ComponentEntry) -> ComponentEntry
 
 
 class ParityInputs:
-    """Seeded inputs per component of one bundle, produced components run once on ONNX Runtime's CPU."""
+    """Seeded inputs per component of one bundle, and the ONNX Runtime CPU sessions of its reference graphs,
+    each opened once (they compute both the produced inputs and the references to compare with)."""
 
     def __init__(self, folder: str | Path, manifest: Manifest, seed: int = 0, threads: int | None = None) -> None:
         self.folder, self.manifest, self.seed, self.threads = Path(folder), manifest, seed, threads
         self._produced: dict[tuple, dict[str, np.ndarray]] = {}
+        self._sessions: dict[str, Any] = {}
+
+    def reference(self, entry: ComponentEntry) -> Any:
+        """ONNX Runtime's CPU session of the ONNX ``entry`` (opened on first use)."""
+        if entry.file not in self._sessions:
+            from edgefm.runtime.backends.onnxruntime import OrtRunner
+
+            self._sessions[entry.file] = OrtRunner(self.folder / entry.file, entry.spec, "ort-cpu",
+                                                   threads=self.threads)
+        return self._sessions[entry.file]
 
     def feeds(self, spec: ComponentSpec, sizes: dict[str, int] | None = None) -> dict[str, np.ndarray]:
         """Inputs of ``spec`` at its opt shapes (or the dim sizes in ``sizes``)."""
@@ -113,11 +124,9 @@ class ParityInputs:
             ref = reference_entry(self.manifest, entries[0])
             key = (producer, tuple(sorted(sizes.items())))
             if key not in self._produced:
-                from edgefm.runtime.backends.onnxruntime import OrtRunner
-
                 spec = ref.spec
-                runner = OrtRunner(self.folder / ref.file, spec, "ort-cpu", threads=self.threads)
-                self._produced[key] = runner.run(self.feeds(spec, {k: v for k, v in sizes.items() if k in spec.dims}))
+                feeds = self.feeds(spec, {k: v for k, v in sizes.items() if k in spec.dims})
+                self._produced[key] = self.reference(ref).run(feeds)
             return self._produced[key][t.name]
         if t.dtype == "float32":  # an input with no known meaning and no producer: unit noise
             return np.random.default_rng(self.seed).normal(0.0, 1.0, shape).astype(np.float32)
@@ -146,13 +155,10 @@ def check_runner(runner: Any, folder: str | Path, manifest: Manifest, source: Co
     """Run ``runner`` (any: ``run(dict) -> dict``) and the reference ONNX of ``source`` on the same inputs at
     ``spec``'s ``shapes`` ("opt", "min" or "max" of every dim range); returns the report (``passed``, metrics
     per output, what was compared)."""
-    from edgefm.runtime.backends.onnxruntime import OrtRunner
-
-    folder = Path(folder)
     inputs = inputs or ParityInputs(folder, manifest, threads=threads)
     ref_entry = reference_entry(manifest, source)
     feeds = inputs.feeds(spec, {k: getattr(r, shapes) for k, r in spec.dims.items()})
-    ref = OrtRunner(folder / ref_entry.file, ref_entry.spec, "ort-cpu", threads=threads).run(feeds)
+    ref = inputs.reference(ref_entry).run(feeds)
     got = runner.run(feeds)
     report = judge(ref, got, precision, spec, float(manifest.config.get("mask_threshold", 0.0)))
     report.update(reference=ref_entry.file, reference_backend="onnxruntime CPU",
@@ -160,17 +166,18 @@ def check_runner(runner: Any, folder: str | Path, manifest: Manifest, source: Co
     return report
 
 
-def check_engine_file(path: Path, entry: ComponentEntry, folder: Path, manifest: Manifest, source: ComponentEntry,
-                      inputs: ParityInputs, threads: int | None = None, progress: Any = None) -> dict[str, Any]:
-    """Deserialize the engine file ``path`` just built for ``entry`` and judge it with :func:`check_runner`."""
+def check_engine_file(path: Path, entry: ComponentEntry, folder: Path, manifest: Manifest, inputs: ParityInputs,
+                      threads: int | None = None, progress: Any = None) -> dict[str, Any]:
+    """Deserialize the engine file ``path`` just built for ``entry`` (whose ``info["source"]`` names its ONNX)
+    and judge it with :func:`check_runner`."""
     from edgefm.runtime.backends.tensorrt import TensorRTRunner
 
     if progress:
         progress(f"checking the {entry.precision} engine of {entry.name} against "
-                 f"{reference_entry(manifest, source).file} on ONNX Runtime CPU")
+                 f"{reference_entry(manifest, entry).file} on ONNX Runtime CPU")
     runner = TensorRTRunner(path, entry, cuda_graphs=False)
     try:
-        return check_runner(runner, folder, manifest, source, entry.precision, entry.spec, inputs, threads)
+        return check_runner(runner, folder, manifest, entry, entry.precision, entry.spec, inputs, threads)
     finally:
         runner.close()
 
