@@ -49,7 +49,7 @@ from edgefm.runtime.manifest import ComponentEntry, read_manifest
 from .bundle import commit_components
 from .calibrate import activation_products, activation_thresholds, activations_to_calibrate
 from .onnx import FP32_OPS, fp16_from_onnx, save_graph
-from .parity import compare_outputs, mask_iou
+from .parity import POLICIES, compare_outputs, mask_iou
 
 QUANTIZABLE = {"sam": ("image_encoder",), "clip": ("image_encoder",), "dalle": ("dvae_decoder",)}
 QDQ_OPS = ["MatMul", "Gemm", "Conv"]
@@ -267,16 +267,17 @@ def measure(bundle: Path, family: str, fp32: Path, twin: Path, written: Path,
                 if k in m:
                     agg[k] = min(agg[k], m[k])
     written_report = {"image": labels[0], "outputs": compare_outputs(refs[0], first, "int8")["outputs"]}
+    policy = POLICIES["int8"]
     for o, agg in outputs.items():
-        fails = [f"cosine {agg['cosine']:.5f} < 0.99"] if agg["cosine"] < 0.99 else []
-        if agg.get("mask_iou", 1.0) < 0.95:
-            fails.append(f"mask IoU {agg['mask_iou']:.4f} < 0.95")
+        fails = [f"cosine {agg['cosine']:.5f} < {policy.min_cosine}"] if agg["cosine"] < policy.min_cosine else []
+        if agg.get("mask_iou", 1.0) < policy.min_mask_iou:
+            fails.append(f"mask IoU {agg['mask_iou']:.4f} < {policy.min_mask_iou}")
         if agg.get("psnr_db", MIN_PSNR_DB) < MIN_PSNR_DB:
             fails.append(f"PSNR {agg['psnr_db']:.1f} dB < {MIN_PSNR_DB} dB")
         agg["passed"] = not fails
         agg.pop("failures", None)
         failures += [f"{o}: {f}" for f in fails]
-    failures += [f"{o} (written graph, {labels[0]}): cosine {m['cosine']:.5f} < 0.99"
+    failures += [f"{o} (written graph, {labels[0]}): cosine {m['cosine']:.5f} < {policy.min_cosine}"
                  for o, m in written_report["outputs"].items() if not m["passed"]]
     return {"precision": "int8", "reference": "the bundle's fp32 ONNX on onnxruntime CPU", "outputs": outputs,
             "passed": not failures, "failures": failures, "images": rows, "written_graph": written_report}

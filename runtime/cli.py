@@ -103,7 +103,7 @@ def _print_manifest(path: Path, brief: bool = False) -> None:
                 iou = f"  mask IoU {r['mask_iou']:.5f}" if "mask_iou" in r else ""
                 iou += f"  PSNR {r['psnr_db']:.1f} dB" if "psnr_db" in r else ""
                 iou += f"  ids agree {r['id_agreement']:.4f}" if "id_agreement" in r else ""
-                iou += f"  vs {rep['reference']}" if isinstance(rep.get("reference"), str) else ""  # engines
+                iou += f"  vs {rep['reference']}" if isinstance(rep.get("reference"), str) else ""  # engine/int8 rows
                 print(f"  {name + '.' + out:<36} {'PASS' if r['passed'] else 'FAIL'}  cos {r['cosine']:.7f}  "
                       f"max abs {r['max_abs']:.2e} (|ref| {r['ref_max_abs']:.3g}){iou}")
 
