@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from edgefm.runtime.bench import sample, value_rules
 from edgefm.runtime.errors import ParityError
 from edgefm.runtime.manifest import ComponentEntry, Manifest
 from edgefm.runtime.sam.spec import MASK_OUTPUTS
@@ -66,6 +67,9 @@ class ParityInputs:
         self.folder, self.manifest, self.seed, self.threads = Path(folder), manifest, seed, threads
         self._produced: dict[tuple, dict[str, np.ndarray]] = {}
         self._sessions: dict[str, Any] = {}
+        # Where random values would be invalid (points inside the image, ids inside the vocabularies): the
+        # rules edgefm bench feeds by.
+        self._rules = value_rules(manifest)
 
     def reference(self, entry: ComponentEntry) -> Any:
         """ONNX Runtime's CPU session of the ONNX ``entry`` (opened on first use)."""
@@ -90,12 +94,9 @@ class ParityInputs:
         return out
 
     def _value(self, t: TensorSpec, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray | None:
-        config, pre = self.manifest.config, self.manifest.preprocess
         name = t.name
         if name == "image" and t.dtype == "float32":
             return rng.normal(0.0, 1.0, shape).astype(np.float32)  # normalized pixels
-        if name == "point_coords":
-            return rng.uniform(0, float(pre["image_size"]), shape).astype(np.float32)
         if name == "point_labels":
             return np.broadcast_to(np.resize(np.array(POINT_LABELS, np.float32), shape[-1]), shape).copy()
         if name == "mask_input":
@@ -107,12 +108,10 @@ class ParityInputs:
 
             texts = [PROMPTS[i % len(PROMPTS)] for i in range(shape[0])]
             return ClipTokenizer(context_length=shape[1])(texts)
-        if name == "text_tokens":
-            return rng.integers(0, int(config["text_vocab"]), shape, dtype=np.int64)
-        if name in ("image_tokens", "token"):
-            return rng.integers(0, int(config["image_vocab"]), shape, dtype=np.int64)
         if name == "position":  # the first image position after the text
-            return np.full(shape, int(config["text_len"]), np.int64)
+            return np.full(shape, int(self.manifest.config["text_len"]), np.int64)
+        if name in self._rules:
+            return np.ascontiguousarray(sample(self._rules[name], shape, rng), dtype=t.dtype)
         return None
 
     def _from_producer(self, consumer: str, t: TensorSpec, sizes: dict[str, int], shape: tuple[int, ...]

@@ -63,6 +63,15 @@ def value_rules(manifest: Manifest) -> dict[str, Rule]:
     return rules
 
 
+def sample(rule: Rule, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """Values of one :func:`value_rules` rule."""
+    if rule[0] == "uniform":
+        return rng.uniform(rule[1], rule[2], shape)
+    if rule[0] == "choice":
+        return rng.choice(np.asarray(rule[1]), shape)
+    return rng.integers(rule[1], rule[2], shape)  # "int"
+
+
 def dummy_feeds(spec: ComponentSpec, batch: int, rng: np.random.Generator,
                 rules: dict[str, Rule] | None = None) -> dict[str, np.ndarray]:
     """Seeded inputs for ``spec`` at its opt sizes with every batch dim at ``batch``."""
@@ -77,12 +86,8 @@ def dummy_feeds(spec: ComponentSpec, batch: int, rng: np.random.Generator,
     feeds = {}
     for t in spec.inputs:
         shape, dtype, rule = spec.concrete_shape(t, "opt", **sizes), np.dtype(t.dtype), (rules or {}).get(t.name)
-        if rule is not None and rule[0] == "uniform":
-            a = rng.uniform(rule[1], rule[2], shape)
-        elif rule is not None and rule[0] == "choice":
-            a = rng.choice(np.asarray(rule[1]), shape)
-        elif rule is not None and rule[0] == "int":
-            a = rng.integers(rule[1], rule[2], shape)
+        if rule is not None:
+            a = sample(rule, shape, rng)
         elif dtype == np.bool_:
             a = rng.random(shape) < 0.5
         elif dtype == np.uint8:
