@@ -203,21 +203,22 @@ def environment_stamp(bundle: Bundle, threads: int | None) -> dict[str, Any]:
         "gpu": gpu, "versions": versions, "backend": bundle.backend,
         "precision": sorted({bundle.entry(n).precision for n in bundle.manifest.component_names}),
         "threads": {"requested": threads, "ort_intra_op": effective},
+        "tf32": bundle.tf32 if bundle.backend in ("ort-cuda", "ort-trt") else None,
     }
 
 
 def bench_bundle(path: str | Path, backend: str = "auto", batch: int = 1, iters: int = 50, warmup: int = 5,
                  threads: int | None = None, pipelines: bool = True, seed: int = 0,
                  progress: Callable[[str], None] | None = None, cuda_graph: bool = False,
-                 precision: str | None = None) -> dict[str, Any]:
+                 precision: str | None = None, tf32: bool = False) -> dict[str, Any]:
     """Benchmark every component of the bundle at ``path`` (and its family's pipelines); see the module doc.
     ``cuda_graph``: also time each ONNX component as a replayed CUDA graph (ort-cuda only); ``precision``:
-    time that precision of the components that have it (see :class:`Bundle`)."""
+    time that precision of the components that have it; ``tf32``: fp32 in TF32 on ort-cuda (see :class:`Bundle`)."""
     for flag, value, lo in (("--batch", batch, 1), ("--iters", iters, 1), ("--warmup", warmup, 0)):
         if int(value) < lo:
             raise InputError(f"{flag} must be at least {lo}, got {value}")
     # Runners load lazily: nothing is on the GPU yet.
-    bundle = Bundle(path, backend=backend, threads=threads, precision=precision)
+    bundle = Bundle(path, backend=backend, threads=threads, precision=precision, tf32=tf32)
     if cuda_graph and bundle.backend != "ort-cuda":
         raise InputError(f"--cuda-graph replays ONNX Runtime CUDA graphs: it needs --backend ort-cuda, not "
                          f"{bundle.backend!r} (the tensorrt backend captures CUDA graphs by itself)")
@@ -286,7 +287,8 @@ def markdown_table(result: dict[str, Any]) -> str:
     lines += [f"- memory: peak host RSS {mem['peak_host_rss_mib']:.0f} MiB; device in use after the runs {dev}",
               f"- environment: {env['cpu']} ({env['cpu_cores']} cores), GPU {gpu}; "
               + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
-              + f"; threads {env['threads']['ort_intra_op'] or '-'}; {env['timestamp']}"]
+              + f"; threads {env['threads']['ort_intra_op'] or '-'}"
+              + {True: "; fp32 in TF32", False: "; TF32 off"}.get(env.get("tf32"), "") + f"; {env['timestamp']}"]
     return "\n".join(lines) + "\n"
 
 
@@ -348,7 +350,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     result = bench_bundle(args.bundle, args.backend, args.batch, args.iters, args.warmup, args.threads,
                           pipelines=not args.no_pipelines,
                           progress=lambda m: print(f"edgefm: {m}", file=sys.stderr, flush=True),
-                          cuda_graph=args.cuda_graph, precision=args.precision)
+                          cuda_graph=args.cuda_graph, precision=args.precision, tf32=args.tf32)
     print(markdown_table(result), end="")
     if args.json:
         _write_json(args.json, result)
@@ -372,6 +374,9 @@ def register(sub: Any) -> argparse.ArgumentParser:
     b.add_argument("--cuda-graph", action="store_true",
                    help="ort-cuda: also time each component replayed as a captured CUDA graph (trtexec's "
                         "--useCudaGraph)")
+    b.add_argument("--tf32", action="store_true",
+                   help="ort-cuda/ort-trt: run fp32 MatMul/Conv in TF32, as trtexec does by default (off: fp32 is "
+                        "fp32, as in PyTorch and edgefm's fp32 engines)")
     b.add_argument("--json", help="write all figures, samples and the environment stamp to this file")
     b.add_argument("--plot", help="write a bar chart (.png) of the latencies")
     b.set_defaults(func=cmd_bench)

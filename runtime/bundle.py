@@ -47,10 +47,13 @@ class Bundle:
         family: str | None = None,
         timed: bool = False,
         precision: str | None = None,
+        tf32: bool = False,
     ) -> None:
         """``precision``: run that precision of every component that has it (e.g. the int8 engine of an image
         encoder beside its fp16 one); the other components, and all of them when it is ``None``, take the
-        backend's default (fp16 on a GPU, fp32 on the CPU)."""
+        backend's default (fp16 on a GPU, fp32 on the CPU). ``tf32``: let ONNX Runtime's CUDA provider run fp32
+        MatMul/Conv in TF32 (faster on Ampere and later, about fp16's precision); off by default, so fp32 is
+        fp32."""
         self.path = Path(path)
         self.manifest: Manifest = read_manifest(self.path)
         if family is not None and self.manifest.family != family:
@@ -62,6 +65,12 @@ class Bundle:
         self.verify = verify
         self.threads = threads
         self.precision = precision
+        if tf32 and self.backend not in ("ort-cuda", "ort-trt"):
+            how = ("a TensorRT engine's math is fixed when it is built (fp32 engines without TF32; fp16 engines "
+                   "need none)" if self.backend == "tensorrt" else "CPUs have no TF32")
+            raise InputError(f"--tf32 is a math mode of ONNX Runtime's CUDA provider (--backend ort-cuda or "
+                             f"ort-trt), not of {self.backend!r}: {how}")
+        self.tf32 = tf32
         if precision is not None:
             fmt = self._format()
             have = sorted({c.precision for c in self.manifest.components if c.format == fmt})
@@ -122,6 +131,8 @@ class Bundle:
             options: dict[str, Any] = {}
             if self.backend.startswith("ort"):
                 options = {"threads": self.threads, "cache_dir": self.path / ".cache"}
+                if self.tf32:
+                    options["cuda_options"] = {"use_tf32": "1"}
             runner = open_runner(entry, self.path, self.backend, **options)
             if self.timings is not None:
                 runner = TimedRunner(runner, self.timings.setdefault(name, []))

@@ -146,8 +146,10 @@ def section_bench(run: Run, models, bundles, backend: str, device: str, compiled
     import torch
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    torch.backends.cuda.matmul.allow_tf32 = True  # PyTorch's fast fp32, as a user would time it
-    torch.backends.cudnn.allow_tf32 = True
+    # fp32 rows are fp32 on both sides: edgefm opens ONNX Runtime's CUDA provider without TF32 (bench --tf32
+    # opts in), so PyTorch's TF32 is off too; the targets are fp16 rows, which TF32 does not touch.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     for family, (_, model) in models.items():
         try:
             _bench_family(run, family, model, bundles, backend, device, compiled, sync)

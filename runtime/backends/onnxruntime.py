@@ -98,8 +98,11 @@ def _provider_options(backend: str, cache_dir: Path | None, cuda_options: dict[s
                 opts["trt_engine_cache_path"] = str(cache_dir / "trt-ep")
                 opts["trt_timing_cache_enable"] = True
         elif p == "CUDAExecutionProvider":
-            # Exhaustive conv algo search pays once per session and wins on every call after.
-            opts = {"cudnn_conv_algo_search": "EXHAUSTIVE", "do_copy_in_default_stream": True, **(cuda_options or {})}
+            # Exhaustive conv algo search pays once per session and wins on every call after. ONNX Runtime runs
+            # fp32 MatMul/Conv in TF32 unless told otherwise (since 1.17: onnxruntime PR 19357); fp32 here means
+            # fp32, as in PyTorch's default and fp32 engines, so TF32 is opt-in (cuda_options use_tf32="1").
+            opts = {"cudnn_conv_algo_search": "EXHAUSTIVE", "do_copy_in_default_stream": True, "use_tf32": "0",
+                    **(cuda_options or {})}
         out.append((p, opts))
     return out
 

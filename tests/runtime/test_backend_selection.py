@@ -75,3 +75,27 @@ def test_unknown_backend_name(machine):
     machine()
     with pytest.raises(BackendError, match="unknown backend 'cuda'; choose one of"):
         backends.resolve_backend("cuda")
+
+
+def test_fp32_on_cuda_is_fp32_unless_tf32_is_asked(machine, monkeypatch, sam_tiny_bundle):
+    """ONNX Runtime's CUDA provider runs fp32 MatMul/Conv in TF32 unless told not to; edgefm tells it not to,
+    so an fp32 bundle on ort-cuda can meet the fp32 policy. ``tf32=True`` (bench --tf32) opts in. The session
+    itself needs a GPU: the options are recorded where open_runner hands them to OrtRunner."""
+    from pathlib import Path
+
+    from edgefm.runtime.bundle import Bundle
+    from edgefm.runtime.errors import InputError
+
+    machine(providers=ALL, gpu=True)
+    made = {}
+    monkeypatch.setattr(ortb, "OrtRunner", lambda path, spec, backend, explicit_int8, **kw: made.setdefault(
+        Path(path).name, dict(ortb._provider_options(backend, None, kw.get("cuda_options")))))
+    Bundle(sam_tiny_bundle, "ort-cuda").runner("image_encoder")
+    Bundle(sam_tiny_bundle, "ort-cuda", tf32=True).runner("prompt_encoder")
+    cuda = "CUDAExecutionProvider"
+    assert made["image_encoder.onnx"][cuda]["use_tf32"] == "0"
+    assert made["prompt_encoder.onnx"][cuda]["use_tf32"] == "1"
+    assert made["image_encoder.onnx"][cuda]["cudnn_conv_algo_search"] == "EXHAUSTIVE"  # the rest is kept
+    with pytest.raises(InputError, match="--tf32 is a math mode of ONNX Runtime's CUDA provider .* not of "
+                                         "'ort-cpu': CPUs have no TF32"):
+        Bundle(sam_tiny_bundle, "ort-cpu", tf32=True)

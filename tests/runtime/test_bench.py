@@ -75,6 +75,7 @@ def test_json_stats_and_stamp(bench_run, capsys):
         assert key in env, key
     assert env["versions"]["onnxruntime"] and env["versions"]["numpy"] == np.__version__
     assert env["threads"] == {"requested": 1, "ort_intra_op": 1} and env["precision"] == ["fp32"]
+    assert env["tf32"] is None  # a CUDA math mode: not applicable on the CPU
     assert result["memory"]["peak_host_rss_mib"] > 0
     # The markdown table: a header, a separator and one row per component and pipeline.
     rows = [line for line in stdout.splitlines() if line.startswith("| ")]
