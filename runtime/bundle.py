@@ -35,6 +35,31 @@ class TimedRunner:
         return out
 
 
+def choose_entry(manifest: Manifest, folder: Path, name: str, fmt: str, precision: str | None,
+                 on_gpu: bool) -> ComponentEntry:
+    """The ``fmt`` file of component ``name`` to run: ``precision`` where it exists, else fp16 on a GPU and fp32
+    on the CPU when both exist."""
+    found = manifest.find(name, format=fmt)
+    if not found:
+        raise BundleError(f"{folder}: no {fmt} file for component {name!r} (the bundle has "
+                          f"{manifest.component_names})")
+    order = ("fp16", "mixed", "fp32", "int8") if on_gpu else ("fp32", "mixed", "fp16", "int8")
+    return sorted(found, key=lambda c: (c.precision != precision, order.index(c.precision)))[0]
+
+
+def check_files(folder: Path, entry: ComponentEntry, verify: bool = True) -> None:
+    """Every file of ``entry`` is in ``folder`` and, when ``verify``, matches its manifest sha256."""
+    for file, digest in {entry.file: entry.sha256, **entry.extra_files}.items():
+        path = folder / file
+        if not path.is_file():
+            raise BundleError(f"{path} is missing from the bundle; re-export it")
+        if verify and sha256_file(path) != digest:
+            raise BundleError(
+                f"{path} does not match the sha256 in {folder / 'manifest.json'}: the file was "
+                "changed or truncated after export; re-export the bundle"
+            )
+
+
 class Bundle:
     """An exported bundle folder. ``Bundle(path).runner("image_encoder")`` gives a ready component."""
 
@@ -95,16 +120,8 @@ class Bundle:
 
     def entry(self, name: str) -> ComponentEntry:
         """The component file this bundle's backend runs: an engine for TensorRT, else ONNX."""
-        fmt = self._format()
-        found = self.manifest.find(name, format=fmt)
-        if not found:
-            raise BundleError(
-                f"{self.path}: no {fmt} file for component {name!r} "
-                f"(the bundle has {self.manifest.component_names})"
-            )
-        # Prefer fp16 on a GPU backend when both precisions exist, fp32 on the CPU.
-        order = ("fp32", "mixed", "fp16", "int8") if self.backend == "ort-cpu" else ("fp16", "mixed", "fp32", "int8")
-        return sorted(found, key=lambda c: (c.precision != self.precision, order.index(c.precision)))[0]
+        return choose_entry(self.manifest, self.path, name, self._format(), self.precision,
+                            on_gpu=self.backend != "ort-cpu")
 
     def _format(self) -> str:
         return "tensorrt" if self.backend == "tensorrt" else "onnx"
@@ -113,16 +130,7 @@ class Bundle:
         return self.entry(name).spec
 
     def check_files(self, entry: ComponentEntry) -> None:
-        files = {entry.file: entry.sha256, **entry.extra_files}
-        for file, digest in files.items():
-            path = self.path / file
-            if not path.is_file():
-                raise BundleError(f"{path} is missing from the bundle; re-export it")
-            if self.verify and sha256_file(path) != digest:
-                raise BundleError(
-                    f"{path} does not match the sha256 in {self.path / 'manifest.json'}: the file was "
-                    "changed or truncated after export; re-export the bundle"
-                )
+        check_files(self.path, entry, self.verify)
 
     def runner(self, name: str) -> Runner:
         if name not in self._runners:
