@@ -223,11 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
     # The engine builder needs no torch, only TensorRT (imported when a build runs).
     from edgefm.export.quantize import add_quantize_parser
     from edgefm.export.tensorrt import add_build_engine_parser
+    from edgefm.export.triton import add_triton_parser
     from edgefm.export.verify import add_verify_parser
 
     add_quantize_parser(sub)  # needs onnx and onnxruntime's quantizer (the [export] extra), not torch
     add_build_engine_parser(sub)
     add_verify_parser(sub)  # numpy + ONNX Runtime (and TensorRT for engines), like the runtime
+    add_triton_parser(sub)  # file copies and config text: no torch, no onnx
     for cmd in (s, d):
         cmd.add_argument("--backend", default="auto", help="auto | ort-cpu | ort-cuda | ort-trt | tensorrt")
     s.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime")

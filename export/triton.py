@@ -1,0 +1,253 @@
+"""``edgefm triton``: a Triton Inference Server model repository from a bundle.
+
+Every component becomes one Triton model: ``<prefix>_<component>/config.pbtxt`` and version ``1/`` holding the
+ONNX file (Triton's ``onnxruntime`` backend) or the TensorRT engine (``tensorrt_plan``). The configs come from
+the component specs in the manifest, so names, dtypes and dims are the ones the files were exported or built
+with:
+
+- a component whose every input and output leads with the same symbolic batch dim (SAM's and CLIP's image
+  encoders, CLIP's text encoder, the dVAE) is served with Triton's dynamic batcher, ``max_batch_size`` the
+  top of that dim's range; the others (SAM's mask decoder takes one image's embedding, the DALL·E prior
+  carries its KV cache with the batch second) take whole tensors (``max_batch_size: 0``);
+- SAM also gets ``<prefix>_prompt_to_masks``, an ensemble of the prompt encoder and the mask decoder: the split
+  SAM's web demo uses, where the image encoder runs once per image and each click costs the small models;
+- each model warms up at its opt shapes with zero tensors (zeros are valid for every input: ids, labels and
+  positions included), so the first request does not pay for CUDA or TensorRT set-up;
+- fp32 ONNX models on a GPU open ONNX Runtime's CUDA provider with TF32 off, as ``edgefm``'s own runtime does.
+
+Pre- and post-processing (resizing, normalization, mask upscaling, tokenization, sampling) stay with the client:
+``edgefm.runtime`` has them without torch. Nothing is half-written: the models are assembled in a temporary
+folder inside the repository and renamed into place.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from edgefm.runtime.bundle import check_files, choose_entry
+from edgefm.runtime.errors import BundleError, InputError
+from edgefm.runtime.manifest import ComponentEntry, Manifest, read_manifest
+from edgefm.runtime.spec import ComponentSpec, TensorSpec
+
+TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32",
+                 "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL"}
+# Ensembles edgefm writes: family -> (ensemble suffix, its steps in order).
+ENSEMBLES = {"sam": ("prompt_to_masks", ("prompt_encoder", "mask_decoder"))}
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+class Enum(str):
+    """A protobuf enum value: written bare in the text format."""
+
+
+def _scalar(value: Any) -> str:
+    if isinstance(value, Enum):
+        return str(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    text = str(value)
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def to_pbtxt(message: dict[str, Any], indent: int = 0) -> list[str]:
+    """Protobuf text format for a message written as dicts (messages), lists of dicts (repeated messages, map
+    entries as ``{"key": .., "value": ..}``), lists of scalars (repeated scalars) and scalars."""
+    pad, lines = "  " * indent, []
+    for key, value in message.items():
+        items = value if isinstance(value, list) and value and isinstance(value[0], dict) else None
+        if isinstance(value, dict) or items is not None:
+            for item in items if items is not None else [value]:
+                lines += [f"{pad}{key} {{", *to_pbtxt(item, indent + 1), f"{pad}}}"]
+        elif isinstance(value, list):
+            lines.append(f"{pad}{key}: [ {', '.join(_scalar(v) for v in value)} ]")
+        else:
+            lines.append(f"{pad}{key}: {_scalar(value)}")
+    return lines
+
+
+def batch_dim(spec: ComponentSpec) -> str | None:
+    """The symbolic dim that leads every input and output of ``spec``, if there is one."""
+    firsts = {t.shape[0] if t.shape else None for t in spec.inputs + spec.outputs}
+    first = firsts.pop() if len(firsts) == 1 else None
+    return first if isinstance(first, str) else None
+
+
+def _tensors(tensors: tuple[TensorSpec, ...], batched: bool) -> list[dict[str, Any]]:
+    return [{"name": t.name, "data_type": Enum(TRITON_DTYPES[t.dtype]),
+             "dims": [d if isinstance(d, int) else -1 for d in (t.shape[1:] if batched else t.shape)]}
+            for t in tensors]
+
+
+def _warmup(spec: ComponentSpec, batched: bool) -> list[dict[str, Any]]:
+    inputs = []
+    for t in spec.inputs:
+        dims = [d if isinstance(d, int) else spec.dims[d].opt for d in (t.shape[1:] if batched else t.shape)]
+        inputs.append({"key": t.name, "value": {"data_type": Enum(TRITON_DTYPES[t.dtype]), "dims": dims,
+                                                "zero_data": True}})
+    return [{"name": "zeros at the opt shapes", "batch_size": 1, "inputs": inputs}]
+
+
+def model_config(name: str, entry: ComponentEntry, device: str, instances: int, batching: bool,
+                 queue_delay_us: int) -> dict[str, Any]:
+    """The ``config.pbtxt`` of one component file, as a dict for :func:`to_pbtxt`."""
+    spec = entry.spec
+    dim = batch_dim(spec) if batching else None
+    engine = entry.format == "tensorrt"
+    config: dict[str, Any] = {"name": name}
+    config.update({"platform": "tensorrt_plan", "default_model_filename": "model.plan"} if engine else
+                  {"backend": "onnxruntime", "default_model_filename": "model.onnx"})
+    config["max_batch_size"] = spec.dims[dim].max if dim else 0
+    config["input"] = _tensors(spec.inputs, dim is not None)
+    config["output"] = _tensors(spec.outputs, dim is not None)
+    if dim:
+        config["dynamic_batching"] = {"max_queue_delay_microseconds": queue_delay_us} if queue_delay_us else {}
+    config["instance_group"] = [{"count": instances, "kind": Enum("KIND_GPU" if device == "gpu" else "KIND_CPU")}]
+    if not engine and device == "gpu" and entry.precision == "fp32":
+        config["optimization"] = {"execution_accelerators": {"gpu_execution_accelerator": [
+            {"name": "cuda", "parameters": [{"key": "use_tf32", "value": "0"}]}]}}
+    config["model_warmup"] = _warmup(spec, dim is not None)
+    return config
+
+
+def ensemble_config(name: str, prefix: str, specs: list[ComponentSpec]) -> dict[str, Any]:
+    """A Triton ensemble running ``specs`` in order; each tensor keeps its name from producer to consumer."""
+    made: set[str] = set()
+    inputs: list[TensorSpec] = []
+    steps = []
+    for spec in specs:
+        inputs += [t for t in spec.inputs if t.name not in made]
+        made |= set(spec.output_names)
+        steps.append({"model_name": f"{prefix}_{spec.name}", "model_version": -1,
+                      "input_map": [{"key": t, "value": t} for t in spec.input_names],
+                      "output_map": [{"key": t, "value": t} for t in spec.output_names]})
+    return {"name": name, "platform": "ensemble", "max_batch_size": 0, "input": _tensors(tuple(inputs), False),
+            "output": _tensors(specs[-1].outputs, False), "ensemble_scheduling": {"step": steps}}
+
+
+def _header(bundle: Path, manifest: Manifest, entry: ComponentEntry | None, what: str) -> list[str]:
+    lines = [f"# Written by `edgefm triton` from {bundle.resolve()} ({manifest.family} {manifest.variant}): {what}."]
+    if entry is not None and entry.format == "tensorrt":
+        info = entry.info
+        lines.append(f"# TensorRT {info.get('tensorrt_version')} engine for {info.get('gpu')} (compute capability "
+                     f"{info.get('compute_capability')}): Triton's TensorRT must be this version and the GPU this "
+                     "kind, or the model fails to load; rebuild with `edgefm build-engine` where Triton runs.")
+    return lines
+
+
+def plan_models(manifest: Manifest, bundle: Path, backend: str, precision: str | None, device: str
+                ) -> dict[str, ComponentEntry]:
+    """Component name -> the file to serve. ``backend='tensorrt'`` serves engines where the bundle has them and
+    ONNX (on Triton's onnxruntime backend) for the components it has none for."""
+    if backend not in ("onnxruntime", "tensorrt"):
+        raise InputError(f"--backend {backend!r}: Triton serves edgefm bundles with 'onnxruntime' or 'tensorrt'")
+    if device not in ("gpu", "cpu"):
+        raise InputError(f"--device {device!r}: expected 'gpu' or 'cpu'")
+    fmt = "tensorrt" if backend == "tensorrt" else "onnx"
+    if backend == "tensorrt":
+        if device == "cpu":
+            raise InputError("--backend tensorrt needs --device gpu: TensorRT engines run on NVIDIA GPUs only")
+        if not any(c.format == "tensorrt" for c in manifest.components):
+            raise BundleError(f"{bundle} has no TensorRT engines: run `edgefm build-engine {bundle}` on a machine "
+                              "with the GPU and TensorRT version of your Triton server, or use --backend onnxruntime")
+    if precision is not None:
+        have = sorted({c.precision for c in manifest.components if c.format == fmt})
+        if precision not in have:
+            raise InputError(f"--precision {precision!r}: no {fmt} component of {bundle} has it (it has {have})")
+    chosen = {}
+    for name in manifest.component_names:
+        use = fmt if manifest.find(name, format=fmt) else "onnx"
+        chosen[name] = choose_entry(manifest, bundle, name, use, precision, on_gpu=device == "gpu")
+    return chosen
+
+
+def write_repository(bundle: str | Path, out: str | Path, backend: str = "onnxruntime", precision: str | None = None,
+                     prefix: str | None = None, device: str = "gpu", instances: int = 1, queue_delay_us: int = 0,
+                     overwrite: bool = False) -> dict[str, Path]:
+    """Write ``bundle``'s components (and SAM's ensemble) as Triton models under ``out``; returns name -> folder."""
+    bundle, out = Path(bundle), Path(out)
+    manifest = read_manifest(bundle)
+    prefix = prefix if prefix is not None else re.sub(r"[^A-Za-z0-9_.-]+", "_", bundle.resolve().name)
+    if not _NAME.fullmatch(prefix):
+        raise InputError(f"--name {prefix!r}: Triton model names are folder names; use letters, digits, _ . -")
+    if instances < 1 or queue_delay_us < 0:
+        raise InputError(f"--instances must be at least 1 (got {instances}) and --max-queue-delay-us at least 0 "
+                         f"(got {queue_delay_us})")
+    chosen = plan_models(manifest, bundle, backend, precision, device)
+    suffix, members = ENSEMBLES.get(manifest.family, ("", ()))
+    ensemble = bool(members) and all(m in chosen for m in members)
+    names = {c: f"{prefix}_{c}" for c in chosen} | ({suffix: f"{prefix}_{suffix}"} if ensemble else {})
+    clash = sorted(n for n in names.values() if (out / n).exists())
+    if clash and not overwrite:
+        raise InputError(f"{out} already has the models {clash}; pass --overwrite to replace them, or --name to "
+                         "write these under another prefix")
+    for entry in chosen.values():
+        check_files(bundle, entry)
+    out.mkdir(parents=True, exist_ok=True)
+    stage = out / f".edgefm-triton-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    try:
+        for comp, entry in chosen.items():
+            folder = stage / names[comp]
+            (folder / "1").mkdir(parents=True)
+            shutil.copyfile(bundle / entry.file, folder / "1" / ("model.plan" if entry.format == "tensorrt"
+                                                                 else "model.onnx"))
+            for extra in entry.extra_files:  # ONNX external data, found by its recorded name beside the graph
+                shutil.copyfile(bundle / extra, folder / "1" / extra)
+            batching = not (ensemble and comp in members)  # an ensemble passes whole tensors between its steps
+            config = model_config(names[comp], entry, device, instances, batching, queue_delay_us)
+            what = f"component {comp}, {entry.file} ({entry.format} {entry.precision})"
+            (folder / "config.pbtxt").write_text("\n".join(_header(bundle, manifest, entry, what)
+                                                           + to_pbtxt(config)) + "\n")
+        if ensemble:
+            folder = stage / names[suffix]
+            (folder / "1").mkdir(parents=True)  # Triton wants a version folder, empty for an ensemble
+            config = ensemble_config(names[suffix], prefix, [chosen[m].spec for m in members])
+            what = f"ensemble of {' -> '.join(members)}"
+            (folder / "config.pbtxt").write_text("\n".join(_header(bundle, manifest, None, what)
+                                                           + to_pbtxt(config)) + "\n")
+        written = {}
+        for name in names.values():
+            target = out / name
+            if target.exists():
+                shutil.rmtree(target)
+            (stage / name).rename(target)
+            written[name] = target
+        return written
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def add_triton_parser(sub: Any) -> Any:
+    """Register ``edgefm triton`` on an argparse subparsers object."""
+    from edgefm.runtime.manifest import add_precision_arg
+
+    p = sub.add_parser("triton", help="write a bundle's components as a Triton Inference Server model repository")
+    p.add_argument("bundle")
+    p.add_argument("--out", required=True, help="the model repository folder (created; other models are kept)")
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"],
+                   help="serve the ONNX files (Triton's onnxruntime backend) or the bundle's TensorRT engines")
+    p.add_argument("--device", default="gpu", choices=["gpu", "cpu"], help="instance kind (default: gpu)")
+    p.add_argument("--instances", type=int, default=1, help="model instances per device (default: 1)")
+    p.add_argument("--name", default=None, help="model name prefix (default: the bundle folder's name)")
+    p.add_argument("--max-queue-delay-us", type=int, default=0,
+                   help="how long the dynamic batcher may hold a request to fill a batch (default: 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace models of the same names in --out")
+    add_precision_arg(p, "serve")
+    p.set_defaults(func=cmd_triton)
+    return p
+
+
+def cmd_triton(args: Any) -> None:
+    written = write_repository(args.bundle, args.out, args.backend, args.precision, args.name, args.device,
+                               args.instances, args.max_queue_delay_us, args.overwrite)
+    for name, folder in written.items():
+        files = sorted(p.name for p in (folder / "1").iterdir())
+        print(f"  {name:<32} {', '.join(files) or '(ensemble)'}")
+    print(f"wrote {len(written)} models to {args.out}; serve them with "
+          f"`tritonserver --model-repository {Path(args.out).resolve()}`")
