@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import itertools
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -83,6 +84,17 @@ def unavailable_reason(backend: str) -> str:
     return "it is not installed or not usable here"
 
 
+def _version_tuple(version: str) -> tuple[int, ...]:
+    """``"1.18.0"`` -> ``(1, 18, 0)``; a dev/local suffix ends the numbers."""
+    parts = []
+    for piece in version.split("."):
+        digits = "".join(itertools.takewhile(str.isdigit, piece))
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
 def _provider_options(backend: str, cache_dir: Path | None, cuda_options: dict[str, Any] | None = None,
                       explicit_int8: bool = False) -> list[tuple[str, dict[str, Any]]]:
     out = []
@@ -99,10 +111,13 @@ def _provider_options(backend: str, cache_dir: Path | None, cuda_options: dict[s
                 opts["trt_timing_cache_enable"] = True
         elif p == "CUDAExecutionProvider":
             # Exhaustive conv algo search pays once per session and wins on every call after. ONNX Runtime runs
-            # fp32 MatMul/Conv in TF32 unless told otherwise (since 1.17: onnxruntime PR 19357); fp32 here means
-            # fp32, as in PyTorch's default and fp32 engines, so TF32 is opt-in (cuda_options use_tf32="1").
-            opts = {"cudnn_conv_algo_search": "EXHAUSTIVE", "do_copy_in_default_stream": True, "use_tf32": "0",
-                    **(cuda_options or {})}
+            # fp32 MatMul/Conv in TF32 unless told otherwise; fp32 here means fp32, as in PyTorch's default and
+            # fp32 engines, so TF32 is opt-in (cuda_options use_tf32="1"). The option came with 1.18 (onnxruntime
+            # PR 19357), and older builds refuse options they do not know.
+            opts = {"cudnn_conv_algo_search": "EXHAUSTIVE", "do_copy_in_default_stream": True}
+            if _version_tuple(ort().__version__) >= (1, 18):
+                opts["use_tf32"] = "0"
+            opts.update(cuda_options or {})
         out.append((p, opts))
     return out
 

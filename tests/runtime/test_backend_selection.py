@@ -99,3 +99,8 @@ def test_fp32_on_cuda_is_fp32_unless_tf32_is_asked(machine, monkeypatch, sam_tin
     with pytest.raises(InputError, match="--tf32 is a math mode of ONNX Runtime's CUDA provider .* not of "
                                          "'ort-cpu': CPUs have no TF32"):
         Bundle(sam_tiny_bundle, "ort-cpu", tf32=True)
+    # onnxruntime-gpu before 1.18 has no use_tf32 and refuses options it does not know: none is passed there.
+    monkeypatch.setattr(ortb.ort(), "__version__", "1.17.3")
+    assert "use_tf32" not in dict(ortb._provider_options("ort-cuda", None))[cuda]
+    monkeypatch.setattr(ortb.ort(), "__version__", "1.18.0.dev20240301")
+    assert dict(ortb._provider_options("ort-cuda", None))[cuda]["use_tf32"] == "0"
