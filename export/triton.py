@@ -13,7 +13,8 @@ with:
   SAM's web demo uses, where the image encoder runs once per image and each click costs the small models;
 - each model warms up at its opt shapes with zero tensors (zeros are valid for every input: ids, labels and
   positions included), so the first request does not pay for CUDA or TensorRT set-up;
-- fp32 ONNX models on a GPU open ONNX Runtime's CUDA provider with TF32 off, as ``edgefm``'s own runtime does.
+- fp32 ONNX models on a GPU open ONNX Runtime's CUDA provider with TF32 off, as ``edgefm``'s own runtime does;
+  ``--accelerator tensorrt`` puts ONNX models on its TensorRT provider instead, as the ort-trt backend does.
 
 Pre- and post-processing (resizing, normalization, mask upscaling, tokenization, sampling) stay with the client:
 ``edgefm.runtime`` has them without torch. Nothing is half-written: the models are assembled in a temporary
@@ -93,8 +94,26 @@ def _warmup(spec: ComponentSpec, batched: bool) -> list[dict[str, Any]]:
     return [{"name": "zeros at the opt shapes", "batch_size": 1, "inputs": inputs}]
 
 
+def tensorrt_accelerator(name: str, entry: ComponentEntry) -> dict[str, Any]:
+    """ONNX Runtime's TensorRT provider inside Triton, set up as edgefm's ort-trt backend is (fp16; int8 for a
+    Q/DQ graph, whose scales are in it), with the engine cached per model and one optimization profile over the
+    spec's ranges, so a new request shape inside them never rebuilds an engine while serving."""
+    from .tensorrt import profiles_from_spec
+
+    (profile,) = profiles_from_spec(entry.spec)
+
+    def shapes(which: int) -> str:
+        return ",".join(f"{n}:{'x'.join(str(d) for d in ends[which])}" for n, ends in profile.items())
+
+    params = {"precision_mode": "INT8" if entry.explicitly_quantized else "FP16",
+              "trt_engine_cache_enable": "1", "trt_engine_cache_path": f"/tmp/edgefm-triton-trt/{name}",
+              "trt_timing_cache_enable": "1", "trt_profile_min_shapes": shapes(0),
+              "trt_profile_opt_shapes": shapes(1), "trt_profile_max_shapes": shapes(2)}
+    return {"name": "tensorrt", "parameters": [{"key": k, "value": v} for k, v in params.items()]}
+
+
 def model_config(name: str, entry: ComponentEntry, device: str, instances: int, batching: bool,
-                 queue_delay_us: int) -> dict[str, Any]:
+                 queue_delay_us: int, accelerator: str = "cuda") -> dict[str, Any]:
     """The ``config.pbtxt`` of one component file, as a dict for :func:`to_pbtxt`."""
     spec = entry.spec
     dim = batch_dim(spec) if batching else None
@@ -108,9 +127,13 @@ def model_config(name: str, entry: ComponentEntry, device: str, instances: int, 
     if dim:
         config["dynamic_batching"] = {"max_queue_delay_microseconds": queue_delay_us} if queue_delay_us else {}
     config["instance_group"] = [{"count": instances, "kind": Enum("KIND_GPU" if device == "gpu" else "KIND_CPU")}]
-    if not engine and device == "gpu" and entry.precision == "fp32":
-        config["optimization"] = {"execution_accelerators": {"gpu_execution_accelerator": [
-            {"name": "cuda", "parameters": [{"key": "use_tf32", "value": "0"}]}]}}
+    acc = None
+    if not engine and device == "gpu" and accelerator == "tensorrt":
+        acc = tensorrt_accelerator(name, entry)
+    elif not engine and device == "gpu" and entry.precision == "fp32":
+        acc = {"name": "cuda", "parameters": [{"key": "use_tf32", "value": "0"}]}
+    if acc is not None:
+        config["optimization"] = {"execution_accelerators": {"gpu_execution_accelerator": [acc]}}
     config["model_warmup"] = _warmup(spec, dim is not None)
     return config
 
@@ -168,8 +191,10 @@ def plan_models(manifest: Manifest, bundle: Path, backend: str, precision: str |
 
 def write_repository(bundle: str | Path, out: str | Path, backend: str = "onnxruntime", precision: str | None = None,
                      prefix: str | None = None, device: str = "gpu", instances: int = 1, queue_delay_us: int = 0,
-                     overwrite: bool = False) -> dict[str, Path]:
-    """Write ``bundle``'s components (and SAM's ensemble) as Triton models under ``out``; returns name -> folder."""
+                     overwrite: bool = False, accelerator: str = "cuda") -> dict[str, Path]:
+    """Write ``bundle``'s components (and SAM's ensemble) as Triton models under ``out``; returns name -> folder.
+    ``accelerator='tensorrt'``: ONNX models run on ONNX Runtime's TensorRT provider (see
+    :func:`tensorrt_accelerator`) instead of its CUDA provider."""
     bundle, out = Path(bundle), Path(out)
     manifest = read_manifest(bundle)
     prefix = prefix if prefix is not None else re.sub(r"[^A-Za-z0-9_.-]+", "_", bundle.resolve().name)
@@ -178,6 +203,11 @@ def write_repository(bundle: str | Path, out: str | Path, backend: str = "onnxru
     if instances < 1 or queue_delay_us < 0:
         raise InputError(f"--instances must be at least 1 (got {instances}) and --max-queue-delay-us at least 0 "
                          f"(got {queue_delay_us})")
+    if accelerator not in ("cuda", "tensorrt"):
+        raise InputError(f"--accelerator {accelerator!r}: expected 'cuda' or 'tensorrt'")
+    if accelerator == "tensorrt" and (device != "gpu" or backend != "onnxruntime"):
+        raise InputError("--accelerator tensorrt is ONNX Runtime's TensorRT provider for ONNX models on a GPU: it "
+                         "needs --backend onnxruntime and --device gpu (for engines, use --backend tensorrt)")
     chosen = plan_models(manifest, bundle, backend, precision, device)
     suffix, members = ENSEMBLES.get(manifest.family, ("", ()))
     ensemble = bool(members) and all(m in chosen for m in members)
@@ -200,7 +230,7 @@ def write_repository(bundle: str | Path, out: str | Path, backend: str = "onnxru
             for extra in entry.extra_files:  # ONNX external data, found by its recorded name beside the graph
                 shutil.copyfile(bundle / extra, folder / "1" / extra)
             batching = not (ensemble and comp in members)  # an ensemble passes whole tensors between its steps
-            config = model_config(names[comp], entry, device, instances, batching, queue_delay_us)
+            config = model_config(names[comp], entry, device, instances, batching, queue_delay_us, accelerator)
             what = f"component {comp}, {entry.file} ({entry.format} {entry.precision})"
             (folder / "config.pbtxt").write_text("\n".join(_header(bundle, manifest, entry, what)
                                                            + to_pbtxt(config)) + "\n")
@@ -237,6 +267,9 @@ def add_triton_parser(sub: Any) -> Any:
     p.add_argument("--name", default=None, help="model name prefix (default: the bundle folder's name)")
     p.add_argument("--max-queue-delay-us", type=int, default=0,
                    help="how long the dynamic batcher may hold a request to fill a batch (default: 0)")
+    p.add_argument("--accelerator", default="cuda", choices=["cuda", "tensorrt"],
+                   help="ONNX models on a GPU: ONNX Runtime's CUDA provider (default) or its TensorRT provider "
+                        "(fp16, engines cached, one profile over the manifest's ranges)")
     p.add_argument("--overwrite", action="store_true", help="replace models of the same names in --out")
     add_precision_arg(p, "serve")
     p.set_defaults(func=cmd_triton)
@@ -245,7 +278,7 @@ def add_triton_parser(sub: Any) -> Any:
 
 def cmd_triton(args: Any) -> None:
     written = write_repository(args.bundle, args.out, args.backend, args.precision, args.name, args.device,
-                               args.instances, args.max_queue_delay_us, args.overwrite)
+                               args.instances, args.max_queue_delay_us, args.overwrite, args.accelerator)
     for name, folder in written.items():
         files = sorted(p.name for p in (folder / "1").iterdir())
         print(f"  {name:<32} {', '.join(files) or '(ensemble)'}")

@@ -245,3 +245,27 @@ def test_tensorrt_engines(pb2, tmp_path, monkeypatch):
     assert "rebuild with `edgefm build-engine` where Triton runs" in header
     dec = parse(pb2, written["trt_mask_decoder"])
     assert [list(t.dims) for t in dec.input] == [[1, 32, 16, 16], [-1, -1, 32], [-1, 32, 16, 16]]
+
+
+def test_onnx_on_tensorrt_provider(pb2, sam_tiny_bundle, tmp_path):
+    """--accelerator tensorrt: ONNX Runtime's TensorRT provider in fp16, one profile over the manifest's ranges
+    (a request shape inside them never triggers an engine rebuild), the engine cached per model."""
+    written = write_repository(sam_tiny_bundle, tmp_path / "repo", prefix="sam", accelerator="tensorrt")
+    for name in ("sam_image_encoder", "sam_prompt_encoder"):
+        (acc,) = parse(pb2, written[name]).optimization.execution_accelerators.gpu_execution_accelerator
+        params = dict(acc.parameters)
+        assert acc.name == "tensorrt" and params["precision_mode"] == "FP16"
+        assert params["trt_engine_cache_enable"] == "1" and params["trt_engine_cache_path"].endswith(name)
+    enc = dict(parse(pb2, written["sam_image_encoder"]).optimization.execution_accelerators
+               .gpu_execution_accelerator[0].parameters)
+    assert (enc["trt_profile_min_shapes"], enc["trt_profile_max_shapes"]) == ("image:1x3x256x256",
+                                                                              "image:8x3x256x256")
+    pe = dict(parse(pb2, written["sam_prompt_encoder"]).optimization.execution_accelerators
+              .gpu_execution_accelerator[0].parameters)
+    assert pe["trt_profile_opt_shapes"] == ("point_coords:1x2x2,point_labels:1x2,mask_input:1x1x64x64,"
+                                            "has_mask_input:1")
+    assert pe["trt_profile_max_shapes"] == ("point_coords:128x32x2,point_labels:128x32,"
+                                            "mask_input:128x1x64x64,has_mask_input:128")
+    for kwargs in (dict(device="cpu"), dict(backend="tensorrt")):
+        with pytest.raises(InputError, match="--accelerator tensorrt is ONNX Runtime's TensorRT provider"):
+            write_repository(sam_tiny_bundle, tmp_path / "other", accelerator="tensorrt", **kwargs)
