@@ -109,8 +109,32 @@ def onnx_from_module(
                         location=data_name, size_threshold=1024)
         if (path.parent / data_name).exists():  # small graphs may have no tensor above the threshold
             extra.append(data_name)
+    declare_output_shapes(path, spec)
     onnx.checker.check_model(str(path))
     return extra
+
+
+def declare_output_shapes(path: str | Path, spec: ComponentSpec) -> None:
+    """Write the spec's output shapes into the graph: sizes where fixed, the spec's names where symbolic.
+
+    The exporter names the output dims it cannot follow (``Reshapelow_res_masks_dim_1``), and ONNX Runtime fills
+    some of them back in depending on its version and optimization level. Readers that compare shapes exactly
+    (Triton's onnxruntime backend checks a config's outputs against its session's) then disagree by version.
+    Declared, every reader sees the same shapes; the parity check runs the graph and compares its outputs."""
+    onnx = require("onnx", "export", "Exporting")
+    model = onnx.load(str(path), load_external_data=False)
+    wanted = {t.name: t.shape for t in spec.outputs}
+    for out in model.graph.output:
+        dims = out.type.tensor_type.shape.dim
+        if len(dims) != len(wanted[out.name]):
+            raise InputError(f"{path}: the exporter gave output {out.name!r} rank {len(dims)}, but the spec says "
+                             f"{list(wanted[out.name])}")
+        for dim, size in zip(dims, wanted[out.name]):
+            if isinstance(size, int):
+                dim.dim_value = size
+            else:
+                dim.dim_param = size
+    onnx.save_model(model, str(path))
 
 
 def fp16_from_onnx(src: str | Path, dst: str | Path) -> list[str]:
