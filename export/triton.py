@@ -79,10 +79,39 @@ def batch_dim(spec: ComponentSpec) -> str | None:
     return first if isinstance(first, str) else None
 
 
-def _tensors(tensors: tuple[TensorSpec, ...], batched: bool) -> list[dict[str, Any]]:
-    return [{"name": t.name, "data_type": Enum(TRITON_DTYPES[t.dtype]),
-             "dims": [d if isinstance(d, int) else -1 for d in (t.shape[1:] if batched else t.shape)]}
-            for t in tensors]
+def graph_dims(path: Path) -> dict[str, list[int]]:
+    """The input and output shapes ONNX Runtime sees in an ONNX file (-1 for a free dim): what Triton's
+    onnxruntime backend, which asks its own session, compares a config with (outputs exactly). Graphs that
+    declare their output shapes (edgefm's exports now do) agree with the manifest everywhere; in older bundles,
+    ONNX Runtime's shape inference fixes some dims the file leaves symbolic, by version and optimization level."""
+    import onnxruntime as ort
+
+    # Default session options, as Triton opens it: the optimization level changes what shapes are reported.
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return {v.name: [d if isinstance(d, int) else -1 for d in v.shape] for v in [*sess.get_inputs(),
+                                                                              *sess.get_outputs()]}
+
+
+def _tensors(tensors: tuple[TensorSpec, ...], batched: bool, declared: dict[str, list[int]] | None = None,
+             exact: bool = False) -> list[dict[str, Any]]:
+    """Config entries for ``tensors``: the spec's sizes and the graph's (``declared``) where it fixes one; with
+    ``exact``, the graph's dims as they are."""
+    out = []
+    for t in tensors:
+        dims = [d if isinstance(d, int) else -1 for d in t.shape]
+        if declared is not None:
+            dims = declared[t.name] if exact else [g if g != -1 else d for g, d in zip(declared[t.name], dims)]
+        out.append({"name": t.name, "data_type": Enum(TRITON_DTYPES[t.dtype]), "dims": dims[1:] if batched else dims})
+    return out
+
+
+def _check_declared(path: Path, spec: ComponentSpec, declared: dict[str, list[int]]) -> None:
+    for t in spec.inputs + spec.outputs:
+        dims = declared.get(t.name)
+        if dims is None or len(dims) != len(t.shape) or any(
+                isinstance(s, int) and d != -1 and d != s for s, d in zip(t.shape, dims)):
+            raise BundleError(f"{path}: tensor {t.name!r} is declared {dims} in the graph but {list(t.shape)} in the "
+                              "manifest; re-export the bundle")
 
 
 def _warmup(spec: ComponentSpec, batched: bool) -> list[dict[str, Any]]:
@@ -113,17 +142,22 @@ def tensorrt_accelerator(name: str, entry: ComponentEntry) -> dict[str, Any]:
 
 
 def model_config(name: str, entry: ComponentEntry, device: str, instances: int, batching: bool,
-                 queue_delay_us: int, accelerator: str = "cuda") -> dict[str, Any]:
-    """The ``config.pbtxt`` of one component file, as a dict for :func:`to_pbtxt`."""
+                 queue_delay_us: int, accelerator: str = "cuda", declared: dict[str, list[int]] | None = None
+                 ) -> dict[str, Any]:
+    """The ``config.pbtxt`` of one component file, as a dict for :func:`to_pbtxt`. ``declared``: the ONNX
+    graph's own I/O dims (:func:`graph_dims`); outputs are written with them, as Triton's onnxruntime backend
+    wants them exactly, and inputs with the manifest's sizes, which it accepts where the graph has -1."""
     spec = entry.spec
     dim = batch_dim(spec) if batching else None
+    if dim and declared is not None and any(declared[t.name][0] != -1 for t in spec.inputs + spec.outputs):
+        dim = None  # Triton batches only along a dim the graph leaves free
     engine = entry.format == "tensorrt"
     config: dict[str, Any] = {"name": name}
     config.update({"platform": "tensorrt_plan", "default_model_filename": "model.plan"} if engine else
                   {"backend": "onnxruntime", "default_model_filename": "model.onnx"})
     config["max_batch_size"] = spec.dims[dim].max if dim else 0
-    config["input"] = _tensors(spec.inputs, dim is not None)
-    config["output"] = _tensors(spec.outputs, dim is not None)
+    config["input"] = _tensors(spec.inputs, dim is not None, declared)
+    config["output"] = _tensors(spec.outputs, dim is not None, declared, exact=True)
     if dim:
         config["dynamic_batching"] = {"max_queue_delay_microseconds": queue_delay_us} if queue_delay_us else {}
     config["instance_group"] = [{"count": instances, "kind": Enum("KIND_GPU" if device == "gpu" else "KIND_CPU")}]
@@ -138,8 +172,10 @@ def model_config(name: str, entry: ComponentEntry, device: str, instances: int, 
     return config
 
 
-def ensemble_config(name: str, prefix: str, specs: list[ComponentSpec]) -> dict[str, Any]:
-    """A Triton ensemble running ``specs`` in order; each tensor keeps its name from producer to consumer."""
+def ensemble_config(name: str, prefix: str, specs: list[ComponentSpec],
+                    last_outputs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A Triton ensemble running ``specs`` in order; each tensor keeps its name from producer to consumer. Its
+    outputs are declared as the last step's config declares them (``last_outputs``), else from its spec."""
     made: set[str] = set()
     inputs: list[TensorSpec] = []
     steps = []
@@ -150,7 +186,7 @@ def ensemble_config(name: str, prefix: str, specs: list[ComponentSpec]) -> dict[
                       "input_map": [{"key": t, "value": t} for t in spec.input_names],
                       "output_map": [{"key": t, "value": t} for t in spec.output_names]})
     return {"name": name, "platform": "ensemble", "max_batch_size": 0, "input": _tensors(tuple(inputs), False),
-            "output": _tensors(specs[-1].outputs, False), "ensemble_scheduling": {"step": steps}}
+            "output": last_outputs or _tensors(specs[-1].outputs, False), "ensemble_scheduling": {"step": steps}}
 
 
 def _header(bundle: Path, manifest: Manifest, entry: ComponentEntry | None, what: str) -> list[str]:
@@ -221,6 +257,7 @@ def write_repository(bundle: str | Path, out: str | Path, backend: str = "onnxru
     out.mkdir(parents=True, exist_ok=True)
     stage = out / f".edgefm-triton-{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)
+    configs: dict[str, dict[str, Any]] = {}
     try:
         for comp, entry in chosen.items():
             folder = stage / names[comp]
@@ -230,14 +267,21 @@ def write_repository(bundle: str | Path, out: str | Path, backend: str = "onnxru
             for extra in entry.extra_files:  # ONNX external data, found by its recorded name beside the graph
                 shutil.copyfile(bundle / extra, folder / "1" / extra)
             batching = not (ensemble and comp in members)  # an ensemble passes whole tensors between its steps
-            config = model_config(names[comp], entry, device, instances, batching, queue_delay_us, accelerator)
+            declared = None
+            if entry.format == "onnx":
+                declared = graph_dims(bundle / entry.file)
+                _check_declared(bundle / entry.file, entry.spec, declared)
+            config = model_config(names[comp], entry, device, instances, batching, queue_delay_us, accelerator,
+                                  declared)
+            configs[comp] = config
             what = f"component {comp}, {entry.file} ({entry.format} {entry.precision})"
             (folder / "config.pbtxt").write_text("\n".join(_header(bundle, manifest, entry, what)
                                                            + to_pbtxt(config)) + "\n")
         if ensemble:
             folder = stage / names[suffix]
             (folder / "1").mkdir(parents=True)  # Triton wants a version folder, empty for an ensemble
-            config = ensemble_config(names[suffix], prefix, [chosen[m].spec for m in members])
+            config = ensemble_config(names[suffix], prefix, [chosen[m].spec for m in members],
+                                     configs[members[-1]]["output"])
             what = f"ensemble of {' -> '.join(members)}"
             (folder / "config.pbtxt").write_text("\n".join(_header(bundle, manifest, None, what)
                                                            + to_pbtxt(config)) + "\n")
