@@ -34,3 +34,15 @@ def test_python_example_runs(sam_tiny_bundle, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md", "exec"), {})
     capsys.readouterr()
+
+
+def test_command_table_lists_every_command():
+    """"Commands at a glance" names each subcommand of the parser, and nothing the parser lacks."""
+    from edgefm.runtime.cli import build_parser
+
+    text = README.read_text().split("## Commands at a glance", 1)[1].split("\n## ", 1)[0]
+    listed = set()
+    for row in re.findall(r"^\| (`.*?`) \| ", text, re.M):  # the first cell: one or more `command ...`
+        listed |= {chunk.split()[0] for chunk in re.findall(r"`([^`]+)`", row)}
+    sub = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
+    assert sorted(listed) == sorted(sub.choices)
