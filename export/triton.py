@@ -29,6 +29,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from edgefm.runtime.backends.onnxruntime import trt_profile_options
 from edgefm.runtime.bundle import check_files, choose_entry
 from edgefm.runtime.errors import BundleError, InputError
 from edgefm.runtime.manifest import ComponentEntry, Manifest, read_manifest
@@ -127,17 +128,9 @@ def tensorrt_accelerator(name: str, entry: ComponentEntry) -> dict[str, Any]:
     """ONNX Runtime's TensorRT provider inside Triton, set up as edgefm's ort-trt backend is (fp16; int8 for a
     Q/DQ graph, whose scales are in it), with the engine cached per model and one optimization profile over the
     spec's ranges, so a new request shape inside them never rebuilds an engine while serving."""
-    from .tensorrt import profiles_from_spec
-
-    (profile,) = profiles_from_spec(entry.spec)
-
-    def shapes(which: int) -> str:
-        return ",".join(f"{n}:{'x'.join(str(d) for d in ends[which])}" for n, ends in profile.items())
-
     params = {"precision_mode": "INT8" if entry.explicitly_quantized else "FP16",
               "trt_engine_cache_enable": "1", "trt_engine_cache_path": f"/tmp/edgefm-triton-trt/{name}",
-              "trt_timing_cache_enable": "1", "trt_profile_min_shapes": shapes(0),
-              "trt_profile_opt_shapes": shapes(1), "trt_profile_max_shapes": shapes(2)}
+              "trt_timing_cache_enable": "1", **trt_profile_options(entry.spec)}
     return {"name": "tensorrt", "parameters": [{"key": k, "value": v} for k, v in params.items()]}
 
 

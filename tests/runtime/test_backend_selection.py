@@ -104,3 +104,24 @@ def test_fp32_on_cuda_is_fp32_unless_tf32_is_asked(machine, monkeypatch, sam_tin
     assert "use_tf32" not in dict(ortb._provider_options("ort-cuda", None))[cuda]
     monkeypatch.setattr(ortb.ort(), "__version__", "1.18.0.dev20240301")
     assert dict(ortb._provider_options("ort-cuda", None))[cuda]["use_tf32"] == "0"
+
+
+def test_ort_trt_builds_one_profile_over_the_spec(machine, monkeypatch, sam_tiny_bundle):
+    """ort-trt hands TensorRT one profile over the manifest's ranges, so no later shape inside them rebuilds
+    an engine mid-stream; inputs without a free dim stay out of it. (Sessions open on the CPU provider here:
+    TensorRT's is not installed; the options are what OrtRunner opened them with.)"""
+    from edgefm.runtime.bundle import Bundle
+
+    machine(providers=ALL, gpu=True, trt_libs=True)
+    monkeypatch.setattr(ortb.OrtRunner, "_open", lambda self, so, providers: ortb.ort().InferenceSession(
+        str(self.path), providers=["CPUExecutionProvider"]))
+    bundle = Bundle(sam_tiny_bundle, "ort-trt")
+    trt = "TensorrtExecutionProvider"
+    pe = dict(bundle.runner("prompt_encoder").providers)[trt]
+    assert pe["trt_profile_min_shapes"] == "point_coords:1x1x2,point_labels:1x1,mask_input:1x1x64x64,has_mask_input:1"
+    assert pe["trt_profile_opt_shapes"] == "point_coords:1x2x2,point_labels:1x2,mask_input:1x1x64x64,has_mask_input:1"
+    assert pe["trt_profile_max_shapes"] == ("point_coords:128x32x2,point_labels:128x32,mask_input:128x1x64x64,"
+                                            "has_mask_input:128")
+    dec = dict(bundle.runner("mask_decoder").providers)[trt]
+    assert dec["trt_profile_max_shapes"] == "sparse_embeddings:128x32x32,dense_embeddings:128x32x16x16"
+    assert dec["trt_fp16_enable"] and dec["trt_engine_cache_enable"]
