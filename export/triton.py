@@ -1,9 +1,9 @@
 """``edgefm triton``: a Triton Inference Server model repository from a bundle.
 
 Every component becomes one Triton model: ``<prefix>_<component>/config.pbtxt`` and version ``1/`` holding the
-ONNX file (Triton's ``onnxruntime`` backend) or the TensorRT engine (``tensorrt_plan``). The configs come from
-the component specs in the manifest, so names, dtypes and dims are the ones the files were exported or built
-with:
+ONNX file (Triton's ``onnxruntime`` backend) or the TensorRT engine (``tensorrt_plan``). Names, dtypes and input
+dims come from the component specs in the manifest; an ONNX model's outputs are written as ONNX Runtime reports
+them, since Triton's onnxruntime backend compares those exactly with its own session (:func:`graph_dims`):
 
 - a component whose every input and output leads with the same symbolic batch dim (SAM's and CLIP's image
   encoders, CLIP's text encoder, the dVAE) is served with Triton's dynamic batcher, ``max_batch_size`` the

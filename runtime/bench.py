@@ -203,7 +203,8 @@ def environment_stamp(bundle: Bundle, threads: int | None) -> dict[str, Any]:
         "gpu": gpu, "versions": versions, "backend": bundle.backend,
         "precision": sorted({bundle.entry(n).precision for n in bundle.manifest.component_names}),
         "threads": {"requested": threads, "ort_intra_op": effective},
-        "tf32": bundle.tf32 if bundle.backend in ("ort-cuda", "ort-trt") else None,
+        # ort-cuda's fp32 math; under ort-trt, TensorRT's own engines allow TF32 whatever this says.
+        "tf32": bundle.tf32 if bundle.backend == "ort-cuda" else None,
     }
 
 
