@@ -263,3 +263,34 @@ def test_tensorrt_engines(pb2, tmp_path, monkeypatch):
     assert "rebuild with `edgefm build-engine` where Triton runs" in header
     dec = parse(pb2, written["trt_mask_decoder"])
     assert [list(t.dims) for t in dec.input] == [[1, 32, 16, 16], [-1, -1, 32], [-1, 32, 16, 16]]
+
+
+def test_external_data_travels_with_the_graph(pb2, sam_tiny_bundle, tmp_path):
+    """A graph with its weights in a .onnx.data file (SAM ViT-H fp32): the file is copied beside model.onnx
+    under the name the graph records, and the repository's copy loads and runs."""
+    import dataclasses
+    import shutil
+
+    import onnx
+    from edgefm.runtime.bundle import sha256_file
+    from edgefm.runtime.manifest import read_manifest
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(sam_tiny_bundle, bundle)
+    model = onnx.load(str(bundle / "image_encoder.onnx"))
+    onnx.save_model(model, str(bundle / "image_encoder.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="image_encoder.onnx.data", size_threshold=0)
+    manifest = read_manifest(bundle)
+    manifest.components = [
+        dataclasses.replace(c, sha256=sha256_file(bundle / c.file),
+                            extra_files={"image_encoder.onnx.data": sha256_file(bundle / "image_encoder.onnx.data")})
+        if c.file == "image_encoder.onnx" else c for c in manifest.components]
+    manifest.write(bundle)
+    written = write_repository(bundle, tmp_path / "repo", prefix="sam")
+    folder = written["sam_image_encoder"]
+    assert sorted(p.name for p in (folder / "1").iterdir()) == ["image_encoder.onnx.data", "model.onnx"]
+    config = parse(pb2, folder)
+    got = run_warmup(pb2, config, folder)["image_embeddings"]
+    want = Bundle(sam_tiny_bundle, "ort-cpu").runner("image_encoder").run(
+        {"image": np.zeros((1, 3, 256, 256), np.float32)})["image_embeddings"]
+    np.testing.assert_array_equal(got, want)
