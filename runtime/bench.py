@@ -38,6 +38,7 @@ import cv2
 import numpy as np
 
 from .bench_pipelines import PIPELINES
+from .bench_plot import bench_rows, plot_bars
 from .bundle import Bundle
 from .errors import InputError
 from .manifest import Manifest, add_precision_arg
@@ -122,9 +123,11 @@ def graph_replay(runner: Any, feeds: dict[str, np.ndarray], iters: int, warmup: 
 
 
 def bench_component(bundle: Bundle, name: str, batch: int, iters: int, warmup: int,
-                    rng: np.random.Generator, cuda_graph: bool = False) -> dict[str, Any]:
+                    rng: np.random.Generator, cuda_graph: bool = False,
+                    feeds: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     entry, runner = bundle.entry(name), bundle.runner(name)
-    feeds = dummy_feeds(entry.spec, batch, rng, value_rules(bundle.manifest))
+    if feeds is None:
+        feeds = dummy_feeds(entry.spec, batch, rng, value_rules(bundle.manifest))
     items = batch if any(d in entry.spec.dims for d in BATCH_DIMS) else 1
     split = None
     if hasattr(runner, "run_timed"):  # native TensorRT: CUDA events split copies from compute
@@ -211,10 +214,13 @@ def environment_stamp(bundle: Bundle, threads: int | None) -> dict[str, Any]:
 def bench_bundle(path: str | Path, backend: str = "auto", batch: int = 1, iters: int = 50, warmup: int = 5,
                  threads: int | None = None, pipelines: bool = True, seed: int = 0,
                  progress: Callable[[str], None] | None = None, cuda_graph: bool = False,
-                 precision: str | None = None, tf32: bool = False) -> dict[str, Any]:
+                 precision: str | None = None, tf32: bool = False, pytorch: str | Path | None = None
+                 ) -> dict[str, Any]:
     """Benchmark every component of the bundle at ``path`` (and its family's pipelines); see the module doc.
     ``cuda_graph``: also time each ONNX component as a replayed CUDA graph (ort-cuda only); ``precision``:
-    time that precision of the components that have it; ``tf32``: fp32 in TF32 on ort-cuda (see :class:`Bundle`)."""
+    time that precision of the components that have it; ``tf32``: fp32 in TF32 on ort-cuda (see :class:`Bundle`);
+    ``pytorch``: the checkpoint the bundle came from, also timed in PyTorch on the same inputs and device
+    (:mod:`edgefm.export.torch_bench`; needs torch)."""
     for flag, value, lo in (("--batch", batch, 1), ("--iters", iters, 1), ("--warmup", warmup, 0)):
         if int(value) < lo:
             raise InputError(f"{flag} must be at least {lo}, got {value}")
@@ -223,6 +229,10 @@ def bench_bundle(path: str | Path, backend: str = "auto", batch: int = 1, iters:
     if cuda_graph and bundle.backend != "ort-cuda":
         raise InputError(f"--cuda-graph replays ONNX Runtime CUDA graphs: it needs --backend ort-cuda, not "
                          f"{bundle.backend!r} (the tensorrt backend captures CUDA graphs by itself)")
+    if pytorch is not None:
+        from edgefm.export.torch_bench import check_checkpoint  # torch: only when asked for
+
+        pytorch = check_checkpoint(bundle, pytorch)
     on_gpu = bundle.backend != "ort-cpu"
     device_before = device_memory_used_mib() if on_gpu else None
     rng = np.random.default_rng(seed)
@@ -231,10 +241,21 @@ def bench_bundle(path: str | Path, backend: str = "auto", batch: int = 1, iters:
         "backend": bundle.backend, "batch": batch, "iters": iters, "warmup": warmup, "seed": seed,
         "components": {}, "pipelines": {},
     }
+    feeds: dict[str, dict[str, np.ndarray]] = {}
     for name in bundle.manifest.component_names:
         if progress:
             progress(f"timing {name} on {bundle.backend}")
-        result["components"][name] = bench_component(bundle, name, batch, iters, warmup, rng, cuda_graph)
+        feeds[name] = dummy_feeds(bundle.spec(name), batch, rng, value_rules(bundle.manifest))
+        result["components"][name] = bench_component(bundle, name, batch, iters, warmup, rng, cuda_graph,
+                                                      feeds[name])
+    if pytorch is not None:
+        from edgefm.export.torch_bench import time_pytorch
+
+        torch_results = time_pytorch(bundle, pytorch, feeds, result["components"], iters, warmup, threads,
+                                     progress)
+        for name, r in torch_results.items():
+            result["components"][name]["pytorch"] = r
+        result["pytorch_checkpoint"] = str(pytorch)
     if pipelines and bundle.family in PIPELINES:
         if progress:
             progress(f"timing the {bundle.family} pipelines")
@@ -246,11 +267,6 @@ def bench_bundle(path: str | Path, backend: str = "auto", batch: int = 1, iters:
     return result
 
 
-def _rows(result: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    rows = [(name, r) for name, r in result["components"].items()]
-    return rows + [(f"{name} (pipeline)", r) for name, r in result["pipelines"].items()]
-
-
 def markdown_table(result: dict[str, Any]) -> str:
     """The results as a markdown table plus memory, transfer and environment lines."""
     env = result["environment"]
@@ -258,7 +274,7 @@ def markdown_table(result: dict[str, Any]) -> str:
              f"(batch {result['batch']}, {result['iters']} iterations after {result['warmup']} warm-up)", "",
              "| component | precision | inputs | min ms | median ms | mean ms | p90 ms | p99 ms | throughput |",
              "|---|---|---|--:|--:|--:|--:|--:|--:|"]
-    for name, r in _rows(result):
+    for name, r in bench_rows(result):
         ms = r["latency_ms"]
         shapes = ", ".join(f"{k} {'x'.join(str(d) for d in v)}" for k, v in r["inputs"].items())
         tput = f"{r['throughput']['qps']:.1f} qps"
@@ -272,6 +288,12 @@ def markdown_table(result: dict[str, Any]) -> str:
         if t:
             lines.append(f"- {name}: compute {t['compute_ms']:.3f} ms, host<->device {t['transfer_ms']:.3f} ms "
                          f"({t['method']})")
+        pt = r.get("pytorch")
+        if pt:
+            a, ms = pt["agreement"], pt["latency_ms"]["median"]
+            lines.append(f"- {name}: PyTorch ({pt['device']}, {pt['math']}) {ms:.3f} ms median; edgefm takes "
+                         f"{pt['ratio']:.2f}x its time; outputs on the same inputs: worst cosine/IoU "
+                         f"{a['worst']:.6f} ({a['policy']} policy: {'pass' if a['passed'] else 'FAIL'})")
         g = r.get("cuda_graph")
         if g and "error" in g:
             lines.append(f"- {name}: could not be captured as a graph ({g['error']})")
@@ -293,52 +315,6 @@ def markdown_table(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _nice_step(span: float) -> float:
-    raw = span / 5
-    mag = 10 ** np.floor(np.log10(raw)) if raw > 0 else 1.0
-    return float(next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw))
-
-
-def plot_bars(result: dict[str, Any], path: str | Path) -> Path:
-    """Horizontal bar chart (OpenCV): bar = median, whisker = p90..p99, value written beside each bar."""
-    from .draw import write_image
-
-    rows = _rows(result)
-    width, left, right, top, row_h = 1000, 250, 190, 78, 40
-    height = top + row_h * len(rows) + 50
-    img = np.full((height, width, 3), 255, np.uint8)
-    font, dark, grid = cv2.FONT_HERSHEY_SIMPLEX, (30, 30, 30), (225, 225, 225)
-    title = f"edgefm bench  {result['family']}/{result['variant']}  on {result['backend']}, batch {result['batch']}"
-    cv2.putText(img, title, (16, 30), font, 0.65, dark, 1, cv2.LINE_AA)
-    cv2.putText(img, f"latency in ms over {result['iters']} runs: bar = median, whisker = p90..p99", (16, 54),
-                font, 0.45, (90, 90, 90), 1, cv2.LINE_AA)
-    vmax = max(r["latency_ms"]["p99"] for _, r in rows) * 1.05 or 1.0
-    plot_w = width - left - right
-
-    def x(v: float) -> int:
-        return left + int(round(v / vmax * plot_w))
-
-    step = _nice_step(vmax)
-    y_axis = top + row_h * len(rows)
-    for k in range(int(vmax / step) + 1):
-        gx = x(k * step)
-        cv2.line(img, (gx, top - 6), (gx, y_axis), grid, 1)
-        cv2.putText(img, f"{k * step:g}", (gx - 8, y_axis + 20), font, 0.4, dark, 1, cv2.LINE_AA)
-    for i, (name, r) in enumerate(rows):
-        ms, y0 = r["latency_ms"], top + i * row_h
-        color = (245, 130, 48) if r["kind"] == "pipeline" else (0, 110, 190)  # RGB
-        cv2.putText(img, name, (16, y0 + 25), font, 0.5, dark, 1, cv2.LINE_AA)
-        cv2.rectangle(img, (left, y0 + 8), (max(x(ms["median"]), left + 1), y0 + row_h - 8), color, -1)
-        yc = y0 + row_h // 2
-        cv2.line(img, (x(ms["p90"]), yc), (x(ms["p99"]), yc), dark, 2)
-        cv2.line(img, (x(ms["p99"]), yc - 6), (x(ms["p99"]), yc + 6), dark, 2)
-        cv2.putText(img, f"{ms['median']:.2f} ms (p99 {ms['p99']:.2f})", (x(ms["p99"]) + 8, yc + 5), font, 0.45,
-                    dark, 1, cv2.LINE_AA)
-    cv2.line(img, (left, top - 6), (left, y_axis), dark, 1)
-    cv2.putText(img, "ms", (width - right + 10, y_axis + 20), font, 0.4, dark, 1, cv2.LINE_AA)
-    return write_image(path, img)
-
-
 def _write_json(path: str | Path, data: dict[str, Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -351,7 +327,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     result = bench_bundle(args.bundle, args.backend, args.batch, args.iters, args.warmup, args.threads,
                           pipelines=not args.no_pipelines,
                           progress=lambda m: print(f"edgefm: {m}", file=sys.stderr, flush=True),
-                          cuda_graph=args.cuda_graph, precision=args.precision, tf32=args.tf32)
+                          cuda_graph=args.cuda_graph, precision=args.precision, tf32=args.tf32,
+                          pytorch=args.pytorch)
     print(markdown_table(result), end="")
     if args.json:
         _write_json(args.json, result)
@@ -378,6 +355,10 @@ def register(sub: Any) -> argparse.ArgumentParser:
     b.add_argument("--tf32", action="store_true",
                    help="ort-cuda/ort-trt: run fp32 MatMul/Conv in TF32, as trtexec does by default (off: fp32 is "
                         "fp32, as in PyTorch and edgefm's fp32 engines)")
+    b.add_argument("--pytorch", metavar="CHECKPOINT", default=None,
+                   help="also time this checkpoint in PyTorch (the one the bundle was exported from: its sha256 is "
+                        "checked) on the same inputs and device, and compare the outputs (SAM, CLIP; needs "
+                        "edgefm[export])")
     b.add_argument("--json", help="write all figures, samples and the environment stamp to this file")
     b.add_argument("--plot", help="write a bar chart (.png) of the latencies")
     b.set_defaults(func=cmd_bench)
