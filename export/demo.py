@@ -21,7 +21,9 @@ def weights_dir() -> Path:
     return Path(edgefm.models.__file__).resolve().parent / "weights"
 
 
-def _sam_config(path: Path) -> SamConfig:
+def sam_config_beside(path: Path) -> SamConfig:
+    """The SamConfig recorded in the JSON beside a checkpoint (``x.safetensors`` -> ``x.json``, key "config"),
+    as the project's shipped weights keep theirs."""
     cfg = json.loads(path.with_suffix(".json").read_text())["config"]
     return SamConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
 
@@ -30,7 +32,7 @@ def _export_sam(out: Path, w: Path) -> None:
     from .sam import export_sam
 
     ckpt = w / "sam_shapes.safetensors"
-    export_sam(ckpt, out, _sam_config(ckpt), overwrite=True)
+    export_sam(ckpt, out, sam_config_beside(ckpt), overwrite=True)
 
 
 def _export_clip(out: Path, w: Path) -> None:

@@ -49,6 +49,12 @@ def check_checkpoint(bundle: Bundle, checkpoint: str | Path) -> Path:
     if got != want:
         raise InputError(f"--pytorch {path} (sha256 {got[:16]}…) is not the checkpoint {bundle.path} was exported "
                          f"from ({source.get('checkpoint')}, sha256 {want[:16]}…); pass that file")
+    from edgefm.models.sam import SAM_CONFIGS
+
+    variant = bundle.manifest.variant
+    if family == "sam" and variant not in SAM_CONFIGS and not path.with_suffix(".json").is_file():
+        raise InputError(f"{bundle.path} holds a SAM of no named size ({variant!r}); --pytorch needs its SamConfig "
+                         f"as JSON beside the checkpoint ({path.with_suffix('.json')}, key \"config\")")
     return path
 
 
@@ -56,11 +62,16 @@ def torch_components(bundle: Bundle, path: Path) -> dict[str, Any]:
     """Component name -> a PyTorch callable taking the component's inputs (tensors) in spec order, from the
     checkpoint at ``path`` (checked by :func:`check_checkpoint`)."""
     if bundle.family == "sam":
-        from edgefm.models.sam import load_sam
+        from edgefm.models.sam import SAM_CONFIGS, load_sam
 
         from .sam import ImageEncoderGraph, MaskDecoderGraph, PromptEncoderGraph
 
-        model = load_sam(path, bundle.manifest.variant)
+        variant = bundle.manifest.variant
+        if variant not in SAM_CONFIGS:  # a model of the project's own size (the demo's): its config is beside it
+            from .demo import sam_config_beside
+
+            variant = sam_config_beside(path)
+        model = load_sam(path, variant)
         return {"image_encoder": ImageEncoderGraph(model), "prompt_encoder": PromptEncoderGraph(model),
                 "mask_decoder": MaskDecoderGraph(model)}
     from edgefm.models.clip import load_clip

@@ -73,3 +73,22 @@ def test_refusals(sam_from_file, sam_tiny, tmp_path_factory):
         bench_bundle(memory, "ort-cpu", iters=1, warmup=0, pipelines=False, pytorch=ckpt)
     with pytest.raises(InputError, match="compares SAM and CLIP bundles .* a 'dalle' bundle"):
         bench_bundle(dalle_bundle(tmp_path_factory), "ort-cpu", iters=1, warmup=0, pipelines=False, pytorch=ckpt)
+
+
+def test_a_model_of_the_projects_own_size(tmp_path):
+    """The shipped SAM has no named size: its SamConfig comes from the JSON beside the checkpoint, and a copy of
+    the checkpoint without that JSON is refused with where to put it."""
+    import shutil
+
+    from edgefm.export.demo import sam_config_beside, weights_dir
+
+    ckpt = weights_dir() / "sam_shapes.safetensors"
+    bundle = export_sam(ckpt, tmp_path / "sam", sam_config_beside(ckpt))
+    result = bench_bundle(bundle, "ort-cpu", iters=2, warmup=0, threads=1, pipelines=False, pytorch=ckpt)
+    assert all(r["pytorch"]["agreement"]["passed"] for r in result["components"].values())
+    alone = tmp_path / "alone" / ckpt.name
+    alone.parent.mkdir()
+    shutil.copyfile(ckpt, alone)
+    with pytest.raises(InputError, match=r"holds a SAM of no named size \('custom'\); --pytorch needs its SamConfig "
+                                         r"as JSON beside the checkpoint \(.*alone/sam_shapes.json"):
+        bench_bundle(bundle, "ort-cpu", iters=1, warmup=0, pipelines=False, pytorch=alone)
