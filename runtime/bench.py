@@ -248,14 +248,6 @@ def bench_bundle(path: str | Path, backend: str = "auto", batch: int = 1, iters:
         feeds[name] = dummy_feeds(bundle.spec(name), batch, rng, value_rules(bundle.manifest))
         result["components"][name] = bench_component(bundle, name, batch, iters, warmup, rng, cuda_graph,
                                                       feeds[name])
-    if pytorch is not None:
-        from edgefm.export.torch_bench import time_pytorch
-
-        torch_results = time_pytorch(bundle, pytorch, feeds, result["components"], iters, warmup, threads,
-                                     progress)
-        for name, r in torch_results.items():
-            result["components"][name]["pytorch"] = r
-        result["pytorch_checkpoint"] = str(pytorch)
     if pipelines and bundle.family in PIPELINES:
         if progress:
             progress(f"timing the {bundle.family} pipelines")
@@ -263,6 +255,14 @@ def bench_bundle(path: str | Path, backend: str = "auto", batch: int = 1, iters:
     device_after = device_memory_used_mib() if on_gpu else None
     result["memory"] = {"peak_host_rss_mib": peak_rss_mib(), "device_used_before_mib": device_before,
                         "device_used_after_mib": device_after}
+    if pytorch is not None:  # after the memory figures: they are edgefm's alone
+        from edgefm.export.torch_bench import time_pytorch
+
+        torch_results = time_pytorch(bundle, pytorch, feeds, result["components"], iters, warmup, threads,
+                                     progress)
+        for name, r in torch_results.items():
+            result["components"][name]["pytorch"] = r
+        result["pytorch_checkpoint"] = str(pytorch)
     result["environment"] = environment_stamp(bundle, threads)
     return result
 
