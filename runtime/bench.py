@@ -74,16 +74,19 @@ def sample(rule: Rule, shape: tuple[int, ...], rng: np.random.Generator) -> np.n
 
 
 def dummy_feeds(spec: ComponentSpec, batch: int, rng: np.random.Generator,
-                rules: dict[str, Rule] | None = None) -> dict[str, np.ndarray]:
-    """Seeded inputs for ``spec`` at its opt sizes with every batch dim at ``batch``."""
+                rules: dict[str, Rule] | None = None, dims: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+    """Seeded inputs for ``spec`` at its opt sizes with every batch dim at ``batch`` and the dims named in
+    ``dims`` at theirs (trtexec's ``--shapes``, by dim name)."""
     sizes = {}
-    for d in BATCH_DIMS:
+    wanted = {**{d: (f"--batch {batch}", batch) for d in BATCH_DIMS},
+              **{d: (f"--dim {d}={n}", n) for d, n in (dims or {}).items()}}
+    for d, (flag, n) in wanted.items():
         if d in spec.dims:
             r = spec.dims[d]
-            if not r.min <= batch <= r.max:
-                raise InputError(f"--batch {batch} is outside the {d} range [{r.min}, {r.max}] of component "
-                                 f"{spec.name!r}; choose a batch inside it")
-            sizes[d] = batch
+            if not r.min <= n <= r.max:
+                raise InputError(f"{flag} is outside the {d} range [{r.min}, {r.max}] of component "
+                                 f"{spec.name!r}; choose a size inside it")
+            sizes[d] = n
     feeds = {}
     for t in spec.inputs:
         shape, dtype, rule = spec.concrete_shape(t, "opt", **sizes), np.dtype(t.dtype), (rules or {}).get(t.name)
@@ -214,18 +217,26 @@ def environment_stamp(bundle: Bundle, threads: int | None) -> dict[str, Any]:
 def bench_bundle(path: str | Path, backend: str = "auto", batch: int = 1, iters: int = 50, warmup: int = 5,
                  threads: int | None = None, pipelines: bool = True, seed: int = 0,
                  progress: Callable[[str], None] | None = None, cuda_graph: bool = False,
-                 precision: str | None = None, tf32: bool = False, pytorch: str | Path | None = None
-                 ) -> dict[str, Any]:
+                 precision: str | None = None, tf32: bool = False, pytorch: str | Path | None = None,
+                 dims: dict[str, int] | None = None) -> dict[str, Any]:
     """Benchmark every component of the bundle at ``path`` (and its family's pipelines); see the module doc.
     ``cuda_graph``: also time each ONNX component as a replayed CUDA graph (ort-cuda only); ``precision``:
     time that precision of the components that have it; ``tf32``: fp32 in TF32 on ort-cuda (see :class:`Bundle`);
     ``pytorch``: the checkpoint the bundle came from, also timed in PyTorch on the same inputs and device
-    (:mod:`edgefm.export.torch_bench`; needs torch)."""
+    (:mod:`edgefm.export.torch_bench`; needs torch); ``dims``: sizes of named symbolic dims for the inputs
+    (e.g. ``{"length": 77}``) instead of their opt sizes."""
     for flag, value, lo in (("--batch", batch, 1), ("--iters", iters, 1), ("--warmup", warmup, 0)):
         if int(value) < lo:
             raise InputError(f"{flag} must be at least {lo}, got {value}")
     # Runners load lazily: nothing is on the GPU yet.
     bundle = Bundle(path, backend=backend, threads=threads, precision=precision, tf32=tf32)
+    dims = dict(dims or {})
+    known = sorted({d for n in bundle.manifest.component_names for d in bundle.spec(n).dims})
+    for d in dims:
+        if d not in known:
+            raise InputError(f"--dim {d}: no component of {bundle.path} has a dim of that name (it has {known})")
+        if d in BATCH_DIMS:
+            raise InputError(f"--dim {d}: batch dims are set with --batch (it also scales the throughput)")
     if cuda_graph and bundle.backend != "ort-cuda":
         raise InputError(f"--cuda-graph replays ONNX Runtime CUDA graphs: it needs --backend ort-cuda, not "
                          f"{bundle.backend!r} (the tensorrt backend captures CUDA graphs by itself)")
@@ -239,13 +250,13 @@ def bench_bundle(path: str | Path, backend: str = "auto", batch: int = 1, iters:
     result: dict[str, Any] = {
         "schema": SCHEMA, "bundle": str(Path(path)), "family": bundle.family, "variant": bundle.manifest.variant,
         "backend": bundle.backend, "batch": batch, "iters": iters, "warmup": warmup, "seed": seed,
-        "components": {}, "pipelines": {},
+        "dims": dims, "components": {}, "pipelines": {},
     }
     feeds: dict[str, dict[str, np.ndarray]] = {}
     for name in bundle.manifest.component_names:
         if progress:
             progress(f"timing {name} on {bundle.backend}")
-        feeds[name] = dummy_feeds(bundle.spec(name), batch, rng, value_rules(bundle.manifest))
+        feeds[name] = dummy_feeds(bundle.spec(name), batch, rng, value_rules(bundle.manifest), dims)
         result["components"][name] = bench_component(bundle, name, batch, iters, warmup, rng, cuda_graph,
                                                       feeds[name])
     if pipelines and bundle.family in PIPELINES:
@@ -323,12 +334,19 @@ def _write_json(path: str | Path, data: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def parse_dim(text: str) -> tuple[str, int]:
+    name, _, size = text.partition("=")
+    if not name or not size.strip().isdigit():
+        raise InputError(f"--dim {text!r}: expected NAME=SIZE, e.g. length=77 or num_points=4")
+    return name.strip(), int(size)
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     result = bench_bundle(args.bundle, args.backend, args.batch, args.iters, args.warmup, args.threads,
                           pipelines=not args.no_pipelines,
                           progress=lambda m: print(f"edgefm: {m}", file=sys.stderr, flush=True),
                           cuda_graph=args.cuda_graph, precision=args.precision, tf32=args.tf32,
-                          pytorch=args.pytorch)
+                          pytorch=args.pytorch, dims=dict(parse_dim(d) for d in args.dim or ()))
     print(markdown_table(result), end="")
     if args.json:
         _write_json(args.json, result)
@@ -345,6 +363,9 @@ def register(sub: Any) -> argparse.ArgumentParser:
     b.add_argument("--backend", default="auto", help="auto | ort-cpu | ort-cuda | ort-trt | tensorrt")
     add_precision_arg(b, "time")
     b.add_argument("--batch", type=int, default=1, help="size of the batch dims (batch, image_batch)")
+    b.add_argument("--dim", action="append", metavar="NAME=SIZE",
+                   help="size of a named symbolic dim in the timed inputs, e.g. length=77, num_points=4 (repeatable; "
+                        "default: each dim's opt size; batch dims: --batch), as trtexec's --shapes")
     b.add_argument("--iters", type=int, default=50, help="timed runs per component")
     b.add_argument("--warmup", type=int, default=5, help="untimed runs before them")
     b.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime")

@@ -242,3 +242,30 @@ def test_dalle_decode_row_without_prior(tmp_path_factory):
     assert r["inputs"] == {"ids": [8, 8]} and r["description"].endswith("HWC uint8 RGB 64x64")
     rows = [line for line in markdown_table(result).splitlines() if line.startswith("| ")]
     assert rows[-1].startswith("| dalle.decode (pipeline) | - | ids 8x8 |")
+
+
+def test_named_dims_set_the_timed_shapes(clip_bundle, sam_tiny_bundle):
+    """--dim NAME=SIZE (trtexec's --shapes, by dim name): the inputs take that size where a component has the
+    dim; names no component has, sizes outside the range and batch dims (--batch's) are refused."""
+    from edgefm.runtime.bench import bench_bundle, parse_dim
+
+    result = bench_bundle(clip_bundle, "ort-cpu", iters=1, warmup=0, threads=1, pipelines=False,
+                          dims={"length": 77})
+    assert result["dims"] == {"length": 77}
+    assert result["components"]["text_encoder"]["inputs"]["tokens"][1] == 77
+    assert result["components"]["image_encoder"]["inputs"]["image"] == [1, 3, 224, 224]  # no such dim: unchanged
+    sam = bench_bundle(sam_tiny_bundle, "ort-cpu", iters=1, warmup=0, threads=1, pipelines=False,
+                       dims={"num_points": 5})
+    assert sam["components"]["prompt_encoder"]["inputs"]["point_coords"] == [1, 5, 2]
+    assert sam["components"]["mask_decoder"]["inputs"]["sparse_embeddings"][1] == 5
+    with pytest.raises(InputError, match=r"--dim length=78 is outside the length range \[1, 77\] of component "
+                                         "'text_encoder'"):
+        bench_bundle(clip_bundle, "ort-cpu", iters=1, warmup=0, pipelines=False, dims={"length": 78})
+    with pytest.raises(InputError, match=r"--dim points: no component of .* has a dim of that name \(it has "
+                                         r"\['batch', 'image_batch', 'num_points'\]\)"):
+        bench_bundle(sam_tiny_bundle, "ort-cpu", iters=1, warmup=0, pipelines=False, dims={"points": 5})
+    with pytest.raises(InputError, match="--dim batch: batch dims are set with --batch"):
+        bench_bundle(sam_tiny_bundle, "ort-cpu", iters=1, warmup=0, pipelines=False, dims={"batch": 2})
+    assert parse_dim("length=77") == ("length", 77)
+    with pytest.raises(InputError, match="expected NAME=SIZE"):
+        parse_dim("length")
