@@ -4,7 +4,8 @@ Conventions. A latency is the host wall time of one ``Runner.run`` call: host ar
 on a GPU backend the host<->device copies are inside it. Where the backend can say how much of it is copies,
 the split is reported beside it: CUDA events around the copies and the launch (native TensorRT), or the same
 component re-timed with device-resident inputs and outputs (ONNX Runtime CUDA / TensorRT EP, IO binding).
-Every figure comes from exactly ``iters`` timed calls after ``warmup`` untimed ones; statistics are min /
+Every figure comes from exactly ``iters`` timed calls after ``warmup`` untimed ones (and, per component, a
+cold-start record before them: opening it, sha256 check included, then its first call); statistics are min /
 median / mean / p90 / p99 / max in milliseconds (linear-interpolated percentiles) and throughput as calls
 per second (qps) and items per second (qps x batch). Inputs are seeded dummy data valid for the component:
 shapes at the spec's opt sizes with the batch dims (``batch``, ``image_batch``) at ``--batch``, values by
@@ -29,6 +30,7 @@ import platform
 import resource
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
@@ -128,9 +130,14 @@ def graph_replay(runner: Any, feeds: dict[str, np.ndarray], iters: int, warmup: 
 def bench_component(bundle: Bundle, name: str, batch: int, iters: int, warmup: int,
                     rng: np.random.Generator, cuda_graph: bool = False,
                     feeds: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
-    entry, runner = bundle.entry(name), bundle.runner(name)
+    t0 = time.perf_counter()
+    entry, runner = bundle.entry(name), bundle.runner(name)  # opens it: sha256 check, session or engine
+    load_s = time.perf_counter() - t0
     if feeds is None:
         feeds = dummy_feeds(entry.spec, batch, rng, value_rules(bundle.manifest))
+    t0 = time.perf_counter()
+    runner.run(feeds)  # the first call (lazy allocations, kernel selection), before the warm-up
+    cold = {"load_ms": load_s * 1e3, "first_call_ms": (time.perf_counter() - t0) * 1e3}
     items = batch if any(d in entry.spec.dims for d in BATCH_DIMS) else 1
     split = None
     if hasattr(runner, "run_timed"):  # native TensorRT: CUDA events split copies from compute
@@ -152,7 +159,7 @@ def bench_component(bundle: Bundle, name: str, batch: int, iters: int, warmup: i
             graph = {"method": "captured graph", "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
     return {"kind": "component", "format": entry.format, "precision": entry.precision, "file": entry.file,
             "batch": items, "inputs": {k: list(v.shape) for k, v in feeds.items()}, **stats, "transfer": split,
-            "cuda_graph": graph}
+            "cuda_graph": graph, "cold_start": cold}
 
 
 def _version(dist: str, module: str | None = None) -> str | None:
@@ -310,6 +317,10 @@ def markdown_table(result: dict[str, Any]) -> str:
             lines.append(f"- {name}: could not be captured as a graph ({g['error']})")
         elif g:
             lines.append(f"- {name}: {g['median_ms']:.3f} ms median replayed as a {g['method']}")
+    cold = [f"{name} {r['cold_start']['load_ms']:.0f} + {r['cold_start']['first_call_ms']:.0f} ms"
+            for name, r in result["components"].items() if r.get("cold_start")]
+    if cold:
+        lines.append(f"- cold start (open incl. sha256 check + first call): {'; '.join(cold)}")
     for name, r in result["pipelines"].items():
         n = r["iterations"]
         runs = "" if n == result["iters"] else " (timed once)" if n == 1 else f" ({n} timed runs)"

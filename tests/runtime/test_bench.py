@@ -66,6 +66,10 @@ def test_json_stats_and_stamp(bench_run, capsys):
     assert tuple(result["components"]) == COMPONENTS and tuple(result["pipelines"]) == PIPELINES
     for name, r in {**result["components"], **result["pipelines"]}.items():
         assert_sane(name, r, 4)
+    for name in COMPONENTS:  # cold start: opening the component, then its first call, apart from the warm-up
+        cold = result["components"][name]["cold_start"]
+        assert cold["load_ms"] > 0 and cold["first_call_ms"] > 0
+    assert "- cold start (open incl. sha256 check + first call): image_encoder " in stdout
     enc = result["components"]["image_encoder"]
     assert enc["inputs"] == {"image": [2, 3, 256, 256]} and enc["precision"] == "fp32" and enc["transfer"] is None
     dec = result["components"]["mask_decoder"]["inputs"]
