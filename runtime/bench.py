@@ -127,14 +127,12 @@ def graph_replay(runner: Any, feeds: dict[str, np.ndarray], iters: int, warmup: 
             "p90_ms": stats["latency_ms"]["p90"]}
 
 
-def bench_component(bundle: Bundle, name: str, batch: int, iters: int, warmup: int,
-                    rng: np.random.Generator, cuda_graph: bool = False,
-                    feeds: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+def bench_component(bundle: Bundle, name: str, feeds: dict[str, np.ndarray], batch: int, iters: int, warmup: int,
+                    cuda_graph: bool = False) -> dict[str, Any]:
+    """Time component ``name`` on ``feeds`` (:func:`dummy_feeds`; ``batch`` is their batch size)."""
     t0 = time.perf_counter()
     entry, runner = bundle.entry(name), bundle.runner(name)  # opens it: sha256 check, session or engine
     load_s = time.perf_counter() - t0
-    if feeds is None:
-        feeds = dummy_feeds(entry.spec, batch, rng, value_rules(bundle.manifest))
     t0 = time.perf_counter()
     runner.run(feeds)  # the first call (lazy allocations, kernel selection), before the warm-up
     cold = {"load_ms": load_s * 1e3, "first_call_ms": (time.perf_counter() - t0) * 1e3}
@@ -264,8 +262,7 @@ def bench_bundle(path: str | Path, backend: str = "auto", batch: int = 1, iters:
         if progress:
             progress(f"timing {name} on {bundle.backend}")
         feeds[name] = dummy_feeds(bundle.spec(name), batch, rng, value_rules(bundle.manifest), dims)
-        result["components"][name] = bench_component(bundle, name, batch, iters, warmup, rng, cuda_graph,
-                                                      feeds[name])
+        result["components"][name] = bench_component(bundle, name, feeds[name], batch, iters, warmup, cuda_graph)
     if pipelines and bundle.family in PIPELINES:
         if progress:
             progress(f"timing the {bundle.family} pipelines")

@@ -150,7 +150,7 @@ def test_graph_replay_row(sam_tiny_bundle):
     feeds = dummy_feeds(runner.spec, 2, np.random.default_rng(0), value_rules(bundle.manifest))
     row = graph_replay(runner, feeds, iters=3, warmup=1)
     assert row["method"].startswith("captured graph") and 0 < row["median_ms"] <= row["p90_ms"]
-    plain = bench_component(bundle, "prompt_encoder", 2, 2, 0, np.random.default_rng(0))
+    plain = bench_component(bundle, "prompt_encoder", feeds, 2, 2, 0)
     assert plain["cuda_graph"] is None
     result = {"family": "sam", "variant": "tiny", "backend": "ort-cuda", "batch": 2, "iters": 2, "warmup": 0,
               "components": {"prompt_encoder": {**plain, "cuda_graph": row}}, "pipelines": {},
