@@ -22,10 +22,9 @@ from typing import Any
 import numpy as np
 from edgefm.runtime.bundle import Bundle, sha256_file
 from edgefm.runtime.errors import InputError, require
-from edgefm.runtime.sam.spec import MASK_OUTPUTS
 from edgefm.runtime.timing import latency_stats
 
-from .parity import compare_outputs
+from .verify import judge
 
 
 def check_checkpoint(bundle: Bundle, checkpoint: str | Path) -> Path:
@@ -126,8 +125,7 @@ def time_pytorch(bundle: Bundle, checkpoint: str | Path, feeds: dict[str, dict[s
         result = result if isinstance(result, tuple) else (result,)
         ref = {n: r.float().cpu().numpy() for n, r in zip(spec.output_names, result)}
         got = bundle.runner(name).run(feeds[name])
-        agreement = compare_outputs(ref, got, precision, masks=MASK_OUTPUTS if name == "mask_decoder" else (),
-                                    mask_threshold=bundle.config.get("mask_threshold", 0.0))
+        agreement = judge(ref, got, precision, spec, float(bundle.config.get("mask_threshold", 0.0)))
         stats = latency_stats(times)
         out[name] = {"device": device, "math": "fp16 autocast" if half else "fp32",
                      "iterations": stats["iterations"], "latency_ms": stats["latency_ms"],
