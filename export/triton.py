@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from edgefm.runtime.backends.onnxruntime import trt_profile_options
-from edgefm.runtime.bundle import check_files, choose_entry
+from edgefm.runtime.bundle import check_files, check_precision, choose_entry
 from edgefm.runtime.errors import BundleError, InputError
 from edgefm.runtime.manifest import ComponentEntry, Manifest, read_manifest
 from edgefm.runtime.spec import ComponentSpec, TensorSpec
@@ -207,10 +207,7 @@ def plan_models(manifest: Manifest, bundle: Path, backend: str, precision: str |
         if not any(c.format == "tensorrt" for c in manifest.components):
             raise BundleError(f"{bundle} has no TensorRT engines: run `edgefm build-engine {bundle}` on a machine "
                               "with the GPU and TensorRT version of your Triton server, or use --backend onnxruntime")
-    if precision is not None:
-        have = sorted({c.precision for c in manifest.components if c.format == fmt})
-        if precision not in have:
-            raise InputError(f"--precision {precision!r}: no {fmt} component of {bundle} has it (it has {have})")
+    check_precision(manifest, bundle, fmt, precision)
     chosen = {}
     for name in manifest.component_names:
         use = fmt if manifest.find(name, format=fmt) else "onnx"

@@ -47,6 +47,14 @@ def choose_entry(manifest: Manifest, folder: Path, name: str, fmt: str, precisio
     return sorted(found, key=lambda c: (c.precision != precision, order.index(c.precision)))[0]
 
 
+def check_precision(manifest: Manifest, folder: Path, fmt: str, precision: str | None) -> None:
+    """``precision``, when asked for, is that of at least one ``fmt`` file of the bundle."""
+    have = sorted({c.precision for c in manifest.components if c.format == fmt})
+    if precision is not None and precision not in have:
+        raise InputError(f"--precision {precision!r}: no {fmt} component of {folder} has it (it has {have}); build "
+                         "or quantize one, or leave --precision out")
+
+
 def check_files(folder: Path, entry: ComponentEntry, verify: bool = True) -> None:
     """Every file of ``entry`` is in ``folder`` and, when ``verify``, matches its manifest sha256."""
     for file, digest in {entry.file: entry.sha256, **entry.extra_files}.items():
@@ -96,12 +104,7 @@ class Bundle:
             raise InputError(f"--tf32 is a math mode of ONNX Runtime's CUDA provider (--backend ort-cuda or "
                              f"ort-trt), not of {self.backend!r}: {how}")
         self.tf32 = tf32
-        if precision is not None:
-            fmt = self._format()
-            have = sorted({c.precision for c in self.manifest.components if c.format == fmt})
-            if precision not in have:
-                raise InputError(f"--precision {precision!r}: no {fmt} component of {self.path} has it (it has "
-                                 f"{have}); build or quantize one, or leave --precision out")
+        check_precision(self.manifest, self.path, self._format(), precision)
         self._runners: dict[str, Runner] = {}
         # component name -> seconds of each run call, filled when ``timed``
         self.timings: dict[str, list[float]] | None = {} if timed else None
