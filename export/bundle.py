@@ -4,7 +4,6 @@ into place only once every file, checksum and the manifest are written. A failur
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import shutil
 import tempfile
@@ -13,7 +12,7 @@ from typing import Any
 
 from edgefm.runtime.bundle import sha256_file
 from edgefm.runtime.errors import EdgefmError
-from edgefm.runtime.manifest import MANIFEST_NAME, ComponentEntry, Manifest
+from edgefm.runtime.manifest import ComponentEntry, Manifest
 from edgefm.runtime.spec import ComponentSpec
 
 
@@ -91,13 +90,6 @@ class BundleWriter:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def commit_components(folder: Path, manifest: Manifest, entries: list[ComponentEntry], files: dict[str, Path]
                       ) -> None:
     """Add ``entries`` to the bundle: move ``files`` (bundle file name -> temporary path) into place, then swap
@@ -111,7 +103,7 @@ def commit_components(folder: Path, manifest: Manifest, entries: list[ComponentE
     for name, tmp in files.items():
         os.replace(tmp, folder / name)
     manifest.components = keep + list(entries)
-    write_atomic(folder / MANIFEST_NAME, (json.dumps(manifest.to_json(), indent=2) + "\n").encode())
+    manifest.write(folder)
     listed = {f for c in manifest.components for f in (c.file, *c.extra_files)}
     for name in old_files - listed:
         (folder / name).unlink(missing_ok=True)

@@ -42,10 +42,10 @@ from edgefm.runtime.backends.tensorrt import (
 )
 from edgefm.runtime.bundle import sha256_file
 from edgefm.runtime.errors import BackendError, BundleError, InputError, ParityError
-from edgefm.runtime.manifest import ComponentEntry, Manifest, read_manifest
+from edgefm.runtime.manifest import ComponentEntry, Manifest, read_manifest, write_atomic
 from edgefm.runtime.spec import ComponentSpec, DimRange
 
-from .bundle import commit_components, write_atomic
+from .bundle import commit_components
 from .verify import ParityInputs, check_engine_file, failure_message, parity_summary
 
 PRECISIONS = ("fp32", "fp16", "int8")

@@ -43,7 +43,7 @@ from .bench_pipelines import PIPELINES
 from .bench_plot import bench_rows, plot_bars
 from .bundle import Bundle
 from .errors import InputError
-from .manifest import Manifest, add_precision_arg
+from .manifest import Manifest, add_precision_arg, write_atomic
 from .spec import ComponentSpec
 from .timing import latency_stats, time_calls
 
@@ -335,11 +335,7 @@ def markdown_table(result: dict[str, Any]) -> str:
 
 
 def _write_json(path: str | Path, data: dict[str, Any]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    write_atomic(Path(path), (json.dumps(data, indent=2) + "\n").encode())
 
 
 def parse_dim(text: str) -> tuple[str, int]:

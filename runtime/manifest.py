@@ -8,6 +8,7 @@ hand-written (no jsonschema dependency) and every failure names the manifest fil
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,9 +95,18 @@ class Manifest:
         }
 
     def write(self, folder: Path) -> Path:
+        """Write ``manifest.json`` into ``folder`` by rename, so a reader never sees half of it."""
         path = Path(folder) / MANIFEST_NAME
-        path.write_text(json.dumps(self.to_json(), indent=2, sort_keys=False) + "\n")
+        write_atomic(path, (json.dumps(self.to_json(), indent=2, sort_keys=False) + "\n").encode())
         return path
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file beside it and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 def _need(data: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
