@@ -342,7 +342,7 @@ def build_engine(bundle: str | Path, precision: str = "fp16", workspace: str | i
                                    "tensorrt", step.precision, engine_spec(src.spec, overrides), info=info)
             info["parity"] = {"checked": False}
             if parity != "skip":
-                report = check_engine_file(tmp, entry, folder, manifest, inputs, threads, progress)
+                report = check_engine_file(tmp, entry, inputs, progress)
                 report["gate"] = parity == "gate"
                 reports[f"{src.name}.tensorrt.{step.precision}"] = report
                 info["parity"] = {"checked": True, "passed": report["passed"], "reference": report["reference"]}

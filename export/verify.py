@@ -148,13 +148,12 @@ def judge(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], precision: str
     return report
 
 
-def check_runner(runner: Any, folder: str | Path, manifest: Manifest, source: ComponentEntry, precision: str,
-                 spec: ComponentSpec, inputs: ParityInputs | None = None, threads: int | None = None,
+def check_runner(runner: Any, inputs: ParityInputs, source: ComponentEntry, precision: str, spec: ComponentSpec,
                  shapes: str = "opt") -> dict[str, Any]:
     """Run ``runner`` (any: ``run(dict) -> dict``) and the reference ONNX of ``source`` on the same inputs at
-    ``spec``'s ``shapes`` ("opt", "min" or "max" of every dim range); returns the report (``passed``, metrics
-    per output, what was compared)."""
-    inputs = inputs or ParityInputs(folder, manifest, threads=threads)
+    ``spec``'s ``shapes`` ("opt", "min" or "max" of every dim range), both from ``inputs`` (its bundle, seeds and
+    reference sessions); returns the report (``passed``, metrics per output, what was compared)."""
+    manifest = inputs.manifest
     ref_entry = reference_entry(manifest, source)
     feeds = inputs.feeds(spec, {k: getattr(r, shapes) for k, r in spec.dims.items()})
     ref = inputs.reference(ref_entry).run(feeds)
@@ -165,18 +164,18 @@ def check_runner(runner: Any, folder: str | Path, manifest: Manifest, source: Co
     return report
 
 
-def check_engine_file(path: Path, entry: ComponentEntry, folder: Path, manifest: Manifest, inputs: ParityInputs,
-                      threads: int | None = None, progress: Any = None) -> dict[str, Any]:
+def check_engine_file(path: Path, entry: ComponentEntry, inputs: ParityInputs, progress: Any = None
+                      ) -> dict[str, Any]:
     """Deserialize the engine file ``path`` just built for ``entry`` (whose ``info["source"]`` names its ONNX)
     and judge it with :func:`check_runner`."""
     from edgefm.runtime.backends.tensorrt import TensorRTRunner
 
     if progress:
         progress(f"checking the {entry.precision} engine of {entry.name} against "
-                 f"{reference_entry(manifest, entry).file} on ONNX Runtime CPU")
+                 f"{reference_entry(inputs.manifest, entry).file} on ONNX Runtime CPU")
     runner = TensorRTRunner(path, entry, cuda_graphs=False)
     try:
-        return check_runner(runner, folder, manifest, entry, entry.precision, entry.spec, inputs, threads)
+        return check_runner(runner, inputs, entry, entry.precision, entry.spec)
     finally:
         runner.close()
 
@@ -239,8 +238,7 @@ def verify_bundle(bundle: str | Path, backend: str = "auto", precision: str | No
             key = name if which == "opt" else f"{name}@{which}"
             if progress:
                 progress(f"verifying {key}: {entry.file} on {b.backend} against {ref.file} on ONNX Runtime CPU")
-            report = check_runner(b.runner(name), b.path, b.manifest, entry, policy, entry.spec, inputs, threads,
-                                  which)
+            report = check_runner(b.runner(name), inputs, entry, policy, entry.spec, which)
             results[key] = {"file": entry.file, "file_precision": entry.precision, **report}
     return {"bundle": str(b.path), "backend": b.backend, "components": results,
             "passed": all(r["passed"] for r in results.values())}

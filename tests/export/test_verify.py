@@ -67,12 +67,13 @@ def test_fp16_mask_decoder_passes_and_a_noisy_one_is_refused(sam_tiny_bundle, tm
     fp16_from_onnx(sam_tiny_bundle / fp32.file, tmp_path / "mask_decoder.fp16.onnx")
     half = OrtRunner(tmp_path / "mask_decoder.fp16.onnx", fp32.spec, "ort-cpu", threads=1)
     source = ComponentEntry("mask_decoder", "mask_decoder.fp16.onnx", "0", "onnx", "fp16", fp32.spec)
-    report = check_runner(half, sam_tiny_bundle, m, source, "fp16", fp32.spec, threads=1)
+    inputs = ParityInputs(sam_tiny_bundle, m, threads=1)
+    report = check_runner(half, inputs, source, "fp16", fp32.spec)
     assert report["reference"] == fp32.file and report["passed"], report
     masks, scores = report["outputs"]["low_res_masks"], report["outputs"]["iou_predictions"]
     assert masks["mask_iou"] >= 0.99 and scores["cosine"] >= 0.999
     assert report["inputs"] == {k: list(v) for k, v in fp32.spec.profile("opt").items()}
-    bad = check_runner(Noisy(half, 0.5), sam_tiny_bundle, m, source, "fp16", fp32.spec, threads=1)
+    bad = check_runner(Noisy(half, 0.5), inputs, source, "fp16", fp32.spec)
     assert not bad["passed"] and bad["outputs"]["iou_predictions"]["cosine"] < 0.999
     text = failure_message("mask_decoder", "mask_decoder.fp16.onnx", {**bad})
     assert text.startswith("the fp16 TensorRT engine of 'mask_decoder' (built from mask_decoder.fp16.onnx) misses "

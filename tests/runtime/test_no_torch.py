@@ -52,13 +52,13 @@ def test_verify_without_torch(sam_tiny_bundle):
     come from running the encoder and prompt encoder first)."""
     r = _run(BLOCK_TORCH + f"""
 from pathlib import Path
-from edgefm.export.verify import check_runner
+from edgefm.export.verify import ParityInputs, check_runner
 from edgefm.runtime.backends.onnxruntime import OrtRunner
 from edgefm.runtime.manifest import read_manifest
 folder = Path({str(sam_tiny_bundle)!r})
 m = read_manifest(folder)
 e = m.find("mask_decoder", format="onnx")[0]
-rep = check_runner(OrtRunner(folder / e.file, e.spec, "ort-cpu"), folder, m, e, "fp32", e.spec)
+rep = check_runner(OrtRunner(folder / e.file, e.spec, "ort-cpu"), ParityInputs(folder, m), e, "fp32", e.spec)
 print(rep["passed"], rep["outputs"]["low_res_masks"]["mask_iou"], rep["reference"])
 print("torch loaded:", "torch" in sys.modules)
 """)
