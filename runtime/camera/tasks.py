@@ -95,14 +95,16 @@ class ClassifyTask(Task):
         self.label_emb = model.label_embeddings(self.labels, templates)
         self.top_k = max(1, min(top_k, len(self.labels)))
         self._history: deque[np.ndarray] = deque(maxlen=smooth)
+        self.device_prep = model.preprocess_on == "device"  # decided (and checked) before the threads start
 
     def preprocess(self, image: np.ndarray) -> np.ndarray:
-        return self.model.preprocess(image)
+        # On the device, the infer stage resizes and normalizes where the encoder runs.
+        return image if self.device_prep else self.model.preprocess(image)
 
     def infer(self, frame: Frame, pre: np.ndarray) -> Result:
         from ..clip.zero_shot import zero_shot_probs
 
-        emb = self.model.encode_pixels(pre[None])
+        emb = self.model.encode_images([pre]) if self.device_prep else self.model.encode_pixels(pre[None])
         self._history.append(zero_shot_probs(emb, self.label_emb, self.model.logit_scale)[0])
         probs = np.mean(self._history, axis=0)
         order = np.argsort(-probs, kind="stable")[: self.top_k]
@@ -124,17 +126,24 @@ class _SamTask(Task):
     def __init__(self, predictor: Any) -> None:
         self.predictor = predictor
         self.backend = predictor.backend
+        # Decided (and, on a GPU, checked) here, before the stages' threads start.
+        self.device_prep = predictor.preprocess_on == "device"
 
-    def preprocess(self, image: np.ndarray) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
+    def preprocess(self, image: np.ndarray) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]] | np.ndarray:
         from ..sam.transforms import normalize_and_pad, resize_longest_side, resized_shape
 
         p = self.predictor
+        if self.device_prep:  # done by the infer stage, on the GPU (its buffer is the encoder's input)
+            return image
         x = normalize_and_pad(resize_longest_side(image, p.image_size), p.image_size, p.mean, p.std)
         return x, image.shape[:2], resized_shape(*image.shape[:2], p.image_size)
 
-    def _encode(self, pre: tuple[np.ndarray, tuple[int, int], tuple[int, int]]) -> None:
+    def _encode(self, pre: tuple[np.ndarray, tuple[int, int], tuple[int, int]] | np.ndarray) -> None:
         # The same state SamPredictor.set_image leaves, with the resize/normalize already done upstream.
-        self.predictor.set_preprocessed(*pre)
+        if isinstance(pre, np.ndarray):
+            self.predictor.set_image(pre)
+        else:
+            self.predictor.set_preprocessed(*pre)
 
     def _predict(self, points: np.ndarray | None, box: np.ndarray | None) -> tuple[np.ndarray, float]:
         labels = None if points is None else np.ones(len(points), np.float32)

@@ -17,7 +17,8 @@ import numpy as np
 from ..bundle import Bundle
 from ..draw import read_image
 from ..errors import BundleError, InputError
-from .preprocess import preprocess
+from ..image_prep import PREPROCESS, ImagePrep, asked_preprocess, open_checked
+from .preprocess import _as_hwc, crop_offset, preprocess, resized_size
 from .spec import IMAGE_ENCODER, TEXT_ENCODER
 from .tokenizer import ClipTokenizer
 from .zero_shot import (
@@ -40,11 +41,15 @@ class ClipModel:
         threads: intra-op threads for ONNX Runtime on the CPU (default: one per core).
         precision: run that precision of the components that have it (e.g. an int8 image encoder), see
             ``Bundle``; default: fp16 on a GPU, fp32 on the CPU.
+        preprocess: where ``encode_images`` resizes, crops and normalizes, PIL's pixels either way: "host"
+            (numpy), "device" (an ONNX Runtime graph beside the image encoder, ``runtime/image_prep.py``: the
+            uint8 images are uploaded instead of float32 tensors; RGBA images stay on the host), or "auto"
+            (the device on ONNX Runtime GPU backends once a check at the first use agrees, else the host).
     """
 
     def __init__(
         self, bundle: str | Path | Bundle, backend: str = "auto", threads: int | None = None,
-        precision: str | None = None,
+        precision: str | None = None, preprocess: str = "auto",
     ) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle, backend, threads=threads,
                                                                         family="clip", precision=precision)
@@ -68,6 +73,10 @@ class ClipModel:
             raise BundleError(f"{vocab} (the tokenizer vocabulary) is missing from the bundle; re-export it")
         self.tokenizer = ClipTokenizer(vocab, context_length=self.context_length)
         self._label_cache: dict[tuple[tuple[str, ...], tuple[str, ...]], np.ndarray] = {}
+        if preprocess not in PREPROCESS:  # resolved at the first image: text-only use never opens that encoder
+            raise InputError(f"preprocess must be one of {PREPROCESS}, got {preprocess!r}")
+        self._preprocess_asked: str | None = preprocess
+        self._prep: ImagePrep | None = None
 
     @property
     def identity(self) -> dict[str, Any]:
@@ -96,11 +105,53 @@ class ClipModel:
             images = [images]
         if len(images) == 0:
             raise InputError("encode_images got no images; pass a list of HWC uint8 RGB arrays or paths.")
+        on_device = self.preprocess_on == "device"
+        if on_device:  # as many per batch as the encoder takes: the batch is one device buffer
+            batch_size = _batch_limit(self.bundle.runner(IMAGE_ENCODER).spec, "image_batch", batch_size)
         out = []
         for i in range(0, len(images), batch_size):
-            pixels = np.stack([self.preprocess(im) for im in images[i : i + batch_size]])
-            out.append(self.encode_pixels(pixels, batch_size))
+            chunk = [read_image(im) if isinstance(im, (str, Path)) else im for im in images[i : i + batch_size]]
+            rgb = [_as_hwc(im) for im in chunk] if on_device else []
+            if on_device and all(im.shape[2] != 4 for im in rgb):  # alpha is premultiplied on the host only
+                out.append(self._encode_on_device(rgb))
+            else:
+                out.append(self.encode_pixels(np.stack([self.preprocess(im) for im in chunk]), batch_size))
         return np.concatenate(out)
+
+    @property
+    def preprocess_on(self) -> str:
+        """``"host"`` or ``"device"``: where ``encode_images`` preprocesses (decided at the first call)."""
+        if self._preprocess_asked is not None and self._prep is None:
+            runner, s = self.bundle.runner(IMAGE_ENCODER), self.image_size
+            asked = asked_preprocess(self._preprocess_asked, runner, self.bundle.backend)
+            self._preprocess_asked = None
+            if asked != "host":
+                self._prep = open_checked(runner, *self._pixel_stats(), (s, s), self.resize, self._host_pixels,
+                                          self._geometry, asked == "device")
+        return "device" if self._prep is not None else "host"
+
+    def _host_pixels(self, image: np.ndarray) -> np.ndarray:
+        return preprocess(image, self.image_size, self.mean, self.std, self.resize)
+
+    def _pixel_stats(self) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and std in the graph's 0..255 units (the manifest's are for pixels / 255)."""
+        return np.asarray(self.mean, np.float64) * 255, np.asarray(self.std, np.float64) * 255
+
+    def _geometry(self, h: int, w: int) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+        rh, rw = resized_size(h, w, self.image_size)
+        s = self.image_size
+        return (rh, rw), (crop_offset(rh, s), crop_offset(rw, s), s, s)
+
+    def _encode_on_device(self, images: list[np.ndarray]) -> np.ndarray:
+        import onnxruntime as ort
+
+        runner = self.bundle.runner(IMAGE_ENCODER)
+        s = self.image_size
+        batch = ort.OrtValue.ortvalue_from_shape_and_type([len(images), 3, s, s], np.float32, runner.device, 0)
+        for i, im in enumerate(images):
+            rgb = np.repeat(im, 3, axis=2) if im.shape[2] == 1 else im
+            self._prep(rgb, *self._geometry(*im.shape[:2]), into=(batch, i))
+        return l2_normalize(runner.run_on_device({"image": batch})["image_embeds"].numpy())
 
     # -- texts ----------------------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from ..backends import Runner
 from ..backends.onnxruntime import _CapturedGraph, recent_graph, shapes_key
 from ..bundle import Bundle
 from ..errors import InputError
+from ..image_prep import ImagePrep, asked_preprocess, open_checked
 from .mask_upscale import MaskUpscaler
 from .spec import IMAGE_ENCODER, MASK_DECODER, PROMPT_ENCODER
 from .transforms import (
@@ -39,14 +40,20 @@ class SamPredictor:
     MAX_PROMPT_GRAPHS = 4
 
     def __init__(self, bundle: Bundle | str | Path, backend: str = "auto", threads: int | None = None,
-                 cuda_graphs: bool = False, precision: str | None = None, load_encoder: bool = True) -> None:
+                 cuda_graphs: bool = False, precision: str | None = None, load_encoder: bool = True,
+                 preprocess: str = "auto") -> None:
         """``cuda_graphs`` (ort-cuda): run the encoder, and the prompt encoder + decoder per prompt shape, as
         captured CUDA graphs that share their device buffers: ``set_image`` is one host copy and one replay,
         ``predict`` the point arrays copied in and two replays. Costs a second copy of each component's
         weights in GPU memory (the captured sessions are separate from the plain ones). ``precision``: run that
         precision of the components that have it (e.g. an int8 encoder engine), see :class:`Bundle`.
         ``load_encoder=False``: open the image encoder at the first ``set_image`` instead of now, for a
-        predictor fed by :meth:`set_image_embedding` (its bundle may then lack the encoder file)."""
+        predictor fed by :meth:`set_image_embedding` (its bundle may then lack the encoder file).
+        ``preprocess``: where ``set_image`` resizes, normalizes and pads, PIL's pixels exactly either way.
+        ``"host"``: numpy. ``"device"``: the same integer arithmetic as an ONNX Runtime graph on the encoder's
+        device (``runtime/image_prep.py``: the uint8 image is uploaded instead of the float32 tensor).
+        ``"auto"``: the device on ONNX Runtime GPU backends, once a check at the first use finds it agrees
+        with the host; the host otherwise. :attr:`preprocess_on` says which is in use."""
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle, backend, threads=threads, family="sam",
                                                                         precision=precision)
         pre = self.bundle.preprocess
@@ -65,6 +72,9 @@ class SamPredictor:
             raise InputError(f"cuda_graphs=True replays ONNX Runtime CUDA graphs: it needs backend 'ort-cuda', "
                              f"not {self.bundle.backend!r} (the tensorrt backend captures CUDA graphs by itself)")
         self._graphs = cuda_graphs
+        # "auto" on a GPU and "device" anywhere become "device" once the first use has checked the graph.
+        self._preprocess_asked = asked_preprocess(preprocess, self.decoder, self.bundle.backend)
+        self._prep: ImagePrep | None = None
         self._upscaler: MaskUpscaler | None = None  # made on the first predict on the device
         self._encoder_graph = None
         self._prompt_graphs: dict[tuple, tuple] = {}  # prompt shapes -> (prompt graph, decoder graph), LRU last
@@ -96,26 +106,52 @@ class SamPredictor:
         image = as_rgb_uint8(image)
         if image_format == "BGR":
             image = np.ascontiguousarray(image[..., ::-1])
-        resized = resize_longest_side(image, self.image_size)
-        x = normalize_and_pad(resized, self.image_size, self.mean, self.std)
-        self.set_preprocessed(x, image.shape[:2], resized_shape(*image.shape[:2], self.image_size))
+        input_size = resized_shape(*image.shape[:2], self.image_size)
+        if self.preprocess_on == "device":
+            x = self._prep(image, input_size)
+        else:
+            x = normalize_and_pad(resize_longest_side(image, self.image_size), self.image_size, self.mean, self.std)
+        self.set_preprocessed(x, image.shape[:2], input_size)
+
+    @property
+    def preprocess_on(self) -> str:
+        """``"host"`` or ``"device"``: where ``set_image`` preprocesses (decided at the first call for "auto")."""
+        if self._preprocess_asked != "host" and self._prep is None:
+            self._open_prep()
+        return "device" if self._prep is not None else "host"
+
+    def _open_prep(self) -> None:
+        def host(pic: np.ndarray) -> np.ndarray:
+            return normalize_and_pad(resize_longest_side(pic, self.image_size), self.image_size, self.mean, self.std)
+
+        s = self.image_size
+        self._prep = open_checked(self.decoder, self.mean, self.std, (s, s), "bilinear_antialias", host,
+                                  lambda h, w: (resized_shape(h, w, s), None), self._preprocess_asked == "device")
+        if self._prep is None:
+            self._preprocess_asked = "host"
 
     def set_preprocessed(self, x: np.ndarray, original_size: tuple[int, int], input_size: tuple[int, int]) -> None:
         """``set_image`` with the resize/normalize/pad already done (``x``: 1x3xSxS float32), e.g. by a
-        camera pipeline's preprocessing stage."""
+        camera pipeline's preprocessing stage. (``x`` may also be the device preprocessing's output.)"""
+        on_device = not isinstance(x, np.ndarray)
         if self._graphs:
             # One buffer holds the embedding of every image: the decoder graphs captured for an earlier image
-            # read the new one from the same address.
+            # read the new one from the same address. With device preprocessing, the encoder is captured
+            # reading the buffer that the preprocessing graph writes.
+            feeds = {} if on_device else self.encoder.spec.check_feeds({"image": x})
             if self._encoder_graph is None:
-                self._encoder_graph = _CapturedGraph(self.encoder, self.encoder.spec.check_feeds({"image": x}))
+                bound = {"image": self._prep.pixels} if self.preprocess_on == "device" else None
+                if bound and feeds:
+                    bound["image"].update_inplace(feeds.pop("image"))
+                self._encoder_graph = _CapturedGraph(self.encoder, feeds, bound=bound)
             else:
-                self._encoder_graph.replay(self.encoder.spec.check_feeds({"image": x}))
+                self._encoder_graph.replay(feeds)
             out = {"image_embeddings": self._encoder_graph.outputs["image_embeddings"]}
         elif self._on_device:
             # The embedding stays in GPU memory (an OrtValue) and is bound straight into the decoder.
             out = self.encoder.run_on_device({"image": x}, keep=("image_embeddings",))
         else:
-            out = self.encoder.run({"image": x})
+            out = self.encoder.run({"image": x.numpy() if on_device else x})
         self.features = out["image_embeddings"]
         self.original_size, self.input_size = tuple(original_size), tuple(input_size)
 

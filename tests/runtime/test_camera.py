@@ -365,7 +365,8 @@ def test_video_sink_rejects_unknown_extension(tmp_path):
 
 def test_segment_task_needs_prompt_direct():
     with pytest.raises(InputError, match="--point"):
-        SegmentTask.__new__(SegmentTask).__init__(type("P", (), {"backend": "x"})(), None, None)
+        predictor = type("P", (), {"backend": "x", "preprocess_on": "host"})()
+        SegmentTask.__new__(SegmentTask).__init__(predictor, None, None)
 
 
 def test_cuda_graph_is_for_sam_tasks(demo_clip, tmp_path):
