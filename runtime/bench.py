@@ -223,13 +223,14 @@ def bench_bundle(path: str | Path, backend: str = "auto", batch: int = 1, iters:
                  threads: int | None = None, pipelines: bool = True, seed: int = 0,
                  progress: Callable[[str], None] | None = None, cuda_graph: bool = False,
                  precision: str | None = None, tf32: bool = False, pytorch: str | Path | None = None,
-                 dims: dict[str, int] | None = None) -> dict[str, Any]:
+                 dims: dict[str, int] | None = None, preprocess: str = "auto") -> dict[str, Any]:
     """Benchmark every component of the bundle at ``path`` (and its family's pipelines); see the module doc.
     ``cuda_graph``: also time each ONNX component as a replayed CUDA graph (ort-cuda only); ``precision``:
     time that precision of the components that have it; ``tf32``: fp32 in TF32 on ort-cuda (see :class:`Bundle`);
     ``pytorch``: the checkpoint the bundle came from, also timed in PyTorch on the same inputs and device
     (:mod:`edgefm.export.torch_bench`; needs torch); ``dims``: sizes of named symbolic dims for the inputs
-    (e.g. ``{"length": 77}``) instead of their opt sizes."""
+    (e.g. ``{"length": 77}``) instead of their opt sizes; ``preprocess``: the SAM and CLIP pipelines' (see
+    :class:`~edgefm.runtime.sam.SamPredictor`): with the device's, they are also timed with the host's."""
     for flag, value, lo in (("--batch", batch, 1), ("--iters", iters, 1), ("--warmup", warmup, 0)):
         if int(value) < lo:
             raise InputError(f"{flag} must be at least {lo}, got {value}")
@@ -266,7 +267,7 @@ def bench_bundle(path: str | Path, backend: str = "auto", batch: int = 1, iters:
     if pipelines and bundle.family in PIPELINES:
         if progress:
             progress(f"timing the {bundle.family} pipelines")
-        result["pipelines"] = PIPELINES[bundle.family](bundle, iters, warmup, rng)
+        result["pipelines"] = PIPELINES[bundle.family](bundle, iters, warmup, rng, preprocess)
     device_after = device_memory_used_mib() if on_gpu else None
     result["memory"] = {"peak_host_rss_mib": peak_rss_mib(), "device_used_before_mib": device_before,
                         "device_used_after_mib": device_after}
@@ -350,7 +351,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
                           pipelines=not args.no_pipelines,
                           progress=lambda m: print(f"edgefm: {m}", file=sys.stderr, flush=True),
                           cuda_graph=args.cuda_graph, precision=args.precision, tf32=args.tf32,
-                          pytorch=args.pytorch, dims=dict(parse_dim(d) for d in args.dim or ()))
+                          pytorch=args.pytorch, dims=dict(parse_dim(d) for d in args.dim or ()),
+                          preprocess=args.preprocess)
     print(markdown_table(result), end="")
     if args.json:
         _write_json(args.json, result)
@@ -384,6 +386,9 @@ def register(sub: Any) -> argparse.ArgumentParser:
                    help="also time this checkpoint in PyTorch (the one the bundle was exported from: its sha256 is "
                         "checked) on the same inputs and device, and compare the outputs (SAM, CLIP; needs "
                         "edgefm[export])")
+    b.add_argument("--preprocess", choices=("auto", "host", "device"), default="auto",
+                   help="where the SAM/CLIP pipelines resize and normalize (auto: the device on ONNX Runtime GPU "
+                        "backends); on the device, the host's is timed beside it")
     b.add_argument("--json", help="write all figures, samples and the environment stamp to this file")
     b.add_argument("--plot", help="write a bar chart (.png) of the latencies")
     b.set_defaults(func=cmd_bench)

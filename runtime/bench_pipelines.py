@@ -22,23 +22,37 @@ DALLE_PROMPT = "an armchair in the shape of an avocado"
 
 
 
-def _sam_pipelines(bundle: Bundle, iters: int, warmup: int, rng: np.random.Generator) -> dict[str, Any]:
+def _sam_pipelines(bundle: Bundle, iters: int, warmup: int, rng: np.random.Generator,
+                   preprocess: str = "auto") -> dict[str, Any]:
     """SamPredictor end to end: set_image on one camera frame, then one foreground click -> 3 masks."""
     from .sam import SamPredictor
 
-    predictor = SamPredictor(bundle)
+    predictor = SamPredictor(bundle, preprocess=preprocess)
     h, w = CAMERA_HW
     image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
     point, label = np.array([[w / 2, h / 2]], np.float32), np.array([1], np.float32)
     set_image = latency_stats(time_calls(lambda: predictor.set_image(image), iters, warmup))
     predict = latency_stats(time_calls(lambda: predictor.predict(point, label, multimask_output=True), iters, warmup))
-    return {
-        "sam.set_image": {"kind": "pipeline", "batch": 1, "inputs": {"image": [h, w, 3]},
-                          "description": "HWC uint8 RGB -> resize, normalize, pad, image_encoder", **set_image},
+    where = predictor.preprocess_on
+    out = {
+        "sam.set_image": {"kind": "pipeline", "batch": 1, "inputs": {"image": [h, w, 3]}, "preprocess": where,
+                          "description": f"HWC uint8 RGB -> resize, normalize, pad (on the {where}), image_encoder",
+                          **set_image},
         "sam.predict": {"kind": "pipeline", "batch": 1, "inputs": {"point": [1, 2]},
                         "description": "one foreground point -> 3 masks at full size (prompt encoder, "
                                        "mask decoder, upscale, threshold)", **predict},
     }
+    if where == "device":  # the host path beside it, on the same sessions (the bundle keeps one per component)
+        host = SamPredictor(bundle, preprocess="host")
+        stats = latency_stats(time_calls(lambda: host.set_image(image), iters, warmup))
+        out["sam.set_image.host_preprocess"] = _host_twin(out["sam.set_image"], stats)
+    return out
+
+
+def _host_twin(row: dict[str, Any], stats: dict[str, Any]) -> dict[str, Any]:
+    """A pipeline row timed again with its preprocessing on the host, for the ratio in the same run."""
+    return {**{k: v for k, v in row.items() if k != "output"}, **stats, "preprocess": "host",
+            "description": row["description"].replace("(on the device)", "(on the host: numpy)")}
 
 
 def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
@@ -48,12 +62,13 @@ def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
     return idx[np.argsort(-scores[idx], kind="stable")]
 
 
-def _clip_pipelines(bundle: Bundle, iters: int, warmup: int, rng: np.random.Generator) -> dict[str, Any]:
+def _clip_pipelines(bundle: Bundle, iters: int, warmup: int, rng: np.random.Generator,
+                    preprocess: str = "auto") -> dict[str, Any]:
     """ClipModel: the 1000 ImageNet labels encoded once, then one camera frame classified against them."""
     from .clip.model import ClipModel
     from .clip.zero_shot import imagenet_classnames, resolve_templates
 
-    model = ClipModel(bundle)
+    model = ClipModel(bundle, preprocess=preprocess)
     h, w = CAMERA_HW
     image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
     labels, templates = imagenet_classnames(), resolve_templates(CLIP_TEMPLATES)
@@ -69,7 +84,8 @@ def _clip_pipelines(bundle: Bundle, iters: int, warmup: int, rng: np.random.Gene
 
     classify_stats = latency_stats(time_calls(classify, iters, warmup))
     top5 = [{"index": int(i), "label": labels[i], "prob": float(out["probs"][i])} for i in out["top5"]]
-    return {
+    where = model.preprocess_on
+    rows = {
         "clip.encode_labels": {
             "kind": "pipeline", "batch": len(labels),
             "inputs": {"labels": [len(labels)], "templates": [len(templates)]},
@@ -77,15 +93,23 @@ def _clip_pipelines(bundle: Bundle, iters: int, warmup: int, rng: np.random.Gene
                            "tokenize, text encoder, normalize, ensemble; built once and cached",
             **encode},
         "clip.classify": {
-            "kind": "pipeline", "batch": 1, "inputs": {"image": [h, w, 3]},
-            "description": f"HWC uint8 RGB -> resize, crop, normalize, image encoder -> softmax of cosine vs "
-                           f"{len(labels)} cached label embeddings -> top-5",
+            "kind": "pipeline", "batch": 1, "inputs": {"image": [h, w, 3]}, "preprocess": where,
+            "description": f"HWC uint8 RGB -> resize, crop, normalize (on the {where}), image encoder -> softmax "
+                           f"of cosine vs {len(labels)} cached label embeddings -> top-5",
             **classify_stats, "output": {"top5": top5}},
     }
+    if where == "device":  # the host path beside it, on the same sessions and cached labels
+        host = ClipModel(bundle, preprocess="host")
+        host._label_cache = model._label_cache
+        stats = latency_stats(time_calls(lambda: host.zero_shot(image, labels, templates), iters, warmup))
+        rows["clip.classify.host_preprocess"] = _host_twin(rows["clip.classify"], stats)
+    return rows
 
 
-def _dalle_pipelines(bundle: Bundle, iters: int, warmup: int, rng: np.random.Generator) -> dict[str, Any]:
-    """DalleGenerator: one image from a fixed prompt and seed per iteration; DvaeCodec.decode without a prior."""
+def _dalle_pipelines(bundle: Bundle, iters: int, warmup: int, rng: np.random.Generator,
+                     preprocess: str = "auto") -> dict[str, Any]:
+    """DalleGenerator: one image from a fixed prompt and seed per iteration; DvaeCodec.decode without a prior.
+    (``preprocess``: no image goes in.)"""
     from .dalle.generator import DalleGenerator, DvaeCodec
     from .dalle.spec import PRIOR_PREFILL, PRIOR_STEP
 
@@ -117,7 +141,7 @@ def _dalle_pipelines(bundle: Bundle, iters: int, warmup: int, rng: np.random.Gen
 
 
 # Family -> end-to-end figures on the family's runtime API (what a user's program calls).
-PIPELINES: dict[str, Callable[[Bundle, int, int, np.random.Generator], dict[str, Any]]] = {
+PIPELINES: dict[str, Callable[[Bundle, int, int, np.random.Generator, str], dict[str, Any]]] = {
     "sam": _sam_pipelines, "clip": _clip_pipelines, "dalle": _dalle_pipelines}
 
 

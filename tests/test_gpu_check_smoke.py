@@ -32,6 +32,11 @@ def test_gpu_check_smoke_run_has_every_section_and_no_error(tmp_path):
     assert all(r["passed"] for r in parity.values() if isinstance(r, dict) and "passed" in r)
     impls = {(r["component"], r["impl"], r["precision"]) for r in res["rows"]}
     assert ("sam.prompt_to_masks", "onnxruntime ort-cpu captured graphs, chained", "fused_fp16") in impls
+    assert ("sam.set_image 1500x2250", "SamPredictor ort-cpu preprocess=device", "fp16") in impls
+    predictor = res["sections"]["sam_predictor"]  # device preprocessing: the host's pixels, the host's masks
+    for precision in ("fp32", "fp16"):
+        host, dev = predictor[f"{precision}_host_preprocess"], predictor[f"{precision}_device_preprocess"]
+        assert dev["mask_iou_vs_cpu_fp32"] == host["mask_iou_vs_cpu_fp32"]
     assert "Where the time goes" in (out / "gpu_check.md").read_text()
     # On ort-cpu each single-precision bundle's files are their own references: verify says so, per component.
     verify = res["sections"]["edgefm_verify"]

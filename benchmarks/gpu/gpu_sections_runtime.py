@@ -27,15 +27,19 @@ def section_predictor(run: Run, bundles, backend: str) -> None:
     ref.set_image(image)
     ref_masks, ref_scores, _ = ref.predict(point, label)
     for precision in ("fp32", "fp16"):
-        pred = SamPredictor(bundles["sam"][precision], backend=backend)
-        pred.set_image(image)
-        masks, scores, _ = pred.predict(point, label)
-        ious = [float((m & r).sum() / max(1, (m | r).sum())) for m, r in zip(masks, ref_masks)]
-        out[precision] = {"embedding_on_device": bool(pred._on_device), "mask_iou_vs_cpu_fp32": ious,
-                          "score_max_abs_vs_cpu_fp32": float(np.abs(scores - ref_scores).max())}
-        run.log(f"   predictor {precision}: on device {pred._on_device}, IoU vs CPU {np.round(ious, 5)}")
-        run.row("sam.set_image 1500x2250", f"SamPredictor {backend}", precision,
-                time_fn(lambda p=pred: p.set_image(image), max(10, run.iters // 4), 3))
+        # Preprocessing on the host (numpy) and on the device (runtime/image_prep.py, what "auto" picks).
+        for where in ("host", "device"):
+            pred = SamPredictor(bundles["sam"][precision], backend=backend, preprocess=where)
+            pred.set_image(image)
+            masks, scores, _ = pred.predict(point, label)
+            ious = [float((m & r).sum() / max(1, (m | r).sum())) for m, r in zip(masks, ref_masks)]
+            out[f"{precision}_{where}_preprocess"] = {
+                "embedding_on_device": bool(pred._on_device), "mask_iou_vs_cpu_fp32": ious,
+                "score_max_abs_vs_cpu_fp32": float(np.abs(scores - ref_scores).max())}
+            run.log(f"   predictor {precision}, {where} preprocessing: on device {pred._on_device}, IoU vs CPU "
+                    f"{np.round(ious, 5)}")
+            run.row("sam.set_image 1500x2250", f"SamPredictor {backend} preprocess={where}", precision,
+                    time_fn(lambda p=pred: p.set_image(image), max(10, run.iters // 4), 3))
         run.row("sam.predict 1 point -> 3 masks", f"SamPredictor {backend}", precision,
                 time_fn(lambda p=pred: p.predict(point, label), run.iters, run.warmup))
     if backend == "ort-cuda":  # the captured-graph predictor: same masks, and what the graphs save
@@ -46,7 +50,8 @@ def section_predictor(run: Run, bundles, backend: str) -> None:
         out["fp16_cuda_graphs"] = {"mask_iou_vs_cpu_fp32": ious,
                                    "score_max_abs_vs_cpu_fp32": float(np.abs(scores - ref_scores).max())}
         run.log(f"   predictor fp16 cuda_graphs: IoU vs CPU {np.round(ious, 5)}")
-        run.row("sam.set_image 1500x2250", f"SamPredictor {backend} cuda_graphs", "fp16",
+        run.row("sam.set_image 1500x2250", f"SamPredictor {backend} cuda_graphs preprocess={pred.preprocess_on}",
+                "fp16",
                 time_fn(lambda p=pred: p.set_image(image), max(10, run.iters // 4), 3))
         run.row("sam.predict 1 point -> 3 masks", f"SamPredictor {backend} cuda_graphs", "fp16",
                 time_fn(lambda p=pred: p.predict(point, label), run.iters, run.warmup))

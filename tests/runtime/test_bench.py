@@ -273,3 +273,22 @@ def test_named_dims_set_the_timed_shapes(clip_bundle, sam_tiny_bundle):
     assert parse_dim("length=77") == ("length", 77)
     with pytest.raises(InputError, match="expected NAME=SIZE"):
         parse_dim("length")
+
+
+def test_device_preprocessing_is_timed_beside_the_host_s(sam_tiny_bundle, clip_bundle):
+    """``--preprocess device`` (what "auto" picks on a GPU): each image pipeline also times the host
+    preprocessing on the same sessions, so the gain is a ratio from one run. On ort-cpu here, the same code."""
+    from edgefm.runtime.bench_pipelines import PIPELINES as FAMILY_PIPELINES
+
+    for bundle, family, row in ((sam_tiny_bundle, "sam", "sam.set_image"), (clip_bundle, "clip", "clip.classify")):
+        rows = FAMILY_PIPELINES[family](Bundle(bundle, backend="ort-cpu", threads=1), 2, 0, np.random.default_rng(0),
+                                        "device")
+        dev, host = rows[row], rows[f"{row}.host_preprocess"]
+        assert (dev["preprocess"], host["preprocess"]) == ("device", "host")
+        assert "(on the device)" in dev["description"] and "(on the host: numpy)" in host["description"]
+        assert host["inputs"] == dev["inputs"] and host["iterations"] == 2
+        assert_sane(f"{row}.host_preprocess", host, 2)
+        assert "output" not in host  # the device row's classification result is not claimed for it
+    auto = FAMILY_PIPELINES["sam"](Bundle(sam_tiny_bundle, backend="ort-cpu", threads=1), 1, 0,
+                                   np.random.default_rng(0))
+    assert auto["sam.set_image"]["preprocess"] == "host" and "sam.set_image.host_preprocess" not in auto
