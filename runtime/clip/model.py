@@ -112,7 +112,10 @@ class ClipModel:
         for i in range(0, len(images), batch_size):
             chunk = [read_image(im) if isinstance(im, (str, Path)) else im for im in images[i : i + batch_size]]
             rgb = [_as_hwc(im) for im in chunk] if on_device else []
-            if on_device and all(im.shape[2] != 4 for im in rgb):  # alpha is premultiplied on the host only
+            # Alpha is premultiplied on the host only; a picture too large for the device's transient memory
+            # (ImagePrep.fits) sends its chunk to the host too.
+            if on_device and all(im.shape[2] != 4 and self._prep.fits(im.shape[:2], *self._geometry(*im.shape[:2]))
+                                 for im in rgb):
                 out.append(self._encode_on_device(rgb))
             else:
                 out.append(self.encode_pixels(np.stack([self.preprocess(im) for im in chunk]), batch_size))

@@ -107,7 +107,7 @@ class SamPredictor:
         if image_format == "BGR":
             image = np.ascontiguousarray(image[..., ::-1])
         input_size = resized_shape(*image.shape[:2], self.image_size)
-        if self.preprocess_on == "device":
+        if self.preprocess_on == "device" and self._prep.fits(image.shape[:2], input_size):
             x = self._prep(image, input_size)
         else:
             x = normalize_and_pad(resize_longest_side(image, self.image_size), self.image_size, self.mean, self.std)

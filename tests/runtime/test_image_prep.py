@@ -184,3 +184,44 @@ def test_camera_tasks_preprocess_on_the_infer_stage_when_on_the_device(sam_tiny_
     assert c_dev.labels == c_host.labels
     np.testing.assert_allclose(c_dev.scores, c_host.scores, atol=1e-5)
     np.testing.assert_array_equal(s_dev.masks, s_host.masks)
+
+
+def test_sums_stay_exact_up_to_the_tap_limit_and_beyond_it_the_host_is_named():
+    """The float32 partial sums are exact for up to MAX_TAPS taps: a 60x bicubic shrink (245 taps) of a
+    picture at full brightness with noise equals the host's; a shrink past the limit is refused."""
+    from edgefm.runtime import resample
+    from edgefm.runtime.image_prep import MAX_TAPS
+
+    image = _noise(4, 20000, seed=11)
+    image[:, ::2] = 255  # the largest sums
+    prep = ImagePrep(CPU, "cpu", (0, 0, 0), (1, 1, 1), (4, 330), "bicubic_antialias")
+    got = prep(image, (4, 330)).numpy()[0].transpose(1, 2, 0)
+    np.testing.assert_array_equal(got, resample.resize(image, (4, 330), "bicubic_antialias"))
+    assert 240 <= resample.coefficients(20000, 330, 0, 330, "bicubic_antialias")[1].shape[1] <= MAX_TAPS == 258
+    with pytest.raises(InputError, match=r"resizing 20000 pixels to 70 takes \d+ taps per pixel, more than the "
+                                         r"device preprocessing sums exactly \(258\); use preprocess='host'"):
+        prep(image, (4, 70))
+
+
+def test_pictures_too_large_for_the_device_budget_go_to_the_host(sam_tiny_bundle, monkeypatch):
+    prep = ImagePrep(CPU, "cpu", SAM_MEAN, SAM_STD, (1024, 1024))
+    assert prep.fits((1500, 2250), (683, 1024)) and prep.fits((2160, 3840), (576, 1024))
+    assert not prep.fits((4000, 6000), (683, 1024))  # over 1 GiB of gathered taps in the wide pass
+    dev = SamPredictor(sam_tiny_bundle, backend="ort-cpu", preprocess="device")
+    host = SamPredictor(sam_tiny_bundle, backend="ort-cpu", preprocess="host")
+    assert dev.preprocess_on == "device"
+    calls, real = [], ImagePrep.__call__
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ImagePrep, "__call__", counting)
+    image = scene(96, 160, seed=2)
+    dev.set_image(image)
+    assert calls == [1]
+    dev._prep.max_bytes = 1  # nothing fits: this picture is preprocessed on the host
+    dev.set_image(image)
+    host.set_image(image)
+    assert calls == [1]
+    np.testing.assert_array_equal(dev.get_image_embedding(), host.get_image_embedding())
