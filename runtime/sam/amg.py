@@ -5,7 +5,9 @@ For every crop (the whole image, then optional layers of overlapping crops) the 
 grid of single foreground points is decoded in batches of ``points_per_batch``, three candidate masks per
 point. Candidates are filtered by predicted IoU, by stability score (IoU of the logits thresholded at
 ``0 ± stability_score_offset``) and by touching a crop edge that is not an image edge; survivors are stored as
-run-length encodings right away so that only one batch of full-size logits is ever held. Duplicates are
+run-length encodings right away. With edgefm's ``SamPredictor`` only the candidates that pass the IoU filter
+(known from the decoder) are upscaled to full size, 16 at a time: the official generator upscales all of a
+batch at once (2.6 GB of float32 for 64 points on a 1500 x 2250 photo), and the records are the same. Duplicates are
 removed by box NMS within each crop (best predicted IoU wins), then across crops (the smaller crop wins),
 and optionally after filling small holes and removing small islands (unchanged masks win).
 """
@@ -259,35 +261,55 @@ class SamAutomaticMaskGenerator:
         data["crop_boxes"] = np.tile(np.asarray(crop_box, np.int64), (len(data["rles"]), 1))
         return data
 
+    UPSCALE_CHUNK = 16  # full-size logit maps made at once from the low-res ones
+
     def _process_batch(
         self, points: np.ndarray, crop_size: tuple[int, int], crop_box: list[int], orig_size: tuple[int, int]
     ) -> Columns:
         labels = np.ones((len(points), 1), dtype=np.int64)
-        masks, iou_preds, _ = self.predictor.predict_batch(
-            points[:, None, :], labels, multimask_output=True, return_logits=True
-        )
-        n_out = masks.shape[1]
-        masks = masks.reshape(-1, *masks.shape[-2:])  # (B*C, h, w) logits, point-major like the reference
+        upscale = getattr(self.predictor, "upscale", None)
+        if upscale is None:  # a predictor that only gives full-size logits: all of them at once
+            masks, iou_preds, _ = self.predictor.predict_batch(
+                points[:, None, :], labels, multimask_output=True, return_logits=True
+            )
+            n_out = masks.shape[1]
+            masks = masks.reshape(-1, *masks.shape[-2:])  # (B*C, h, w) logits, point-major like the reference
+
+            def logits(rows: np.ndarray) -> np.ndarray:
+                return masks[rows]
+        else:
+            # SamPredictor: the candidates the IoU filter drops are never upscaled, and the rest a few at a time,
+            # so a batch never holds B*C full-size float maps (2.6 GB for 64 points on a 1500 x 2250 photo).
+            _, iou_preds, low = self.predictor.predict_batch(
+                points[:, None, :], labels, multimask_output=True, return_logits=True, upscale=False
+            )
+            n_out = low.shape[1]
+            low = low.reshape(-1, 1, *low.shape[-2:])
+
+            def logits(rows: np.ndarray) -> np.ndarray:
+                return upscale(low[rows], return_logits=True)[:, 0]
+
         iou_preds = np.asarray(iou_preds, np.float32).reshape(-1)
         points = np.repeat(points, n_out, axis=0)
-
-        # Filters pick row indices instead of copying full-size logits; each map is then read one at a time,
-        # which keeps the temporaries in cache (about 3x faster than whole-batch comparisons).
-        idx = np.arange(len(masks))
+        # Filters pick row indices; the logits are then made and read a chunk at a time, which keeps the
+        # temporaries small (and per map in cache: about 3x faster than whole-batch comparisons).
+        idx = np.arange(len(iou_preds))
         if self.pred_iou_thresh > 0.0:
             idx = idx[iou_preds > self.pred_iou_thresh]
-        stability = np.array(
-            [calculate_stability_score(masks[i], self.mask_threshold, self.stability_score_offset) for i in idx],
-            dtype=np.float32,
-        )
-        if self.stability_score_thresh > 0.0:
-            passed = stability >= self.stability_score_thresh
-            idx, stability = idx[passed], stability[passed]
-
-        binary = np.empty((len(idx), *masks.shape[-2:]), dtype=bool)
-        for j, i in enumerate(idx):
-            np.greater(masks[i], self.mask_threshold, out=binary[j])
-        del masks
+        kept, stability, binary = [], [], []
+        for start in range(0, len(idx), self.UPSCALE_CHUNK):
+            rows = idx[start : start + self.UPSCALE_CHUNK]
+            maps = logits(rows)
+            score = calculate_stability_score(maps, self.mask_threshold, self.stability_score_offset)
+            passed = score >= self.stability_score_thresh if self.stability_score_thresh > 0.0 else \
+                np.ones(len(rows), bool)
+            kept.append(rows[passed])
+            stability.append(score[passed])
+            binary.extend(m > self.mask_threshold for m in maps[passed])
+            del maps
+        idx = np.concatenate(kept) if kept else idx[:0]
+        stability = np.concatenate(stability) if stability else np.zeros(0, np.float32)
+        binary = np.stack(binary) if binary else np.zeros((0, *crop_size), bool)
         boxes = batched_mask_to_box(binary)
         # Masks cut by a crop edge (not an image edge) are partial objects; another crop sees them whole.
         keep = np.flatnonzero(~is_box_near_crop_edge(boxes, crop_box, [0, 0, orig_size[1], orig_size[0]]))

@@ -220,10 +220,12 @@ class SamPredictor:
         mask_input: np.ndarray | None = None,
         multimask_output: bool = True,
         return_logits: bool = False,
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        upscale: bool = True,
+    ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
         """B prompts in one decoder call. point_coords (B, N, 2) and point_labels (B, N) in original-image
         pixels; boxes (B, 4) XYXY; mask_input (B, 1, 256, 256). Returns masks (B, C, H, W) (bool, or float
-        logits with ``return_logits``), IoU predictions (B, C) and low-res logits (B, C, 256, 256)."""
+        logits with ``return_logits``), IoU predictions (B, C) and low-res logits (B, C, 256, 256).
+        ``upscale=False``: masks is None, for a caller that upscales only some of them (:meth:`upscale`)."""
         self._need_image()
         coords, labels = self._prompt_points(point_coords, point_labels, boxes)
         b = coords.shape[0]
@@ -238,9 +240,7 @@ class SamPredictor:
         if not self._on_device:
             out = self.decoder.run({"image_embeddings": self.features, **self.prompt_encoder.run(prompt)})
             low = out["low_res_masks"][:, sel]
-            masks = upscale_masks(low, self.input_size, self.original_size, self.image_size)
-            masks = masks if return_logits else masks > self.mask_threshold
-            return masks, out["iou_predictions"][:, sel], low
+            return self.upscale(low, return_logits) if upscale else None, out["iou_predictions"][:, sel], low
         if self._graphs:
             dev = self._replay_prompt(self.prompt_encoder.spec.check_feeds(prompt))
         else:
@@ -248,12 +248,24 @@ class SamPredictor:
             dev = self.decoder.run_on_device({"image_embeddings": self.features, **emb}, keep=("low_res_masks",))
         # The logits are upscaled and thresholded where they are (mask_upscale.py; on the CPU, OpenCV is the
         # faster), so only the returned arrays come to the host.
+        masks = self._device_upscale(dev["low_res_masks"], sel, return_logits) if upscale else None
+        return masks, dev["iou_predictions"].numpy()[:, sel], dev["low_res_masks"].numpy()[:, sel]
+
+    def upscale(self, low_res: np.ndarray, return_logits: bool = False) -> np.ndarray:
+        """Low-res logits (B, C, 256, 256) of the image set now -> masks (B, C, H, W) at its original size:
+        bool, or float logits with ``return_logits`` (the official postprocess_masks, then the threshold)."""
+        self._need_image()
+        if self._on_device:
+            return self._device_upscale(low_res, slice(None), return_logits)
+        masks = upscale_masks(low_res, self.input_size, self.original_size, self.image_size)
+        return masks if return_logits else masks > self.mask_threshold
+
+    def _device_upscale(self, low_res: Any, channels: slice, return_logits: bool) -> np.ndarray:
         if self._upscaler is None:  # CUDA (and CPU) kernels only: not worth a TensorRT engine per image size
             providers = [p for p in self.decoder.providers if p[0] != "TensorrtExecutionProvider"]
             self._upscaler = MaskUpscaler(providers, self.decoder.device)
-        masks = self._upscaler(dev["low_res_masks"], sel, self.input_size, self.original_size, self.image_size,
-                               self.mask_threshold, return_logits)
-        return masks, dev["iou_predictions"].numpy()[:, sel], dev["low_res_masks"].numpy()[:, sel]
+        return self._upscaler(low_res, channels, self.input_size, self.original_size, self.image_size,
+                              self.mask_threshold, return_logits)
 
     def _replay_prompt(self, prompt: dict[str, np.ndarray]) -> dict[str, Any]:
         """Captured-graph predict: the pair for these prompt shapes (captured on first use, the least recently

@@ -143,6 +143,21 @@ class TorchPointPredictor:
         return masks.numpy(), iou.numpy(), low.numpy()
 
 
+class TorchLowResPredictor(TorchPointPredictor):
+    """The same, with SamPredictor's low-res interface: ``predict_batch(upscale=False)`` and ``upscale``
+    (the official postprocess_masks), which the generator uses to upscale only the candidates that pass the
+    IoU filter, a chunk at a time."""
+
+    def predict_batch(self, point_coords, point_labels, multimask_output=True, return_logits=True, upscale=True):
+        masks, iou, low = super().predict_batch(point_coords, point_labels, multimask_output, return_logits)
+        return (masks if upscale else None), iou, low
+
+    def upscale(self, low_res, return_logits=False):
+        masks = self.predictor.model.postprocess_masks(torch.as_tensor(low_res), self.input_size,
+                                                       self.original_size).numpy()
+        return masks if return_logits else masks > self.mask_threshold
+
+
 @pytest.fixture(scope="module")
 def ref_sam() -> Sam:
     torch.manual_seed(0)
@@ -181,10 +196,11 @@ def assert_records_identical(ours: list[dict], ref: list[dict]) -> None:
                 assert type(a[key]) is type(b[key]), (i, key)
 
 
+@pytest.mark.parametrize("predictor", [TorchPointPredictor, TorchLowResPredictor])
 @pytest.mark.parametrize("case", list(CASES))
-def test_identical_to_official_on_same_logits(case, ref_sam, image, official) -> None:
+def test_identical_to_official_on_same_logits(case, predictor, ref_sam, image, official) -> None:
     ref = official(case)
-    ours = SamAutomaticMaskGenerator(TorchPointPredictor(ref_sam), **CASES[case]).generate(image)
+    ours = SamAutomaticMaskGenerator(predictor(ref_sam), **CASES[case]).generate(image)
     assert len(ref) >= 15  # the setting yields enough distinct masks to exercise the NMS steps
     if case == "crops":
         assert len({tuple(r["crop_box"]) for r in ref}) >= 3  # masks from the whole image and from crops
@@ -282,3 +298,23 @@ def test_amg_modules_do_not_import_torch() -> None:
         "sys.exit(1 if 'torch' in sys.modules else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_onnx_predictor_upscaling_only_iou_survivors_changes_no_record(edgefm_predictor, image) -> None:
+    """SamPredictor's low-res path (only the candidates that pass the IoU filter upscaled, 16 at a time) gives
+    the records of the full-size path (every candidate upscaled at once, as the official generator does)."""
+
+    class FullSizeOnly:  # SamPredictor without its ``upscale``: the generator takes the full-size path
+        mask_threshold = edgefm_predictor.mask_threshold
+
+        def set_image(self, img):
+            edgefm_predictor.set_image(img)
+
+        def predict_batch(self, *args, **kwargs):
+            return edgefm_predictor.predict_batch(*args, **kwargs)
+
+    kwargs = dict(points_per_side=16, crop_n_layers=1, **BASE)
+    full = SamAutomaticMaskGenerator(FullSizeOnly(), **kwargs).generate(image)
+    low = SamAutomaticMaskGenerator(edgefm_predictor, **kwargs).generate(image)
+    assert len(full) >= 15
+    assert_records_identical(low, full)
