@@ -44,13 +44,36 @@ def scene(h: int, w: int, seed: int = SEED) -> np.ndarray:
 # --- the two sides: the same operations, served by a child process over a JSON-lines pipe ---
 
 
+def official_sam(c: dict[str, Any], state_dict: dict[str, Any]) -> Any:
+    """segment-anything's ``Sam`` wired as its ``build_sam`` does, with the numbers of an edgefm SamConfig
+    (for vit_b: ``sam_model_registry["vit_b"]``), holding ``state_dict`` (strict), in eval mode."""
+    from functools import partial
+
+    import segment_anything.modeling as sm
+    import torch
+
+    s, e, d = c["image_size"], c["image_size"] // c["patch_size"], c["prompt_embed_dim"]
+    encoder = sm.ImageEncoderViT(
+        depth=c["encoder_depth"], embed_dim=c["encoder_embed_dim"], img_size=s, mlp_ratio=4,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=c["encoder_num_heads"],
+        patch_size=c["patch_size"], qkv_bias=True, use_rel_pos=True, window_size=c["window_size"],
+        global_attn_indexes=c["encoder_global_attn_indexes"], out_chans=d)
+    prompt = sm.PromptEncoder(embed_dim=d, image_embedding_size=(e, e), input_image_size=(s, s),
+                              mask_in_chans=c["mask_in_chans"])
+    transformer = sm.TwoWayTransformer(depth=c["decoder_depth"], embedding_dim=d,
+                                       mlp_dim=c["decoder_mlp_dim"], num_heads=c["decoder_num_heads"])
+    decoder = sm.MaskDecoder(num_multimask_outputs=c["num_multimask_outputs"], transformer=transformer,
+                             transformer_dim=d, iou_head_depth=c["iou_head_depth"],
+                             iou_head_hidden_dim=c["iou_head_hidden_dim"])
+    sam = sm.Sam(encoder, prompt, decoder, pixel_mean=c["pixel_mean"], pixel_std=c["pixel_std"])
+    sam.load_state_dict(state_dict, strict=True)
+    return sam.eval()
+
+
 class OfficialSide:
     """segment-anything's Sam and SamPredictor, PyTorch eager, fp32."""
 
     def __init__(self, work: Path, threads: int) -> None:
-        from functools import partial
-
-        import segment_anything.modeling as sm
         import torch
         from segment_anything import SamPredictor
 
@@ -58,24 +81,8 @@ class OfficialSide:
         torch.set_num_threads(threads)
         self.rss_after_imports = rss_mb()
         c = json.loads((work / "config.json").read_text())
-        s, e, d = c["image_size"], c["image_size"] // c["patch_size"], c["prompt_embed_dim"]
-        # The official build_sam wiring with the variant's numbers (for vit_b: sam_model_registry["vit_b"]).
-        encoder = sm.ImageEncoderViT(
-            depth=c["encoder_depth"], embed_dim=c["encoder_embed_dim"], img_size=s, mlp_ratio=4,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=c["encoder_num_heads"],
-            patch_size=c["patch_size"], qkv_bias=True, use_rel_pos=True, window_size=c["window_size"],
-            global_attn_indexes=c["encoder_global_attn_indexes"], out_chans=d)
-        prompt = sm.PromptEncoder(embed_dim=d, image_embedding_size=(e, e), input_image_size=(s, s),
-                               mask_in_chans=c["mask_in_chans"])
-        transformer = sm.TwoWayTransformer(depth=c["decoder_depth"], embedding_dim=d,
-                                        mlp_dim=c["decoder_mlp_dim"], num_heads=c["decoder_num_heads"])
-        decoder = sm.MaskDecoder(num_multimask_outputs=c["num_multimask_outputs"], transformer=transformer,
-                              transformer_dim=d, iou_head_depth=c["iou_head_depth"],
-                              iou_head_hidden_dim=c["iou_head_hidden_dim"])
-        sam = sm.Sam(encoder, prompt, decoder, pixel_mean=c["pixel_mean"], pixel_std=c["pixel_std"])
         # What sam_model_registry does with a checkpoint: torch.load, then a strict load_state_dict.
-        sam.load_state_dict(torch.load(work / "weights.pt", weights_only=True), strict=True)
-        self.sam = sam.eval()
+        self.sam = official_sam(c, torch.load(work / "weights.pt", weights_only=True))
         self.predictor = SamPredictor(self.sam)
         self.x = torch.from_numpy(np.load(work / "encoder_input.npy"))
         self.image = np.load(work / "image.npy")
