@@ -33,6 +33,7 @@ def test_gpu_check_smoke_run_has_every_section_and_no_error(tmp_path):
     impls = {(r["component"], r["impl"], r["precision"]) for r in res["rows"]}
     assert ("sam.prompt_to_masks", "onnxruntime ort-cpu captured graphs, chained", "fused_fp16") in impls
     assert ("sam.set_image 1500x2250", "SamPredictor ort-cpu preprocess=device", "fp16") in impls
+    assert ("sam.amg 2x2 points (12 candidates) 1500x2250", "SamAutomaticMaskGenerator ort-cpu", "fp16") in impls
     predictor = res["sections"]["sam_predictor"]  # device preprocessing: the host's pixels, the host's masks
     for precision in ("fp32", "fp16"):
         host, dev = predictor[f"{precision}_host_preprocess"], predictor[f"{precision}_device_preprocess"]

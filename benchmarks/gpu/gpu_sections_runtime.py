@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def section_predictor(run: Run, bundles, backend: str) -> None:
     """SamPredictor on the GPU backend vs on the CPU: same masks; set_image and predict latency."""
-    from edgefm.runtime.sam import SamPredictor
+    from edgefm.runtime.sam import SamAutomaticMaskGenerator, SamPredictor
 
     rng = np.random.default_rng(2)
     image = (rng.random((1500, 2250, 3)) * 255).astype(np.uint8)
@@ -40,6 +40,12 @@ def section_predictor(run: Run, bundles, backend: str) -> None:
                     f"{np.round(ious, 5)}")
             run.row("sam.set_image 1500x2250", f"SamPredictor {backend} preprocess={where}", precision,
                     time_fn(lambda p=pred: p.set_image(image), max(10, run.iters // 4), 3))
+        # Automatic masks with no filter (random weights predict low IoUs): every candidate upscaled and scored
+        # on the device, only boolean masks back; the worst case of the generator's host traffic.
+        side = 2 if run.smoke else 8  # the smoke run's CPU does this on the host, the slow way
+        amg = SamAutomaticMaskGenerator(pred, points_per_side=side, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+        run.row(f"sam.amg {side}x{side} points ({3 * side * side} candidates) 1500x2250",
+                f"SamAutomaticMaskGenerator {backend}", precision, time_fn(lambda g=amg: g.generate(image), 2, 1))
         run.row("sam.predict 1 point -> 3 masks", f"SamPredictor {backend}", precision,
                 time_fn(lambda p=pred: p.predict(point, label), run.iters, run.warmup))
     if backend == "ort-cuda":  # the captured-graph predictor: same masks, and what the graphs save

@@ -275,8 +275,10 @@ class SamAutomaticMaskGenerator:
             n_out = masks.shape[1]
             masks = masks.reshape(-1, *masks.shape[-2:])  # (B*C, h, w) logits, point-major like the reference
 
-            def logits(rows: np.ndarray) -> np.ndarray:
-                return masks[rows]
+            def masks_and_stability(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                maps = masks[rows]
+                score = calculate_stability_score(maps, self.mask_threshold, self.stability_score_offset)
+                return maps > self.mask_threshold, score
         else:
             # SamPredictor: the candidates the IoU filter drops are never upscaled, and the rest a few at a time,
             # so a batch never holds B*C full-size float maps (2.6 GB for 64 points on a 1500 x 2250 photo).
@@ -286,8 +288,9 @@ class SamAutomaticMaskGenerator:
             n_out = low.shape[1]
             low = low.reshape(-1, 1, *low.shape[-2:])
 
-            def logits(rows: np.ndarray) -> np.ndarray:
-                return upscale(low[rows], return_logits=True)[:, 0]
+            def masks_and_stability(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                binary, score = upscale(low[rows], stability_offset=self.stability_score_offset)
+                return binary[:, 0], score[:, 0]
 
         iou_preds = np.asarray(iou_preds, np.float32).reshape(-1)
         points = np.repeat(points, n_out, axis=0)
@@ -299,14 +302,13 @@ class SamAutomaticMaskGenerator:
         kept, stability, binary = [], [], []
         for start in range(0, len(idx), self.UPSCALE_CHUNK):
             rows = idx[start : start + self.UPSCALE_CHUNK]
-            maps = logits(rows)
-            score = calculate_stability_score(maps, self.mask_threshold, self.stability_score_offset)
+            chunk, score = masks_and_stability(rows)
             passed = score >= self.stability_score_thresh if self.stability_score_thresh > 0.0 else \
                 np.ones(len(rows), bool)
             kept.append(rows[passed])
             stability.append(score[passed])
-            binary.extend(m > self.mask_threshold for m in maps[passed])
-            del maps
+            binary.extend(chunk[passed])
+            del chunk
         idx = np.concatenate(kept) if kept else idx[:0]
         stability = np.concatenate(stability) if stability else np.zeros(0, np.float32)
         binary = np.stack(binary) if binary else np.zeros((0, *crop_size), bool)

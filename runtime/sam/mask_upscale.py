@@ -9,7 +9,9 @@ decoder itself took a few milliseconds. Run where the logits already are, the sa
 The graph is the file ``mask_upscale.onnx`` beside this module, written by :func:`build` (which needs the
 ``onnx`` package; the runtime only loads the file). Inputs: ``low_res_masks`` (B, M, h0, w0) float32; ``plan``
 int64 [S, S, h, w, H, W, c0, c1] (padded square, resized image, original image, the channel range kept);
-``threshold`` float32 [1]. Outputs: ``logits`` and ``masks`` (B, c1 - c0, H, W), float32 and bool.
+``threshold`` float32 [1]; ``stability_offset`` float32 [1]. Outputs: ``logits`` and ``masks`` (B, c1 - c0, H, W),
+float32 and bool, and ``stability`` (B, c1 - c0): the official stability score of each, for the automatic mask
+generator, which then never copies full-size logits to the host.
 """
 
 from __future__ import annotations
@@ -53,14 +55,26 @@ def build() -> bytes:
              helper.make_node("Concat", ["bc", "original"], ["size2"], axis=0),
              helper.make_node("Resize", ["cropped", "", "", "size2"], ["logits"], mode="linear",
                               coordinate_transformation_mode="half_pixel"),
-             helper.make_node("Greater", ["logits", "threshold"], ["masks"])]
+             helper.make_node("Greater", ["logits", "threshold"], ["masks"]),
+             # The official stability score: count(logits > t + offset) / count(logits > t - offset). Counts
+             # below 2**24 are exact in float32, and 0 / 0 is NaN as in the reference.
+             const("hw_axes", [2, 3]),
+             helper.make_node("Add", ["threshold", "stability_offset"], ["t_high"]),
+             helper.make_node("Sub", ["threshold", "stability_offset"], ["t_low"]),
+             *[node for name in ("high", "low") for node in (
+                 helper.make_node("Greater", ["logits", f"t_{name}"], [f"above_{name}"]),
+                 helper.make_node("Cast", [f"above_{name}"], [f"ones_{name}"], to=TensorProto.FLOAT),
+                 helper.make_node("ReduceSum", [f"ones_{name}", "hw_axes"], [f"count_{name}"], keepdims=0))],
+             helper.make_node("Div", ["count_high", "count_low"], ["stability"])]
     f32, i64 = TensorProto.FLOAT, TensorProto.INT64
     graph = helper.make_graph(
         nodes, "sam_mask_upscale",
         [helper.make_tensor_value_info("low_res_masks", f32, ["batch", "masks", "low_h", "low_w"]),
-         helper.make_tensor_value_info("plan", i64, [8]), helper.make_tensor_value_info("threshold", f32, [1])],
+         helper.make_tensor_value_info("plan", i64, [8]), helper.make_tensor_value_info("threshold", f32, [1]),
+         helper.make_tensor_value_info("stability_offset", f32, [1])],
         [helper.make_tensor_value_info("logits", f32, ["batch", "kept", "height", "width"]),
-         helper.make_tensor_value_info("masks", TensorProto.BOOL, ["batch", "kept", "height", "width"])])
+         helper.make_tensor_value_info("masks", TensorProto.BOOL, ["batch", "kept", "height", "width"]),
+         helper.make_tensor_value_info("stability", f32, ["batch", "kept"])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8,
                               producer_name="edgefm")
     onnx.checker.check_model(model)
@@ -79,8 +93,10 @@ class MaskUpscaler:
         self.device = device
 
     def __call__(self, low_res: Any, channels: slice, input_size: tuple[int, int], original_size: tuple[int, int],
-                 image_size: int, threshold: float, return_logits: bool = False) -> np.ndarray:
-        """(B, C, H, W) boolean masks (or float logits) of ``low_res[:, channels]`` at the original size."""
+                 image_size: int, threshold: float, return_logits: bool = False,
+                 stability_offset: float | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """(B, C, H, W) boolean masks (or float logits) of ``low_res[:, channels]`` at the original size; with
+        ``stability_offset``, also their (B, C) stability scores (the automatic mask generator's filter)."""
         import onnxruntime as ort
 
         n = low_res.shape()[1] if isinstance(low_res, ort.OrtValue) else low_res.shape[1]
@@ -92,12 +108,14 @@ class MaskUpscaler:
         binding.bind_ortvalue_input("low_res_masks", low_res)
         binding.bind_cpu_input("plan", plan)
         binding.bind_cpu_input("threshold", np.array([threshold], np.float32))
+        binding.bind_cpu_input("stability_offset", np.array([stability_offset or 0.0], np.float32))
         wanted, other = ("logits", "masks") if return_logits else ("masks", "logits")
         binding.bind_output(wanted, "cpu")
         binding.bind_output(other, self.device, 0)  # computed alongside, left where it is
+        binding.bind_output("stability", "cpu" if stability_offset is not None else self.device, 0)
         self.session.run_with_iobinding(binding)
-        return binding.get_outputs()[0].numpy()  # in binding order: the wanted one first
-
+        out = binding.get_outputs()  # in binding order: the wanted one first
+        return (out[0].numpy(), out[2].numpy()) if stability_offset is not None else out[0].numpy()
 
 if __name__ == "__main__":
     GRAPH.write_bytes(build())

@@ -16,6 +16,7 @@ from ..backends.onnxruntime import _CapturedGraph, recent_graph, shapes_key
 from ..bundle import Bundle
 from ..errors import InputError
 from ..image_prep import ImagePrep, asked_preprocess, open_checked
+from .amg_utils import calculate_stability_score
 from .mask_upscale import MaskUpscaler
 from .spec import IMAGE_ENCODER, MASK_DECODER, PROMPT_ENCODER
 from .transforms import (
@@ -251,21 +252,28 @@ class SamPredictor:
         masks = self._device_upscale(dev["low_res_masks"], sel, return_logits) if upscale else None
         return masks, dev["iou_predictions"].numpy()[:, sel], dev["low_res_masks"].numpy()[:, sel]
 
-    def upscale(self, low_res: np.ndarray, return_logits: bool = False) -> np.ndarray:
+    def upscale(self, low_res: np.ndarray, return_logits: bool = False,
+                stability_offset: float | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Low-res logits (B, C, 256, 256) of the image set now -> masks (B, C, H, W) at its original size:
-        bool, or float logits with ``return_logits`` (the official postprocess_masks, then the threshold)."""
+        bool, or float logits with ``return_logits`` (the official postprocess_masks, then the threshold).
+        With ``stability_offset``, also the (B, C) stability scores of the full-size logits (what the automatic
+        mask generator filters on; on a GPU they are computed there, so only boolean masks come back)."""
         self._need_image()
         if self._on_device:
-            return self._device_upscale(low_res, slice(None), return_logits)
-        masks = upscale_masks(low_res, self.input_size, self.original_size, self.image_size)
-        return masks if return_logits else masks > self.mask_threshold
+            return self._device_upscale(low_res, slice(None), return_logits, stability_offset)
+        logits = upscale_masks(low_res, self.input_size, self.original_size, self.image_size)
+        masks = logits if return_logits else logits > self.mask_threshold
+        if stability_offset is None:
+            return masks
+        return masks, calculate_stability_score(logits, self.mask_threshold, stability_offset)
 
-    def _device_upscale(self, low_res: Any, channels: slice, return_logits: bool) -> np.ndarray:
+    def _device_upscale(self, low_res: Any, channels: slice, return_logits: bool,
+                        stability_offset: float | None = None) -> Any:
         if self._upscaler is None:  # CUDA (and CPU) kernels only: not worth a TensorRT engine per image size
             providers = [p for p in self.decoder.providers if p[0] != "TensorrtExecutionProvider"]
             self._upscaler = MaskUpscaler(providers, self.decoder.device)
         return self._upscaler(low_res, channels, self.input_size, self.original_size, self.image_size,
-                              self.mask_threshold, return_logits)
+                              self.mask_threshold, return_logits, stability_offset)
 
     def _replay_prompt(self, prompt: dict[str, np.ndarray]) -> dict[str, Any]:
         """Captured-graph predict: the pair for these prompt shapes (captured on first use, the least recently

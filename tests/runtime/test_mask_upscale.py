@@ -28,3 +28,22 @@ def test_matches_the_host_upscaling(hw):
         inter, union = (masks & (want > 0)).sum((2, 3)), (masks | (want > 0)).sum((2, 3))
         assert (inter / union).min() >= 0.9999
         np.testing.assert_array_equal(up(low, sel, inp, hw, 1024, 2.5), logits > 2.5)  # the threshold is used
+
+
+def test_stability_scores_are_the_official_formula_on_its_logits():
+    """The graph's stability output is count(logits > t + o) / count(logits > t - o) of its own logits (the
+    automatic mask generator filters on it without copying logits back), NaN for a map that is all low."""
+    from edgefm.runtime.sam.amg_utils import calculate_stability_score
+
+    up = MaskUpscaler([("CPUExecutionProvider", {})], "cpu")
+    low = (np.random.default_rng(3).standard_normal((2, 3, 256, 256)) * 5).astype(np.float32)
+    low[1, 2] = -50.0  # nothing above either cutoff
+    hw = (700, 300)
+    inp = resized_shape(*hw, 1024)
+    logits = up(low, slice(None), inp, hw, 1024, 0.0, return_logits=True)
+    masks, stability = up(low, slice(None), inp, hw, 1024, 0.0, stability_offset=1.0)
+    np.testing.assert_array_equal(masks, logits > 0)
+    want = calculate_stability_score(logits, 0.0, 1.0)
+    assert stability.shape == (2, 3) and np.isnan(stability[1, 2]) and np.isnan(want[1, 2])
+    np.testing.assert_array_equal(stability, want)
+    assert 0.5 < np.nanmin(stability) and np.nanmax(stability) < 1.0  # real fractions, not 0 or 1

@@ -152,10 +152,15 @@ class TorchLowResPredictor(TorchPointPredictor):
         masks, iou, low = super().predict_batch(point_coords, point_labels, multimask_output, return_logits)
         return (masks if upscale else None), iou, low
 
-    def upscale(self, low_res, return_logits=False):
-        masks = self.predictor.model.postprocess_masks(torch.as_tensor(low_res), self.input_size,
-                                                       self.original_size).numpy()
-        return masks if return_logits else masks > self.mask_threshold
+    def upscale(self, low_res, return_logits=False, stability_offset=None):
+        from segment_anything.utils.amg import calculate_stability_score
+
+        logits = self.predictor.model.postprocess_masks(torch.as_tensor(low_res), self.input_size,
+                                                        self.original_size)
+        masks = logits.numpy() if return_logits else (logits > self.mask_threshold).numpy()
+        if stability_offset is None:
+            return masks
+        return masks, calculate_stability_score(logits, self.mask_threshold, stability_offset).numpy()
 
 
 @pytest.fixture(scope="module")
@@ -318,3 +323,22 @@ def test_onnx_predictor_upscaling_only_iou_survivors_changes_no_record(edgefm_pr
     low = SamAutomaticMaskGenerator(edgefm_predictor, **kwargs).generate(image)
     assert len(full) >= 15
     assert_records_identical(low, full)
+
+
+def test_generator_on_the_device_path_gives_the_host_records(edgefm_predictor, image) -> None:
+    """SamPredictor as on a GPU (run here on ort-cpu through the same code): the survivors are upscaled, scored
+    and thresholded by the device graph, only boolean masks and scores come back; the records match the host
+    path's (the graph's bilinear resizes differ from OpenCV's by float rounding, so masks at IoU >= 0.999)."""
+    from edgefm.runtime.sam import SamPredictor
+
+    dev = SamPredictor(edgefm_predictor.bundle.path, backend="ort-cpu")
+    dev._on_device = True  # what ort-cuda runners switch on; run_on_device binds host memory on ort-cpu
+    kwargs = dict(points_per_side=16, **BASE)
+    host = SamAutomaticMaskGenerator(edgefm_predictor, **kwargs).generate(image)
+    ours = SamAutomaticMaskGenerator(dev, **kwargs).generate(image)
+    assert len(host) >= 15 and len(ours) == len(host)
+    iou = mask_iou_matrix(host, ours)
+    assert np.diag(iou).min() >= 0.999  # same order, same masks
+    np.testing.assert_allclose([r["stability_score"] for r in ours], [r["stability_score"] for r in host],
+                               atol=2e-3)
+    np.testing.assert_allclose([r["predicted_iou"] for r in ours], [r["predicted_iou"] for r in host], atol=1e-5)
