@@ -42,8 +42,8 @@ from .errors import BackendError, InputError
 GRAPH = Path(__file__).with_name("image_prep.onnx")
 PREPROCESS = ("auto", "host", "device")  # a pipeline's ``preprocess`` argument
 _BITS = 22  # PIL's fixed point for 8-bit images (resample._PRECISION_BITS)
-# Weights (|w| < 2**22) split as hi * 2**8 + lo: 255 * lo * taps < 2**24 up to 257 taps (a 128x shrink,
-# bilinear; 64x bicubic), and 255 * sum(|hi|) < 2**24 for any count since the weights sum to ~2**22.
+# Weights (|w| < 2**22) split as hi * 2**8 + lo: 255 * 255 * taps < 2**24 up to 258 taps (a 128x shrink,
+# bilinear; 64x bicubic), and 255 * sum(|hi|) < 2**24 since the |weights| sum to ~1.2 * 2**22 at most.
 _LO_BITS = 8
 MAX_TAPS = ((1 << 24) - 1) // (255 * ((1 << _LO_BITS) - 1))
 
@@ -66,7 +66,7 @@ def build() -> bytes:
         return [
             helper.make_node("Gather", [src, index], [f"{out}_taps"], axis=axis),  # taps on axis + 1
             helper.make_node("Unsqueeze", [weights, w_axes], [f"{out}_w"]),
-            helper.make_node("Mul", [f"{out}_taps", f"{out}_w"], [f"{out}_prod"]),  # (2, ...): < 2**19 each
+            helper.make_node("Mul", [f"{out}_taps", f"{out}_w"], [f"{out}_prod"]),  # (2, ...): below 2**22, exact
             helper.make_node("ReduceSum", [f"{out}_prod", tap_axis], [f"{out}_sums"], keepdims=0),
             helper.make_node("Cast", [f"{out}_sums"], [f"{out}_isums"], to=i32),
             helper.make_node("Split", [f"{out}_isums"], [f"{out}_hi", f"{out}_lo"], axis=0),
