@@ -42,7 +42,9 @@ Columns = dict[str, Any]  # column name -> ndarray (first axis = mask) or list o
 
 
 class PointPredictor(Protocol):
-    """What the generator needs from a predictor (``edgefm.runtime.sam.SamPredictor`` provides it)."""
+    """What the generator needs from a predictor (``edgefm.runtime.sam.SamPredictor`` provides it). A predictor
+    that also has SamPredictor's ``upscale(low_res, stability_offset=...)`` and ``predict_batch(...,
+    upscale=False)`` gets only its IoU-filter survivors upscaled, a chunk at a time."""
 
     def set_image(self, image: np.ndarray) -> None: ...
 
