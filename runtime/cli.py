@@ -137,7 +137,10 @@ def cmd_segment(args: argparse.Namespace) -> None:
     if args.auto:
         from .sam import SamAutomaticMaskGenerator
 
-        gen = SamAutomaticMaskGenerator(predictor, points_per_side=args.points_per_side, progress=True)
+        gen = SamAutomaticMaskGenerator(predictor, points_per_side=args.points_per_side, progress=True,
+                                        pred_iou_thresh=args.pred_iou_thresh,
+                                        stability_score_thresh=args.stability_score_thresh,
+                                        min_mask_region_area=args.min_mask_region_area)
         records = gen.generate(image)
         masks = [r["segmentation"] for r in records]
         scores = np.array([r["predicted_iou"] for r in records])
@@ -204,7 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt point in image pixels; LABEL 1 foreground (default) or 0 background")
     s.add_argument("--box", metavar="X0,Y0,X1,Y1")
     s.add_argument("--auto", action="store_true", help="automatic mask generation over a point grid")
-    s.add_argument("--points-per-side", type=int, default=32)
+    s.add_argument("--points-per-side", type=int, default=32, help="--auto: the point grid (official: 32)")
+    s.add_argument("--pred-iou-thresh", type=float, default=0.88,
+                   help="--auto: keep masks whose predicted IoU is above this (official: 0.88)")
+    s.add_argument("--stability-score-thresh", type=float, default=0.95,
+                   help="--auto: keep masks whose stability score is at least this (official: 0.95)")
+    s.add_argument("--min-mask-region-area", type=int, default=0,
+                   help="--auto: fill holes and remove islands smaller than this many pixels (official: 0)")
     s.add_argument("--multimask", action="store_true", help="predict 3 masks and keep the best-scored")
     s.add_argument("--all-masks", action="store_true", help="draw every predicted mask")
     s.add_argument("--out", required=True, help="overlay picture (.png / .jpg)")

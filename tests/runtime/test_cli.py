@@ -76,3 +76,26 @@ def test_export_cli_from_official_checkpoint(sam_tiny, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "sam_tiny.pth" in err and "Traceback" not in err
     assert not (tmp_path / "c").exists()
+
+
+def test_segment_auto_is_the_generator_with_the_given_thresholds(tmp_path, capsys):
+    """``segment --auto`` on the shipped SAM: the masks the Python generator gives with the same settings, and
+    the thresholds are the user's (the official 0.88 keeps fewer of the small model's masks than 0.5)."""
+    from edgefm.runtime.demo import default_cache, demo_bundles, make_scene
+    from edgefm.runtime.sam import SamAutomaticMaskGenerator, SamPredictor
+
+    bundle = demo_bundles(default_cache())["sam"]
+    image = write_image(tmp_path / "shapes.png", make_scene(240, 320, seed=2))
+    counts = {}
+    for thresh in ("0.5", "0.88"):
+        npz = tmp_path / f"m{thresh}.npz"
+        code = main(["segment", str(bundle), str(image), "--auto", "--points-per-side", "8", "--pred-iou-thresh",
+                     thresh, "--stability-score-thresh", "0.8", "--out", str(tmp_path / "o.png"), "--masks-out",
+                     str(npz), "--backend", "ort-cpu"])
+        assert code == 0, capsys.readouterr().err
+        counts[thresh] = len(np.load(npz)["masks"])
+    assert f"{counts['0.88']} masks" in capsys.readouterr().out
+    records = SamAutomaticMaskGenerator(SamPredictor(bundle, backend="ort-cpu"), points_per_side=8,
+                                        pred_iou_thresh=0.5, stability_score_thresh=0.8).generate(read_image(image))
+    np.testing.assert_array_equal(np.load(tmp_path / "m0.5.npz")["masks"], [r["segmentation"] for r in records])
+    assert counts["0.5"] == len(records) >= 3 and counts["0.88"] < counts["0.5"]
