@@ -74,7 +74,8 @@ class Pipeline:
         self.on_result = on_result
         self.want_image = any(s.wants_image for s in self.sinks) or on_result is not None
         self.want_record = any(not s.wants_image for s in self.sinks) or on_result is not None
-        self.stats = RunStats(task.name, task.backend, source.name)
+        self.stats = RunStats(task.name, task.backend, source.name,
+                              "device" if getattr(task, "device_prep", False) else "host")
         self.slots = [LatestSlot(drop) for _ in range(4)]  # capture | pre | infer | post | sink
         self.error: BaseException | None = None
         self._skipped = 0

@@ -20,8 +20,9 @@ import numpy as np
 class RunStats:
     """Collected by the pipeline's threads (thread-safe); read by the overlay, the summary and --stats."""
 
-    def __init__(self, task: str, backend: str, source: str) -> None:
+    def __init__(self, task: str, backend: str, source: str, preprocess: str = "host") -> None:
         self.task, self.backend, self.source = task, backend, source
+        self.preprocess = preprocess  # where frames are resized and normalized: "host" or "device"
         self.latencies: list[float] = []  # seconds, one per result
         self.stage_times: dict[str, list[float]] = {}
         self.captured = 0
@@ -80,7 +81,8 @@ class RunStats:
         stages = {k: {"median_ms": float(np.median(v) * 1e3), "count": len(v)}
                   for k, v in self.stage_times.items() if v}
         return {
-            "task": self.task, "backend": self.backend, "source": self.source, "ended": self.ended,
+            "task": self.task, "backend": self.backend, "preprocess": self.preprocess, "source": self.source,
+            "ended": self.ended,
             "captured": self.captured, "processed": self.processed, "dropped": self.dropped,
             "reconnects": self.reconnects, "fps": round(self.fps(), 3),
             "wall_s": round(time.monotonic() - self.t_start, 3),
@@ -101,7 +103,8 @@ class RunStats:
             return "-" if v is None else f"{v:.1f} ms"
 
         rows = [
-            ("task", d["task"]), ("source", d["source"]), ("backend", d["backend"]), ("ended", d["ended"]),
+            ("task", d["task"]), ("source", d["source"]), ("backend", d["backend"]),
+            ("preprocessing", f"on the {d['preprocess']}"), ("ended", d["ended"]),
             ("frames captured", d["captured"]), ("frames processed", d["processed"]),
             ("frames dropped", d["dropped"]), ("throughput", f"{d['fps']:.1f} FPS"),
             ("latency last", ms(lat["last"])), ("latency p50", ms(lat["p50"])), ("latency p99", ms(lat["p99"])),

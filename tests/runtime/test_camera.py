@@ -233,6 +233,7 @@ def test_camera_command_writes_jsonl_video_and_stats(sam_tiny_bundle, tmp_path, 
     s = json.loads(stats.read_text())
     assert s["processed"] == 8 and s["dropped"] == 0 and s["ended"] == "end of stream"
     assert s["backend"] == "ort-cpu" and s["latency_ms"]["p99"] >= s["latency_ms"]["p50"] > 0
+    assert s["preprocess"] == "host"  # "auto" on the CPU: the exact numpy path
 
 
 def test_wrong_bundle_family_and_missing_prompt_are_clear(sam_tiny_bundle, tmp_path):

@@ -4,6 +4,8 @@ takes the same code path as on ort-cuda (buffers bound with IO binding, the enco
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from conftest import scene
@@ -225,3 +227,15 @@ def test_pictures_too_large_for_the_device_budget_go_to_the_host(sam_tiny_bundle
     host.set_image(image)
     assert calls == [1]
     np.testing.assert_array_equal(dev.get_image_embedding(), host.get_image_embedding())
+
+
+def test_camera_pipeline_runs_and_reports_device_preprocessing(sam_tiny_bundle):
+    from edgefm.runtime.camera import GeneratorSource, Pipeline, SegmentTask
+
+    frames = [scene(96, 160, seed=s) for s in range(4)]
+    task = SegmentTask(SamPredictor(sam_tiny_bundle, backend="ort-cpu", preprocess="device"),
+                       point=np.array([70, 50]))
+    source = GeneratorSource(lambda i: frames[i] if i < len(frames) else None)
+    stats = Pipeline(task, source, drop=False, pace=False).run()
+    assert stats.processed == 4 and stats.ended == "end of stream"
+    assert stats.to_dict()["preprocess"] == "device" and re.search(r"preprocessing\s+on the device", stats.summary())
