@@ -66,7 +66,8 @@ def build_task(args: argparse.Namespace, bundles: dict[str, Path]) -> Any:
         labels = [lab.strip() for lab in (args.labels or "").split(",") if lab.strip()]
         if not labels:
             raise InputError("--task classify needs --labels, comma-separated, e.g. --labels 'cat,dog,person'")
-        model = ClipModel(bundles["clip"], backend=args.backend, threads=args.threads, precision=args.precision)
+        model = ClipModel(bundles["clip"], backend=args.backend, threads=args.threads, precision=args.precision,
+                          preprocess=args.preprocess)
         return tasks.ClassifyTask(model, labels, templates=args.templates, smooth=args.smooth)
     from ..sam.predictor import SamPredictor
 
@@ -75,7 +76,7 @@ def build_task(args: argparse.Namespace, bundles: dict[str, Path]) -> Any:
     if args.task in ("segment", "track"):
         tasks._check_prompt(points, box, args.task)
     predictor = SamPredictor(bundles["sam"], backend=args.backend, threads=args.threads, precision=args.precision,
-                             cuda_graphs=args.cuda_graph)
+                             cuda_graphs=args.cuda_graph, preprocess=args.preprocess)
     if args.task == "segment":
         return tasks.SegmentTask(predictor, points, box)
     if args.task == "track":
@@ -153,6 +154,8 @@ def register(sub: Any) -> None:
     run.add_argument("--reconnects", type=int, default=5, help="network streams: reconnect attempts")
     run.add_argument("--backend", default="auto", help="auto, ort-cpu, ort-cuda, ort-trt or tensorrt")
     run.add_argument("--threads", type=int, default=None, help="ONNX Runtime CPU threads")
+    run.add_argument("--preprocess", choices=("auto", "host", "device"), default="auto",
+                     help="where frames are resized and normalized (auto: on the GPU with ONNX Runtime GPU backends)")
     add_precision_arg(run)
     run.add_argument("--cuda-graph", action="store_true",
                      help="SAM tasks on ort-cuda: each frame's encoder run and its prompt -> masks chain replay "

@@ -377,3 +377,21 @@ def test_cuda_graph_is_for_sam_tasks(demo_clip, tmp_path):
     with pytest.raises(InputError, match="--cuda-graph captures SAM's encoder and prompt -> mask chain; --task "
                                          "classify has no such chain"):
         args.func(args)
+
+
+def test_camera_preprocess_flag_gives_the_same_masks_on_either_side(sam_tiny_bundle, tmp_path):
+    """``--preprocess device`` (auto's choice on a GPU) against ``host``: the same per-frame records (the
+    device graph's pixels are the host's), and the stats say which ran."""
+    moving_shape_video(tmp_path / "v.avi", n=4)
+    records, where = {}, {}
+    for side in ("host", "device"):
+        jsonl, stats = tmp_path / f"{side}.jsonl", tmp_path / f"{side}.json"
+        args = camera_args([str(sam_tiny_bundle), "--source", str(tmp_path / "v.avi"), "--task", "track",
+                            "--point", "40,60", "--jsonl", str(jsonl), "--stats", str(stats), "--no-drop",
+                            "--backend", "ort-cpu", "--preprocess", side])
+        args.func(args)
+        records[side] = [{k: v for k, v in json.loads(line).items() if k not in ("t_capture", "latency_ms")}
+                         for line in jsonl.read_text().splitlines()]
+        where[side] = json.loads(stats.read_text())["preprocess"]
+    assert where == {"host": "host", "device": "device"}
+    assert len(records["host"]) == 4 and records["device"] == records["host"]
