@@ -23,6 +23,19 @@ def test_the_shipped_graph_is_what_build_writes():
     assert GRAPH.read_bytes() == build(), "run: python -m edgefm.runtime.image_prep"
 
 
+def test_the_graph_sums_in_float32_only():
+    """ONNX Runtime's CUDA provider casts int32 ReduceSum to float32 and back (reduction_ops.cc), which would
+    round these sums of up to 2**30; ORT's CPU provider sums int32 exactly, so the CPU tests below could not
+    catch an integer reduction coming back. Every reduction must take float32, and weights must be split."""
+    onnx = pytest.importorskip("onnx")
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(GRAPH)), strict_mode=True)
+    types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.input]}
+    reductions = [n for n in model.graph.node if n.op_type.startswith("Reduce")]
+    assert len(reductions) == 2 and all(types[n.input[0]] == onnx.TensorProto.FLOAT for n in reductions)
+    weights = {i.name: i for i in model.graph.input}["col_weights"].type.tensor_type
+    assert weights.elem_type == onnx.TensorProto.FLOAT and weights.shape.dim[0].dim_value == 2  # hi, lo
+
+
 def _noise(h: int, w: int, seed: int) -> np.ndarray:
     """Every pixel independent: the picture where PIL's rounding is most often a tie (a float32-weight
     resize, ONNX's Resize with antialias=1, differs from PIL in up to 4% of these pixels)."""
