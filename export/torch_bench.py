@@ -14,7 +14,6 @@ is not what anyone deploys). SAM and CLIP only: a DALL·E bundle comes from thre
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from typing import Any
 import numpy as np
 from edgefm.runtime.bundle import Bundle, sha256_file
 from edgefm.runtime.errors import InputError, require
-from edgefm.runtime.timing import latency_stats
+from edgefm.runtime.timing import latency_stats, time_calls
 
 from .verify import judge
 
@@ -116,12 +115,8 @@ def time_pytorch(bundle: Bundle, checkpoint: str | Path, feeds: dict[str, dict[s
             sync()
             return result
 
-        times = []
-        for i in range(warmup + iters):
-            t0 = time.perf_counter()
-            result = call()
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
+        times = time_calls(call, iters, warmup)
+        result = call()  # the outputs to compare, from one more (untimed) call
         result = result if isinstance(result, tuple) else (result,)
         ref = {n: r.float().cpu().numpy() for n, r in zip(spec.output_names, result)}
         got = bundle.runner(name).run(feeds[name])
