@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from ..manifest import write_atomic
+
 
 class RunStats:
     """Collected by the pipeline's threads (thread-safe); read by the overlay, the summary and --stats."""
@@ -118,8 +120,5 @@ class RunStats:
     def write_json(self, path: str | Path) -> Path:
         """Write ``to_dict()`` atomically (temporary file, then rename)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        tmp.replace(path)
+        write_atomic(path, (json.dumps(self.to_dict(), indent=2) + "\n").encode())
         return path
