@@ -130,13 +130,12 @@ class _SamTask(Task):
         self.device_prep = predictor.preprocess_on == "device"
 
     def preprocess(self, image: np.ndarray) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]] | np.ndarray:
-        from ..sam.transforms import normalize_and_pad, resize_longest_side, resized_shape
+        from ..sam.transforms import resized_shape
 
         p = self.predictor
         if self.device_prep:  # done by the infer stage, on the GPU (its buffer is the encoder's input)
             return image
-        x = normalize_and_pad(resize_longest_side(image, p.image_size), p.image_size, p.mean, p.std)
-        return x, image.shape[:2], resized_shape(*image.shape[:2], p.image_size)
+        return p.host_pixels(image), image.shape[:2], resized_shape(*image.shape[:2], p.image_size)
 
     def _encode(self, pre: tuple[np.ndarray, tuple[int, int], tuple[int, int]] | np.ndarray) -> None:
         # The same state SamPredictor.set_image leaves, with the resize/normalize already done upstream.

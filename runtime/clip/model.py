@@ -129,12 +129,9 @@ class ClipModel:
             asked = asked_preprocess(self._preprocess_asked, runner, self.bundle.backend)
             self._preprocess_asked = None
             if asked != "host":
-                self._prep = open_checked(runner, *self._pixel_stats(), (s, s), self.resize, self._host_pixels,
+                self._prep = open_checked(runner, *self._pixel_stats(), (s, s), self.resize, self.preprocess,
                                           self._geometry, asked == "device")
         return "device" if self._prep is not None else "host"
-
-    def _host_pixels(self, image: np.ndarray) -> np.ndarray:
-        return preprocess(image, self.image_size, self.mean, self.std, self.resize)
 
     def _pixel_stats(self) -> tuple[np.ndarray, np.ndarray]:
         """Mean and std in the graph's 0..255 units (the manifest's are for pixels / 255)."""

@@ -111,8 +111,12 @@ class SamPredictor:
         if self.preprocess_on == "device" and self._prep.fits(image.shape[:2], input_size):
             x = self._prep(image, input_size)
         else:
-            x = normalize_and_pad(resize_longest_side(image, self.image_size), self.image_size, self.mean, self.std)
+            x = self.host_pixels(image)
         self.set_preprocessed(x, image.shape[:2], input_size)
+
+    def host_pixels(self, image: np.ndarray) -> np.ndarray:
+        """HWC uint8 RGB -> the encoder's input (1, 3, S, S) float32, made on the host (numpy, PIL-exact)."""
+        return normalize_and_pad(resize_longest_side(image, self.image_size), self.image_size, self.mean, self.std)
 
     @property
     def preprocess_on(self) -> str:
@@ -122,11 +126,8 @@ class SamPredictor:
         return "device" if self._prep is not None else "host"
 
     def _open_prep(self) -> None:
-        def host(pic: np.ndarray) -> np.ndarray:
-            return normalize_and_pad(resize_longest_side(pic, self.image_size), self.image_size, self.mean, self.std)
-
         s = self.image_size
-        self._prep = open_checked(self.decoder, self.mean, self.std, (s, s), "bilinear_antialias", host,
+        self._prep = open_checked(self.decoder, self.mean, self.std, (s, s), "bilinear_antialias", self.host_pixels,
                                   lambda h, w: (resized_shape(h, w, s), None), self._preprocess_asked == "device")
         if self._prep is None:
             self._preprocess_asked = "host"
