@@ -112,8 +112,9 @@ def prepare(work: Path) -> None:
 def agreement(work: Path) -> dict[str, Any]:
     """How many official masks edgefm also found (best IoU >= 0.95), the other way round, and whether the
     two edgefm paths gave the same masks."""
-    unpack = lambda side: np.unpackbits(np.load(work / f"{side}_masks.npz")["masks"], axis=-1,  # noqa: E731
-                                        count=IMAGE_HW[1]).astype(bool)
+    def unpack(side: str) -> np.ndarray:
+        return np.unpackbits(np.load(work / f"{side}_masks.npz")["masks"], axis=-1, count=IMAGE_HW[1]).astype(bool)
+
     a, b = unpack("official"), unpack("edgefm")
     same = {"edgefm_full_identical": bool(np.array_equal(b, unpack("edgefm_full")))}
     if not len(a) or not len(b):

@@ -117,6 +117,7 @@ class MaskUpscaler:
         out = binding.get_outputs()  # in binding order: the wanted one first
         return (out[0].numpy(), out[2].numpy()) if stability_offset is not None else out[0].numpy()
 
+
 if __name__ == "__main__":
     GRAPH.write_bytes(build())
     print(f"wrote {GRAPH}")
