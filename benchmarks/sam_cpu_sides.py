@@ -142,9 +142,7 @@ class EdgefmSide:
         return self.predictor.encoder.run({"image": self.x})["image_embeddings"]
 
     def preprocess(self) -> np.ndarray:
-        p, t = self.predictor, self.transforms
-        resized = t.resize_longest_side(self.image, p.image_size)
-        return t.normalize_and_pad(resized, p.image_size, p.mean, p.std)
+        return self.predictor.host_pixels(self.image)
 
     def decode(self) -> np.ndarray:
         """The predictor's two runner calls; the prompt in the official layout (point + padding point)."""
