@@ -10,7 +10,9 @@ processes on a shared machine falls on both sides alike; ratios are also given p
 - ``set_image``: end to end on a 1500 x 2250 uint8 RGB image (resize, normalize, pad, encode), and its
   preprocessing alone.
 - ``predict``: one foreground point -> 3 masks at full resolution (``multimask_output=True``) after
-  set_image, and its parts: prompt encoder + mask decoder, upscaling the logits, thresholding.
+  set_image, and its parts: decoding to low-res logits (official: prompt encoder + mask decoder; edgefm: one
+  prompt_decoder call against the image's decoder context, computed at the image's first click), upscaling
+  the logits, thresholding.
 
 ``--precisions fp32,int8`` times an int8 bundle beside fp32 (``export_sam(precision="int8")``: image
 encoder and mask decoder dynamically quantized, the prompt encoder fp32; the precision each component was
@@ -110,7 +112,7 @@ def prepare(variant: str, precisions: list[str], work: Path, log) -> dict[str, A
         parity = json.loads((out / "manifest.json").read_text())["parity"]
         summary = {c: {o: {k: m[k] for k in ("cosine", "max_abs", "mask_iou") if k in m}
                        for o, m in parity[c]["outputs"].items()}
-                   for c in ("image_encoder", "prompt_encoder", "mask_decoder")}
+                   for c in ("image_encoder", "prompt_encoder", "mask_decoder", "prompt_decoder") if c in parity}
         exports[precision] = {"bundle": str(out), "export_s": time.perf_counter() - t0,
                               "parity_gate_passed": gated, "parity": summary}
         log(f"  exported in {exports[precision]['export_s']:.0f} s")
@@ -190,7 +192,7 @@ def markdown(res: dict[str, Any]) -> str:
     rows = [("image_encoder", f"image encoder ({'×'.join(map(str, s['encoder_input']))} in)"),
             ("set_image", f"set_image {h}×{w} (preprocess + encoder)"), ("preprocess", "↳ preprocess"),
             ("predict", f"predict: 1 point → 3 masks at {h}×{w}"),
-            ("predict.decoder", "↳ prompt encoder + decoder"),
+            ("predict.decoder", "↳ decode to low-res logits"),
             ("predict.upscale", f"↳ upscale logits to {h}×{w}"), ("predict.threshold", "↳ threshold")]
     head = ["measurement", *(f"{n} median (p90) ms" for n in names)]
     head += [*(f"{o} / official (paired)" for o in ours), "target"]

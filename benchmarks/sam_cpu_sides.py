@@ -145,14 +145,10 @@ class EdgefmSide:
         return self.predictor.host_pixels(self.image)
 
     def decode(self) -> np.ndarray:
-        """The predictor's two runner calls; the prompt in the official layout (point + padding point)."""
-        p, s = self.predictor, self.predictor.low_res_size
-        pts = self.transforms.scale_coords(np.array([[POINT_XY]], np.float32), p.original_size, p.input_size)
-        feeds = {"point_coords": np.concatenate([pts, np.zeros((1, 1, 2), np.float32)], axis=1),
-                 "point_labels": np.array([[1, -1]], np.float32), "has_mask_input": np.zeros(1, np.float32),
-                 "mask_input": np.zeros((1, 1, s, s), np.float32)}
-        emb = p.prompt_encoder.run(feeds)
-        return p.decoder.run({"image_embeddings": p.features, **emb})["low_res_masks"][:, 1:]
+        """The predictor's decoding of one click to low-res logits: one prompt_decoder call against the
+        image's decoder context where the bundle has them, else prompt encoder + mask decoder."""
+        p = self.predictor
+        return p.predict_batch(np.array([[POINT_XY]], np.float32), np.ones((1, 1), np.float32), upscale=False)[2]
 
     def upscale(self, low: np.ndarray) -> np.ndarray:
         p = self.predictor

@@ -1,4 +1,5 @@
-"""SAM -> bundle with three components: image_encoder, prompt_encoder, mask_decoder.
+"""SAM -> bundle with the official three components (image_encoder, prompt_encoder, mask_decoder) and the
+two that serve prompts without a mask input faster (decoder_context, prompt_decoder: ``sam_context.py``).
 
 The graph wrappers sit beside the model (as segment-anything's ``SamOnnxModel`` does) and bend it for
 export without changing its math: branch-free prompt embedding, all four mask tokens always decoded (the
@@ -15,7 +16,15 @@ import torch
 from edgefm.models.checkpoint import sha256_file
 from edgefm.models.sam import SAM_CONFIGS, Sam, SamConfig, load_sam
 from edgefm.runtime.manifest import Manifest
-from edgefm.runtime.sam.spec import IMAGE_ENCODER, MASK_DECODER, MASK_OUTPUTS, PROMPT_ENCODER, sam_specs
+from edgefm.runtime.sam.spec import (
+    DECODER_CONTEXT,
+    IMAGE_ENCODER,
+    MASK_DECODER,
+    MASK_OUTPUTS,
+    PROMPT_DECODER,
+    PROMPT_ENCODER,
+    sam_specs,
+)
 from edgefm.runtime.spec import ComponentSpec
 from torch import nn
 
@@ -23,12 +32,15 @@ from .bundle import BundleWriter
 from .fused_attention import to_ort_attention
 from .onnx import INT8_INFO, at_precision, check_options, example_inputs, onnx_from_module
 from .parity import gate, measure
+from .sam_context import DecoderContextGraph, PromptDecoderGraph, mask_head, point_embeddings
 
-# What --precision int8 writes per component. The prompt encoder stays fp32: its only MatMul with a constant
-# weight is the Fourier feature projection of a handful of points (no time to win), whose random Gaussian
-# matrix int8 would blur; its Convs stay fp32 in any case (INT8_OPS). The mask decoder falls back to fp32 if
-# int8 misses the mask IoU policy.
-INT8_PRECISIONS = {IMAGE_ENCODER: "int8", PROMPT_ENCODER: "fp32", MASK_DECODER: "int8"}
+# What --precision int8 writes per component. The prompt encoder stays fp32: it has no MatMul with a constant
+# weight worth quantizing (its Convs stay fp32 in any case, INT8_OPS). The decoder context stays fp32: it runs
+# once per image, and its error would reach every prompt. The two decoders fall back to fp32 if int8 misses
+# the mask IoU policy.
+INT8_PRECISIONS = {IMAGE_ENCODER: "int8", PROMPT_ENCODER: "fp32", MASK_DECODER: "int8", DECODER_CONTEXT: "fp32",
+                   PROMPT_DECODER: "int8"}
+DECODERS = (MASK_DECODER, PROMPT_DECODER)
 
 
 class ImageEncoderGraph(nn.Module):
@@ -57,15 +69,7 @@ class PromptEncoderGraph(nn.Module):
 
     def forward(self, point_coords, point_labels, mask_input, has_mask_input):
         pe = self.pe
-        coords = point_coords + 0.5  # pixel centers, as the official prompt encoder shifts them
-        coords = coords / coords.new_tensor([self.image_size[1], self.image_size[0]])
-        emb = pe.pe_layer._pe_encoding(coords)
-        labels = point_labels.unsqueeze(-1)
-        # Masked sums instead of boolean indexing: one branch-free graph for every label mix.
-        emb = emb * (labels != -1).to(emb.dtype)
-        emb = emb + pe.not_a_point_embed.weight * (labels == -1).to(emb.dtype)
-        for i, point_embedding in enumerate(pe.point_embeddings):
-            emb = emb + point_embedding.weight * (labels == i).to(emb.dtype)
+        emb = point_embeddings(pe, self.image_size, point_coords, point_labels)
         has_mask = has_mask_input.reshape(-1, 1, 1, 1)
         no_mask = pe.no_mask_embed.weight.reshape(1, -1, 1, 1)
         dense = has_mask * pe.mask_downscaling(mask_input) + (1 - has_mask) * no_mask
@@ -93,17 +97,9 @@ class MaskDecoderGraph(nn.Module):
         tokens = torch.cat([tokens, sparse_embeddings], dim=1)
         # Broadcasting the single image over the prompt batch replaces the official repeat_interleave.
         src = image_embeddings + dense_embeddings
-        b, c, h, w = src.shape
+        h, w = src.shape[-2:]
         hs, src = d.transformer(src, self.image_pe, tokens)
-        iou_token_out = hs[:, 0, :]
-        mask_tokens_out = hs[:, 1 : 1 + d.num_mask_tokens, :]
-        upscaled = d.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
-        hyper_in = torch.stack(
-            [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(d.output_hypernetworks_mlps)], dim=1
-        )
-        _, c2, h2, w2 = upscaled.shape
-        masks = (hyper_in @ upscaled.reshape(b, c2, h2 * w2)).reshape(b, -1, h2, w2)
-        return d.iou_prediction_head(iou_token_out), masks
+        return mask_head(d, hs, src, (h, w))
 
 
 def parity_inputs(cfg: SamConfig, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
@@ -175,12 +171,13 @@ def export_sam(
     specs = sam_specs(cfg.image_size, cfg.prompt_embed_dim, cfg.image_embedding_size)
     fused = attention != "plain"
     graphs = {IMAGE_ENCODER: ImageEncoderGraph(model, attention), PROMPT_ENCODER: PromptEncoderGraph(model),
-              MASK_DECODER: MaskDecoderGraph(model, fused)}
+              MASK_DECODER: MaskDecoderGraph(model, fused), DECODER_CONTEXT: DecoderContextGraph(model),
+              PROMPT_DECODER: PromptDecoderGraph(model, fused)}
     feeds = parity_inputs(cfg)
     parity: dict[str, Any] = {"gate": parity_gate, "reference": f"PyTorch {torch.__version__} fp32, CPU",
                               "backend": "onnxruntime CPU"}
     with BundleWriter(out, overwrite=overwrite) as writer:
-        for name in (IMAGE_ENCODER, PROMPT_ENCODER, MASK_DECODER):
+        for name in graphs:
             if progress:
                 progress(f"exporting {name} ({precision})")
             spec, graph = specs[name], graphs[name]
@@ -189,12 +186,12 @@ def export_sam(
             onnx_path = work / f"{name}.onnx"
             extra = onnx_from_module(graph, spec, onnx_path, example_inputs(spec, feeds[name]), opset)
             info: dict[str, Any] = {"opset": opset}
-            if name in (IMAGE_ENCODER, MASK_DECODER) and fused:
+            if name in (IMAGE_ENCODER, *DECODERS) and fused:
                 info["fused_attention"] = to_ort_attention(onnx_path)
             wanted = INT8_PRECISIONS[name] if precision == "int8" else precision
             path, files = at_precision(onnx_path, wanted, extra, writer.workdir)
             report = measure(path, spec, feeds[name], ref, wanted, masks=MASK_OUTPUTS)
-            if not report["passed"] and wanted == "int8" and name == MASK_DECODER and parity_gate:
+            if not report["passed"] and wanted == "int8" and name in DECODERS and parity_gate:
                 # The encoder's int8 speed-up does not depend on the decoder: a usable bundle with an fp32
                 # decoder beats a refused export.
                 rejected = report
@@ -208,8 +205,12 @@ def export_sam(
             writer.add(path, spec, "onnx", report["precision"], files, info=info)
             if name == IMAGE_ENCODER:
                 feeds[MASK_DECODER] = {"image_embeddings": ref["image_embeddings"]}
+                feeds[DECODER_CONTEXT] = dict(feeds[MASK_DECODER])
             if name == PROMPT_ENCODER:
                 feeds[MASK_DECODER].update(ref)
+            if name == DECODER_CONTEXT:  # the prompts of the mask decoder's check, without their mask input
+                points = {n: feeds[PROMPT_ENCODER][n] for n in ("point_coords", "point_labels")}
+                feeds[PROMPT_DECODER] = {**points, **ref}
         manifest = Manifest(
             family="sam", variant=variant if isinstance(variant, str) else "custom", source=source,
             preprocess=sam_preprocess(cfg), components=[], parity=parity,

@@ -63,6 +63,7 @@ def torch_components(bundle: Bundle, path: Path) -> dict[str, Any]:
         from edgefm.models.sam import SAM_CONFIGS, load_sam
 
         from .sam import ImageEncoderGraph, MaskDecoderGraph, PromptEncoderGraph
+        from .sam_context import DecoderContextGraph, PromptDecoderGraph
 
         variant = bundle.manifest.variant
         if variant not in SAM_CONFIGS:  # a model of the project's own size (the demo's): its config is beside it
@@ -71,7 +72,8 @@ def torch_components(bundle: Bundle, path: Path) -> dict[str, Any]:
             variant = sam_config_beside(path)
         model = load_sam(path, variant)
         return {"image_encoder": ImageEncoderGraph(model), "prompt_encoder": PromptEncoderGraph(model),
-                "mask_decoder": MaskDecoderGraph(model)}
+                "mask_decoder": MaskDecoderGraph(model), "decoder_context": DecoderContextGraph(model),
+                "prompt_decoder": PromptDecoderGraph(model)}
     from edgefm.models.clip import load_clip
 
     model, _, _ = load_clip(path, quick_gelu=bundle.config.get("quick_gelu"))

@@ -28,10 +28,14 @@ def test_gpu_check_smoke_run_has_every_section_and_no_error(tmp_path):
     assert res["errors"] == {}, list(res["errors"])
     assert SECTIONS <= set(res["sections"])
     parity = res["sections"]["gpu_parity"]
-    assert {"sam.mask_decoder.fusedqk_fp16", "clip.text_encoder.fused_fp16"} <= set(parity)
+    assert {"sam.mask_decoder.fusedqk_fp16", "sam.prompt_decoder.fused_fp16", "clip.text_encoder.fused_fp16"} <= set(
+        parity)
     assert all(r["passed"] for r in parity.values() if isinstance(r, dict) and "passed" in r)
     impls = {(r["component"], r["impl"], r["precision"]) for r in res["rows"]}
     assert ("sam.prompt_to_masks", "onnxruntime ort-cpu captured graphs, chained", "fused_fp16") in impls
+    assert ("sam.prompt_to_masks", "onnxruntime ort-cpu captured prompt decoder", "fused_fp16") in impls
+    assert ("sam.prompt_to_masks", "onnxruntime ort-cpu prompt decoder + context on device", "fp16") in impls
+    assert res["sections"]["captured_vs_plain_max_abs"]["prompt_decoder.fp16"] < 1e-2
     assert ("sam.set_image 1500x2250", "SamPredictor ort-cpu preprocess=device", "fp16") in impls
     assert ("sam.amg 2x2 points (12 candidates) 1500x2250", "SamAutomaticMaskGenerator ort-cpu", "fp16") in impls
     predictor = res["sections"]["sam_predictor"]  # device preprocessing: the host's pixels, the host's masks
@@ -41,7 +45,8 @@ def test_gpu_check_smoke_run_has_every_section_and_no_error(tmp_path):
     assert "Where the time goes" in (out / "gpu_check.md").read_text()
     # On ort-cpu each single-precision bundle's files are their own references: verify says so, per component.
     verify = res["sections"]["edgefm_verify"]
-    assert set(verify["sam.fp16"]["components"]) == {"image_encoder", "prompt_encoder", "mask_decoder"}
+    assert set(verify["sam.fp16"]["components"]) == {"image_encoder", "prompt_encoder", "mask_decoder",
+                                                     "decoder_context", "prompt_decoder"}
     assert {line for v in verify.values() if isinstance(v, dict) and "components" in v
             for line in v["components"].values()} == {"it is the reference itself (ONNX Runtime CPU)"}
     report = (out / "gpu_check.md").read_text()

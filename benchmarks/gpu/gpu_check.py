@@ -9,7 +9,8 @@ On the GPU machine, with that machine's PyTorch, it
 3. times every component at batch 1 (CLIP text: 80 prompts) in one process: PyTorch eager fp32 and fp16,
    torch.compile fp16, and ONNX Runtime CUDA fp32/fp16 three ways — host arrays in and out (``runner.run``),
    device-resident inputs and outputs (IO binding), and a captured CUDA graph (static shapes) — plus SAM's
-   prompt -> low-res masks (prompt encoder + mask decoder chained on the device);
+   prompt -> low-res masks (prompt encoder + mask decoder chained on the device; the prompt decoder alone
+   against the image's decoder context);
 4. runs the runtime as a user would: ``SamPredictor`` on ort-cuda (the image embedding stays on the device)
    checked against the CPU predictor, and ``edgefm bench`` on ort-cuda (JSON + PNG);
 5. runs ``edgefm camera``'s pipeline at 1280x720 (segment, track with SAM ViT-B; classify with CLIP ViT-B/32);
@@ -197,9 +198,12 @@ def _parity_family(run: Run, out: dict, family: str, model: Any, bundles, backen
     spec_bundle = Bundle(bundles[family]["fp32"], "ort-cpu")
     for name, graph in graphs.items():
         spec = spec_bundle.spec(name)
-        if family == "sam" and name == "mask_decoder":
+        if family == "sam" and name in ("mask_decoder", "decoder_context"):
             emb = refs["image_encoder"]["image_embeddings"]
-            feeds[name] = {"image_embeddings": emb, **refs["prompt_encoder"]}
+            feeds[name] = {"image_embeddings": emb, **(refs["prompt_encoder"] if name == "mask_decoder" else {})}
+        if family == "sam" and name == "prompt_decoder":  # the same prompts, without their mask input
+            points = {n: feeds["prompt_encoder"][n] for n in ("point_coords", "point_labels")}
+            feeds[name] = {**points, **refs["decoder_context"]}
         refs[name] = torch_run(graph, spec, feeds[name], device)
     # edgefm runs fp32 on ort-cuda without TF32; the TF32 row (bench --tf32) is judged like fp16, whose
     # 10-bit mantissa TF32 shares.
@@ -212,7 +216,7 @@ def _parity_family(run: Run, out: dict, family: str, model: Any, bundles, backen
         for name in graphs:
             runner = component_runner(bundles[family][kind], name, backend, cuda_options=cuda_options or None)
             got = runner.run(feeds[name])
-            masks = ("low_res_masks",) if name == "mask_decoder" else ()
+            masks = ("low_res_masks",) if name in ("mask_decoder", "prompt_decoder") else ()
             report = compare_outputs(refs[name], got, precision, masks=masks)
             key = f"{family}.{name}.{kind}" + (".tf32" if cuda_options else "")
             out[key] = report

@@ -1,6 +1,7 @@
 """The GPU check's timing sections (see ``gpu_check.py``): every component at batch 1, PyTorch eager (and
 torch.compile) against ONNX Runtime three ways (host arrays, IO binding, a captured graph), plus SAM's
-prompt -> low-res masks chained on the device and as two captured graphs sharing their buffers."""
+prompt -> low-res masks chained on the device and as two captured graphs sharing their buffers, and the same
+click as one prompt decoder call against the image's decoder context (plain and captured)."""
 
 from __future__ import annotations
 
@@ -14,14 +15,19 @@ from typing import Any
 import numpy as np
 from gpu_run import Run, time_fn
 
+# SAM's per-click components: timed together, as prompt -> masks.
+PROMPT_SIDE = ("prompt_encoder", "mask_decoder", "decoder_context", "prompt_decoder")
+
 
 def torch_graphs(family: str, model: Any) -> dict[str, Any]:
     """The PyTorch modules each component's reference (and eager timing) runs."""
     if family == "sam":
         from edgefm.export.sam import ImageEncoderGraph, MaskDecoderGraph, PromptEncoderGraph
+        from edgefm.export.sam_context import DecoderContextGraph, PromptDecoderGraph
 
         return {"image_encoder": ImageEncoderGraph(model), "prompt_encoder": PromptEncoderGraph(model),
-                "mask_decoder": MaskDecoderGraph(model)}
+                "mask_decoder": MaskDecoderGraph(model), "decoder_context": DecoderContextGraph(model),
+                "prompt_decoder": PromptDecoderGraph(model)}
     if family == "clip":
         import torch.nn as nn
 
@@ -168,7 +174,7 @@ def _bench_family(run: Run, family: str, model: Any, bundles, backend: str, devi
 
     model.to(device)
     graphs = torch_graphs(family, model)
-    for name in [n for n in graphs if n not in ("prompt_encoder", "mask_decoder")]:
+    for name in [n for n in graphs if n not in PROMPT_SIDE]:
         feeds = bench_feeds(family, name, model, run.smoke)
         spec = Bundle(bundles[family]["fp32"], "ort-cpu").spec(name)
         comp = f"{family}.{name}"
@@ -188,6 +194,7 @@ def prompt_to_masks(run: Run, graphs, bundles, backend: str, device: str, sync) 
     """SAM: one click (+ padding point) -> low-res masks and IoU scores; embedding already on the device."""
     import torch
     from edgefm.runtime.bundle import Bundle
+    from edgefm.runtime.sam.spec import CONTEXT
 
     it, wu = run.iters, run.warmup
     feeds = bench_feeds("sam", "prompt_encoder", None, run.smoke)
@@ -202,6 +209,11 @@ def prompt_to_masks(run: Run, graphs, bundles, backend: str, device: str, sync) 
             return md(emb, sparse, dense)
 
         run.row("sam.prompt_to_masks", "pytorch eager", "fp32", time_fn(eager, run.iters, run.warmup, sync))
+        context = graphs["decoder_context"](emb)
+        decode, xy = graphs["prompt_decoder"], (xs["point_coords"], xs["point_labels"])
+        run.row("sam.prompt_to_masks", "pytorch eager, prompt decoder + context", "fp32",
+                time_fn(lambda: decode(*xy, *context), it, wu, sync))
+    click = {k: feeds[k] for k in ("point_coords", "point_labels")}
     for precision in ("fp32", "fp16"):
         bundle = Bundle(bundles["sam"][precision], backend)
         enc, p, d = (bundle.runner(n) for n in ("image_encoder", "prompt_encoder", "mask_decoder"))
@@ -213,7 +225,12 @@ def prompt_to_masks(run: Run, graphs, bundles, backend: str, device: str, sync) 
 
         run.row("sam.prompt_to_masks", f"onnxruntime {backend} chained on device", precision,
                 time_fn(chained, it, wu))
+        ctx = bundle.runner("decoder_context").run_on_device({"image_embeddings": kept}, keep=CONTEXT)
+        pd = bundle.runner("prompt_decoder")
+        run.row("sam.prompt_to_masks", f"onnxruntime {backend} prompt decoder + context on device", precision,
+                time_fn(lambda pd=pd, ctx=ctx: pd.run_on_device({**click, **ctx}), it, wu))
     _captured_chain(run, bundles, backend, feeds, image)
+    _captured_prompt_decoder(run, bundles, backend, feeds, image)
 
 
 def _captured_chain(run: Run, bundles, backend: str, feeds, image) -> None:
@@ -245,3 +262,32 @@ def _captured_chain(run: Run, bundles, backend: str, feeds, image) -> None:
         except Exception as exc:
             run.log(f"   prompt_to_masks {variant} captured chain failed: {type(exc).__name__}: {str(exc)[:300]}")
             run.results["errors"][f"captured_chain.{variant}"] = traceback.format_exc()
+
+
+def _captured_prompt_decoder(run: Run, bundles, backend: str, feeds, image) -> None:
+    """The click as one captured graph: the prompt decoder bound to the decoder context's captured outputs."""
+    from edgefm.runtime.backends.onnxruntime import _CapturedGraph
+    from edgefm.runtime.bundle import Bundle
+
+    click = {k: feeds[k] for k in ("point_coords", "point_labels")}
+    for variant in ("fp16", "fused_fp16"):
+        try:
+            bundle = Bundle(bundles["sam"][variant], backend)
+            emb = bundle.runner("image_encoder").run(image)["image_embeddings"]
+            context = _CapturedGraph(bundle.runner("decoder_context"), {"image_embeddings": emb})
+            pd = bundle.runner("prompt_decoder")
+            decoder = _CapturedGraph(pd, click, bound=context.outputs)
+
+            def replay(decoder=decoder):
+                decoder.replay(click)
+                return decoder.outputs["iou_predictions"].numpy()
+
+            run.row("sam.prompt_to_masks", f"onnxruntime {backend} captured prompt decoder", variant,
+                    time_fn(replay, run.iters, run.warmup))
+            want = bundle.runner("mask_decoder").run({"image_embeddings": emb, **bundle.runner("prompt_encoder").run(
+                feeds)})["low_res_masks"]
+            diff = float(np.abs(decoder.outputs["low_res_masks"].numpy() - want).max())
+            run.results["sections"].setdefault("captured_vs_plain_max_abs", {})[f"prompt_decoder.{variant}"] = diff
+        except Exception as exc:
+            run.log(f"   prompt_decoder {variant} captured graph failed: {type(exc).__name__}: {str(exc)[:300]}")
+            run.results["errors"][f"captured_prompt_decoder.{variant}"] = traceback.format_exc()

@@ -1,7 +1,9 @@
 """``SamPredictor``: the official predictor's API on exported components, without PyTorch.
 
 ``set_image`` runs the image encoder once; each ``predict`` runs only the prompt encoder and the mask
-decoder, and upscales only the masks it returns.
+decoder, and upscales only the masks it returns. With a bundle that has them, prompts without a mask input
+run one ``prompt_decoder`` call instead, against the image's ``decoder_context`` (computed at the first such
+prompt of each image).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from ..errors import InputError
 from ..image_prep import ImagePrep, asked_preprocess, open_checked
 from .amg_utils import calculate_stability_score
 from .mask_upscale import MaskUpscaler
-from .spec import IMAGE_ENCODER, MASK_DECODER, PROMPT_ENCODER
+from .spec import CONTEXT, DECODER_CONTEXT, IMAGE_ENCODER, MASK_DECODER, PROMPT_DECODER, PROMPT_ENCODER
 from .transforms import (
     as_rgb_uint8,
     normalize_and_pad,
@@ -66,6 +68,13 @@ class SamPredictor:
         self.prompt_encoder = self.bundle.runner(PROMPT_ENCODER)
         self.decoder = self.bundle.runner(MASK_DECODER)
         self.low_res_size = self.decoder.spec.outputs[1].shape[-1]
+        # Prompts without a mask input: one prompt_decoder call against the image's decoder context, where the
+        # bundle has both (bundles exported before them decode every prompt with the two components above).
+        names = self.bundle.manifest.component_names
+        split = DECODER_CONTEXT in names and PROMPT_DECODER in names
+        self.context_encoder = self.bundle.runner(DECODER_CONTEXT) if split else None
+        self.prompt_decoder = self.bundle.runner(PROMPT_DECODER) if split else None
+        self._context_graph = None
         # ONNX Runtime on a GPU: chain the encoder into the decoder without a host round trip. (One backend
         # runs every component of a bundle, so the decoder's runner says what the encoder's will be.)
         self._on_device = getattr(self.decoder, "device", "cpu") == "cuda" and hasattr(self.decoder, "run_on_device")
@@ -93,6 +102,7 @@ class SamPredictor:
 
     def reset_image(self) -> None:
         self.features: np.ndarray | None = None
+        self._context: dict[str, Any] | None = None
         self.original_size: tuple[int, int] | None = None
         self.input_size: tuple[int, int] | None = None
 
@@ -154,7 +164,7 @@ class SamPredictor:
             out = self.encoder.run_on_device({"image": x}, keep=("image_embeddings",))
         else:
             out = self.encoder.run({"image": x.numpy() if on_device else x})
-        self.features = out["image_embeddings"]
+        self.features, self._context = out["image_embeddings"], None
         self.original_size, self.input_size = tuple(original_size), tuple(input_size)
 
     def set_image_embedding(self, embedding: np.ndarray, original_size: tuple[int, int]) -> None:
@@ -177,7 +187,7 @@ class SamPredictor:
             from ..backends.onnxruntime import ort
 
             emb = ort().OrtValue.ortvalue_from_numpy(np.ascontiguousarray(emb), self.decoder.device, 0)
-        self.features = emb
+        self.features, self._context = emb, None
         self.original_size, self.input_size = size, resized_shape(*size, self.image_size)
 
     def get_image_embedding(self) -> np.ndarray:
@@ -231,20 +241,25 @@ class SamPredictor:
         self._need_image()
         coords, labels = self._prompt_points(point_coords, point_labels, boxes)
         b = coords.shape[0]
-        if mask_input is None:
-            mask_input = np.zeros((b, 1, self.low_res_size, self.low_res_size), np.float32)
-            has_mask = np.zeros((b,), np.float32)
-        else:
-            mask_input = np.asarray(mask_input, np.float32)
-            has_mask = np.ones((b,), np.float32)
-        prompt = {"point_coords": coords, "point_labels": labels, "mask_input": mask_input, "has_mask_input": has_mask}
+        split = mask_input is None and self.prompt_decoder is not None  # one call against the decoder context
+        prompt = {"point_coords": coords, "point_labels": labels}
+        if mask_input is None and not split:
+            prompt.update(mask_input=np.zeros((b, 1, self.low_res_size, self.low_res_size), np.float32),
+                          has_mask_input=np.zeros((b,), np.float32))
+        elif mask_input is not None:
+            prompt.update(mask_input=np.asarray(mask_input, np.float32), has_mask_input=np.ones((b,), np.float32))
         sel = slice(1, None) if multimask_output else slice(0, 1)
         if not self._on_device:
-            out = self.decoder.run({"image_embeddings": self.features, **self.prompt_encoder.run(prompt)})
+            if split:
+                out = self.prompt_decoder.run({**prompt, **self.decoder_context()})
+            else:
+                out = self.decoder.run({"image_embeddings": self.features, **self.prompt_encoder.run(prompt)})
             low = out["low_res_masks"][:, sel]
             return self.upscale(low, return_logits) if upscale else None, out["iou_predictions"][:, sel], low
         if self._graphs:
-            dev = self._replay_prompt(self.prompt_encoder.spec.check_feeds(prompt))
+            dev = self._replay_prompt(prompt if split else self.prompt_encoder.spec.check_feeds(prompt), split)
+        elif split:
+            dev = self.prompt_decoder.run_on_device({**prompt, **self.decoder_context()}, keep=("low_res_masks",))
         else:
             emb = self.prompt_encoder.run(prompt)
             dev = self.decoder.run_on_device({"image_embeddings": self.features, **emb}, keep=("low_res_masks",))
@@ -252,6 +267,28 @@ class SamPredictor:
         # faster), so only the returned arrays come to the host.
         masks = self._device_upscale(dev["low_res_masks"], sel, return_logits) if upscale else None
         return masks, dev["iou_predictions"].numpy()[:, sel], dev["low_res_masks"].numpy()[:, sel]
+
+    def decoder_context(self) -> dict[str, Any]:
+        """The image's decoder context (``decoder_context``'s outputs), computed at the first call per image.
+        On a GPU backend the tensors stay on the device (with ``cuda_graphs``: in a captured graph's buffers,
+        refilled from the encoder's for each image)."""
+        self._need_image()
+        if self.context_encoder is None:
+            raise InputError(f"the bundle {self.bundle.path} has no {DECODER_CONTEXT} component (exported before "
+                             "edgefm had it): re-export it to decode clicks with one prompt_decoder call")
+        if self._context is None:
+            feeds = {"image_embeddings": self.features}
+            if self._graphs:
+                if self._context_graph is None:  # reads the captured encoder's output buffer
+                    self._context_graph = _CapturedGraph(self.context_encoder, {}, bound=feeds)
+                else:
+                    self._context_graph.replay()
+                self._context = self._context_graph.outputs
+            elif self._on_device:
+                self._context = self.context_encoder.run_on_device(feeds, keep=CONTEXT)
+            else:
+                self._context = self.context_encoder.run(feeds)
+        return self._context
 
     def upscale(self, low_res: np.ndarray, return_logits: bool = False,
                 stability_offset: float | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
@@ -276,20 +313,27 @@ class SamPredictor:
         return self._upscaler(low_res, channels, self.input_size, self.original_size, self.image_size,
                               self.mask_threshold, return_logits, stability_offset)
 
-    def _replay_prompt(self, prompt: dict[str, np.ndarray]) -> dict[str, Any]:
-        """Captured-graph predict: the pair for these prompt shapes (captured on first use, the least recently
-        used of more than MAX_PROMPT_GRAPHS released), its inputs refilled, both replayed."""
-        def capture() -> tuple[_CapturedGraph, _CapturedGraph]:
+    def _replay_prompt(self, prompt: dict[str, np.ndarray], split: bool) -> dict[str, Any]:
+        """Captured-graph predict: the graphs for these prompt shapes (captured on first use, the least recently
+        used of more than MAX_PROMPT_GRAPHS released), inputs refilled, replayed. ``split``: the prompt decoder
+        alone, bound to the context graph's buffers; else the prompt encoder + mask decoder pair."""
+        def capture() -> tuple[_CapturedGraph, ...]:
+            if split:
+                return (_CapturedGraph(self.prompt_decoder, prompt, bound=self.decoder_context()),)
             pe = _CapturedGraph(self.prompt_encoder, prompt)
             bound = {"image_embeddings": self._encoder_graph.outputs["image_embeddings"],
                      **{n: pe.outputs[n] for n in ("sparse_embeddings", "dense_embeddings")}}
             return pe, _CapturedGraph(self.decoder, {}, bound=bound)
 
-        pair, captured = recent_graph(self._prompt_graphs, shapes_key(prompt), capture, self.MAX_PROMPT_GRAPHS)
-        if not captured:  # capturing ran both once already
-            pair[0].replay(prompt)
-            pair[1].replay()
-        return pair[1].outputs
+        if split:
+            self.decoder_context()  # this image's context in the buffers the decoder graphs read
+        # The two kinds never share a key: their prompts have different input names.
+        graphs, captured = recent_graph(self._prompt_graphs, shapes_key(prompt), capture, self.MAX_PROMPT_GRAPHS)
+        if not captured:  # capturing ran them once already
+            graphs[0].replay(prompt)
+            for graph in graphs[1:]:
+                graph.replay()
+        return graphs[-1].outputs
 
     def _prompt_points(self, point_coords, point_labels, boxes) -> tuple[np.ndarray, np.ndarray]:
         """Official prompt layout in the resized frame: points, then box corners (labels 2, 3); a padding

@@ -1,4 +1,9 @@
-"""I/O specs of SAM's three components, written once for exporter, engine builder and runtime.
+"""I/O specs of SAM's components, written once for exporter, engine builder and runtime.
+
+Three follow the official split: ``image_encoder``, ``prompt_encoder``, ``mask_decoder``. Two more serve the
+prompts without a mask input (clicks and boxes, the common case) faster: ``decoder_context`` computes, once
+per image, what the decoder's first block derives from the image alone, and ``prompt_decoder`` takes points
+straight to masks with it (``export/sam_context.py``). Bundles exported before them have the three only.
 
 Prompt conventions follow the official predictor: point coordinates are XY pixels in the resized
 (``image_size``) frame; labels 1 = foreground, 0 = background, -1 = padding point (added when there is
@@ -12,6 +17,12 @@ from ..spec import ComponentSpec, DimRange, TensorSpec
 IMAGE_ENCODER = "image_encoder"
 PROMPT_ENCODER = "prompt_encoder"
 MASK_DECODER = "mask_decoder"
+DECODER_CONTEXT = "decoder_context"
+PROMPT_DECODER = "prompt_decoder"
+# decoder_context's outputs = prompt_decoder's inputs beside the points: the image tokens (embedding + the
+# no-mask embedding) and the first block's projections of them (tokens -> image keys and values, image ->
+# tokens queries).
+CONTEXT = ("context_tokens", "context_keys", "context_values", "context_queries")
 NUM_MASK_OUTPUTS = 4  # token 0: single-mask output; tokens 1..3: the multimask outputs
 MASK_OUTPUTS = ("low_res_masks",)  # mask logits: parity judges them by the IoU of the thresholded masks
 
@@ -24,6 +35,8 @@ NUM_POINTS = DimRange(1, 2, 32)
 def sam_specs(image_size: int, embed_dim: int, embed_size: int) -> dict[str, ComponentSpec]:
     """Specs for a SAM whose encoder maps ``image_size``² to ``embed_dim`` × ``embed_size``²."""
     mask_size = 4 * embed_size  # low-res mask logits (256 for the official 1024 models)
+    tokens = embed_size * embed_size
+    attn_dim = embed_dim // 2  # the two-way transformer's cross-attention width (downsample rate 2, as in SAM)
     emb = TensorSpec("image_embeddings", "float32", ("image_batch", embed_dim, embed_size, embed_size))
     encoder = ComponentSpec(
         IMAGE_ENCODER,
@@ -59,4 +72,16 @@ def sam_specs(image_size: int, embed_dim: int, embed_size: int) -> dict[str, Com
         ),
         dims={"batch": PROMPT_BATCH, "num_points": NUM_POINTS},
     )
-    return {s.name: s for s in (encoder, prompt, decoder)}
+    context = ComponentSpec(
+        DECODER_CONTEXT,
+        inputs=decoder.inputs[:1],  # the one image's embedding
+        outputs=tuple(TensorSpec(n, "float32", (1, tokens, embed_dim if n == CONTEXT[0] else attn_dim))
+                      for n in CONTEXT),
+    )
+    prompt_decoder = ComponentSpec(
+        PROMPT_DECODER,
+        inputs=prompt.inputs[:2] + context.outputs,
+        outputs=decoder.outputs,
+        dims={"batch": PROMPT_BATCH, "num_points": NUM_POINTS},
+    )
+    return {s.name: s for s in (encoder, prompt, decoder, context, prompt_decoder)}

@@ -90,8 +90,9 @@ def sam_int8_bundle(sam_tiny, tmp_path_factory):
 def test_sam_int8_bundle_passes_gate_and_records_precisions(sam_int8_bundle):
     manifest = json.loads((sam_int8_bundle / "manifest.json").read_text())
     written = {c["name"]: c["precision"] for c in manifest["components"]}
-    # The prompt encoder stays fp32 by design; the decoder passed the int8 policy on these weights.
-    assert written == {"image_encoder": "int8", "prompt_encoder": "fp32", "mask_decoder": "int8"}
+    # The prompt encoder and the decoder context stay fp32 by design; the decoders passed the int8 policy.
+    assert written == {"image_encoder": "int8", "prompt_encoder": "fp32", "mask_decoder": "int8",
+                       "decoder_context": "fp32", "prompt_decoder": "int8"}
     for c in manifest["components"]:
         report = manifest["parity"][c["name"]]
         assert report["passed"] and report["precision"] == c["precision"], c["name"]
@@ -131,12 +132,14 @@ def test_sam_mask_decoder_falls_back_to_fp32(sam_tiny, tmp_path, monkeypatch):
     out = sam_export.export_sam(sam_tiny, tmp_path / "fallback", "tiny", precision="int8")
     manifest = json.loads((out / "manifest.json").read_text())
     written = {c["name"]: c["precision"] for c in manifest["components"]}
-    assert written == {"image_encoder": "int8", "prompt_encoder": "fp32", "mask_decoder": "fp32"}
-    dec = manifest["parity"]["mask_decoder"]
-    assert dec["passed"] and dec["precision"] == "fp32"
-    assert not dec["int8_rejected"]["passed"] and dec["int8_rejected"]["precision"] == "int8"
-    assert "mask IoU" in dec["int8_rejected"]["outputs"]["low_res_masks"]["failures"][0]
-    assert not QUANT_OPS & op_types(out / "mask_decoder.onnx")
+    assert written == {"image_encoder": "int8", "prompt_encoder": "fp32", "mask_decoder": "fp32",
+                       "decoder_context": "fp32", "prompt_decoder": "fp32"}
+    for name in ("mask_decoder", "prompt_decoder"):
+        dec = manifest["parity"][name]
+        assert dec["passed"] and dec["precision"] == "fp32"
+        assert not dec["int8_rejected"]["passed"] and dec["int8_rejected"]["precision"] == "int8"
+        assert "mask IoU" in dec["int8_rejected"]["outputs"]["low_res_masks"]["failures"][0]
+        assert not QUANT_OPS & op_types(out / f"{name}.onnx")
 
 
 def test_int8_external_data_for_large_graphs(tmp_path, monkeypatch):

@@ -330,11 +330,13 @@ def test_int8_engine_plan(quantized, fp32_bundles, tmp_path):
     steps = ext.plan_sources(m, "int8", has_fp16_flag=True)
     assert [(s.source.name, s.source.precision, s.precision, s.fp16_flag) for s in steps] == [
         ("image_encoder", "int8", "int8", False), ("prompt_encoder", "fp32", "fp16", True),
-        ("mask_decoder", "fp32", "fp16", True)]
+        ("mask_decoder", "fp32", "fp16", True), ("decoder_context", "fp32", "fp16", True),
+        ("prompt_decoder", "fp32", "fp16", True)]
     # TensorRT 11 (no FP16 flag) and only fp32 ONNX beside the Q/DQ encoder: the small components build fp32.
     steps = ext.plan_sources(m, "int8", has_fp16_flag=False)
     assert [(s.source.name, s.precision, s.fp16_flag) for s in steps] == [
-        ("image_encoder", "int8", False), ("prompt_encoder", "fp32", False), ("mask_decoder", "fp32", False)]
+        ("image_encoder", "int8", False), ("prompt_encoder", "fp32", False), ("mask_decoder", "fp32", False),
+        ("decoder_context", "fp32", False), ("prompt_decoder", "fp32", False)]
     with pytest.raises(InputError, match="run `edgefm quantize BUNDLE --calibration IMAGES` first"):
         ext.plan_sources(read_manifest(fp32_bundles["sam"]), "int8", True)
     entry = m.find("image_encoder", precision="int8")[0]

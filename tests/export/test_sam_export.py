@@ -14,8 +14,9 @@ from edgefm.runtime.errors import BundleError, ManifestError, ParityError
 def test_fp32_bundle_parity_and_manifest(sam_tiny_bundle):
     manifest = json.loads((sam_tiny_bundle / "manifest.json").read_text())
     assert manifest["family"] == "sam" and manifest["schema_version"] == 1
-    assert [c["name"] for c in manifest["components"]] == ["image_encoder", "prompt_encoder", "mask_decoder"]
-    for name in ("image_encoder", "prompt_encoder", "mask_decoder"):
+    names = ["image_encoder", "prompt_encoder", "mask_decoder", "decoder_context", "prompt_decoder"]
+    assert [c["name"] for c in manifest["components"]] == names
+    for name in names:
         report = manifest["parity"][name]
         assert report["passed"]
         for out in report["outputs"].values():

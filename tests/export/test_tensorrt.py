@@ -158,7 +158,7 @@ def test_build_engine_records_and_replaces(tmp_path, fake_gpu):
     entries = ext.build_engine(bundle, "fp16", "1GiB", max_batch=4, max_points=8, parity="skip")
     m = read_manifest(bundle)
     engines = m.find("prompt_encoder", format="tensorrt")
-    assert [e.precision for e in engines] == ["fp16"] and len(entries) == 3
+    assert [e.precision for e in engines] == ["fp16"] and len(entries) == 5
     e = engines[0]
     assert e.file.startswith("prompt_encoder.fp16.") and e.sha256 == sha256_file(bundle / e.file)
     assert e.info["source"] == "prompt_encoder.fp16.onnx" and e.info["strongly_typed"] is True
@@ -174,13 +174,13 @@ def test_build_engine_records_and_replaces(tmp_path, fake_gpu):
     assert cfg.pool == {"WORKSPACE": 2**30} and cfg.flags == []
     assert cfg.profiles[0]["image"] == [[1, 3, 256, 256], [1, 3, 256, 256], [4, 3, 256, 256]]
     cache = bundle / ".cache" / "tensorrt-timing.cache"
-    assert cache.read_bytes() == b"ttt"  # one cache file, loaded and extended by each of the 3 builds
+    assert cache.read_bytes() == b"ttttt"  # one cache file, loaded and extended by each of the 5 builds
     # Rebuilding the same precision replaces the entries and their files; the ONNX entries stay.
     old = {x.file for x in m.components if x.format == "tensorrt"}
     ext.build_engine(bundle, "fp16", max_batch=2, parity="skip")
     m2 = read_manifest(bundle)
-    assert len([c for c in m2.components if c.format == "tensorrt"]) == 3
-    assert len([c for c in m2.components if c.format == "onnx"]) == 6
+    assert len([c for c in m2.components if c.format == "tensorrt"]) == 5
+    assert len([c for c in m2.components if c.format == "onnx"]) == 10
     assert m2.find("image_encoder", format="tensorrt")[0].spec.dims["image_batch"] == DimRange(1, 1, 2)
     gone = old - {c.file for c in m2.components}
     assert gone and not any((bundle / f).exists() for f in gone)

@@ -111,9 +111,9 @@ def run_warmup(pb2, config, folder: Path) -> dict[str, np.ndarray]:
 def test_sam_repository(pb2, sam_tiny_bundle, tmp_path, capsys):
     repo = tmp_path / "repo"
     assert main(["triton", str(sam_tiny_bundle), "--out", str(repo), "--name", "sam"]) == 0
-    assert "wrote 4 models" in capsys.readouterr().out
-    assert sorted(p.name for p in repo.iterdir()) == ["sam_image_encoder", "sam_mask_decoder", "sam_prompt_encoder",
-                                                      "sam_prompt_to_masks"]
+    assert "wrote 6 models" in capsys.readouterr().out
+    assert sorted(p.name for p in repo.iterdir()) == ["sam_decoder_context", "sam_image_encoder", "sam_mask_decoder",
+                                                      "sam_prompt_decoder", "sam_prompt_encoder", "sam_prompt_to_masks"]
     configs = {p.name: parse(pb2, p) for p in repo.iterdir()}
     for name, config in configs.items():
         assert config.name == name
@@ -125,9 +125,10 @@ def test_sam_repository(pb2, sam_tiny_bundle, tmp_path, capsys):
     (acc,) = enc.optimization.execution_accelerators.gpu_execution_accelerator
     assert acc.name == "cuda" and dict(acc.parameters) == {"use_tf32": "0"}  # fp32 is fp32, as in the runtime
     # The ensemble's members take whole tensors: the decoder's embedding is one image's, not a batch.
-    for name in ("sam_prompt_encoder", "sam_mask_decoder"):
+    for name in ("sam_prompt_encoder", "sam_mask_decoder", "sam_decoder_context", "sam_prompt_decoder"):
         assert configs[name].max_batch_size == 0 and not configs[name].HasField("dynamic_batching")
-    for name in ("sam_image_encoder", "sam_prompt_encoder", "sam_mask_decoder"):
+    for name in ("sam_image_encoder", "sam_prompt_encoder", "sam_mask_decoder", "sam_decoder_context",
+                 "sam_prompt_decoder"):
         check_against_graph(pb2, configs[name], repo / name)
         check_against_spec(configs[name], Bundle(sam_tiny_bundle, "ort-cpu").spec(name[4:]))
         run_warmup(pb2, configs[name], repo / name)
@@ -208,8 +209,9 @@ def test_existing_models_are_kept_unless_overwrite(sam_tiny_bundle, tmp_path):
     write_repository(sam_tiny_bundle, repo, prefix="sam")
     (repo / "other_model").mkdir()
     before = snapshot(repo)
-    with pytest.raises(InputError, match=r"already has the models \['sam_image_encoder', 'sam_mask_decoder', "
-                                         r"'sam_prompt_encoder', 'sam_prompt_to_masks'\]; pass --overwrite"):
+    with pytest.raises(InputError, match=r"already has the models \['sam_decoder_context', 'sam_image_encoder', "
+                                         r"'sam_mask_decoder', 'sam_prompt_decoder', 'sam_prompt_encoder', "
+                                         r"'sam_prompt_to_masks'\]; pass --overwrite"):
         write_repository(sam_tiny_bundle, repo, prefix="sam", device="cpu")
     assert snapshot(repo) == before and not list(repo.glob(".edgefm-*"))
     write_repository(sam_tiny_bundle, repo, prefix="sam", device="cpu", overwrite=True)

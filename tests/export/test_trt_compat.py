@@ -68,8 +68,8 @@ def dalle_fp16_bundle(tmp_path_factory):
 
 
 @pytest.mark.parametrize("which, components", [
-    ("sam-fp32", {"image_encoder", "prompt_encoder", "mask_decoder"}),
-    ("sam-fp16", {"image_encoder", "prompt_encoder", "mask_decoder"}),
+    ("sam-fp32", {"image_encoder", "prompt_encoder", "mask_decoder", "decoder_context", "prompt_decoder"}),
+    ("sam-fp16", {"image_encoder", "prompt_encoder", "mask_decoder", "decoder_context", "prompt_decoder"}),
     ("clip-tiny-vit", {"image_encoder", "text_encoder"}),
     ("clip-tiny-vit-fp16", {"image_encoder", "text_encoder"}),
     ("clip-tiny-rn", {"image_encoder", "text_encoder"}),

@@ -202,7 +202,7 @@ def test_verify_a_bundle_on_a_backend(sam_tiny_bundle, tmp_path, capsys):
     assert main(["verify", str(folder), "--backend", "ort-cpu", "--precision", "fp16", "--threads", "1",
                  "--json", str(report)]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == f"{folder} on ort-cpu:" and len(out) == 4
+    assert out[0] == f"{folder} on ort-cpu:" and len(out) == 6
     assert out[1].startswith("  image_encoder    image_encoder.fp16.onnx (fp16)  passed fp16 policy vs image_encoder")
     result = json.loads(report.read_text())
     dec = result["components"]["mask_decoder"]
@@ -223,7 +223,7 @@ def test_verify_a_bundle_on_a_backend(sam_tiny_bundle, tmp_path, capsys):
     assert "--shapes 'opt,biggest': choose among opt, min, max (comma-separated)" in capsys.readouterr().err
     # Without --precision the CPU runs the fp32 files, which are the references: nothing to compare.
     assert main(["verify", str(folder), "--backend", "ort-cpu"]) == 0
-    assert capsys.readouterr().out.count("skipped: it is the reference itself (ONNX Runtime CPU)") == 3
+    assert capsys.readouterr().out.count("skipped: it is the reference itself (ONNX Runtime CPU)") == 5
     # Export's dynamic int8 is judged against fp32 too (by int8's policy); only calibrated Q/DQ graphs are
     # their own references.
     add_fp16(precision="int8")
@@ -235,5 +235,5 @@ def test_verify_a_bundle_on_a_backend(sam_tiny_bundle, tmp_path, capsys):
     assert main(["verify", str(folder), "--backend", "ort-cpu", "--precision", "fp16", "--threads", "1"]) == 2
     captured = capsys.readouterr()
     assert "  mask_decoder     mask_decoder.fp16.onnx (fp16)  FAILED fp16 policy" in captured.out
-    assert ("edgefm verify: error: 1 of 3 component(s) miss their parity policy on ort-cpu: mask_decoder"
+    assert ("edgefm verify: error: 1 of 5 component(s) miss their parity policy on ort-cpu: mask_decoder"
             in captured.err)

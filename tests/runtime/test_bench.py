@@ -27,7 +27,7 @@ from edgefm.runtime.errors import BackendError, InputError
 from edgefm.runtime.manifest import Manifest
 from edgefm.runtime.sam.spec import sam_specs
 
-COMPONENTS = ("image_encoder", "prompt_encoder", "mask_decoder")
+COMPONENTS = ("image_encoder", "prompt_encoder", "mask_decoder", "decoder_context", "prompt_decoder")
 PIPELINES = ("sam.set_image", "sam.predict")
 
 

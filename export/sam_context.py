@@ -1,0 +1,140 @@
+"""SAM's decoder split at what the image alone determines: ``decoder_context`` once per image, then
+``prompt_decoder`` per click.
+
+For a prompt without a mask input, the decoder's image tokens start as the image embedding plus the constant
+no-mask embedding, and its first two-way block projects them three times before any prompt is involved: the
+keys and values of the tokens -> image attention, the queries of the image -> tokens attention. The official
+decoder recomputes those for every prompt, and for each prompt of a batch (ViT sizes: 3 of its ~1.75 GMAC of
+matrix products per prompt, 4096 x 256 -> 128 each). ``decoder_context`` computes them once, when the image is
+set. ``prompt_decoder`` is the rest of the first block, the other blocks and the mask head, with the prompt
+encoder's point embedding in front: one graph from points (and box corners) to masks, without the dense
+mask-prompt path a click never uses, as the official ONNX export also merges prompt encoding and decoding.
+A prompt with a mask input still runs ``prompt_encoder`` + ``mask_decoder``. The arithmetic is the official
+one in the same order, so the masks match the three-component path to float rounding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from edgefm.models.sam import Sam
+from edgefm.models.sam.transformer import Attention
+from torch import nn
+
+from .fused_attention import fused_attention
+
+
+def point_embeddings(prompt_encoder: nn.Module, image_size: tuple[int, int], point_coords: torch.Tensor,
+                     point_labels: torch.Tensor) -> torch.Tensor:
+    """Sparse prompt embeddings (B, N, C) of points in the resized frame; labels 1 / 0 points, 2 / 3 box
+    corners, -1 padding. Masked sums instead of boolean indexing: one branch-free graph for every label mix.
+    The Fourier features' 2-column projection is written as two products and a sum, the same arithmetic as
+    the official matrix product, so that ``--precision int8`` (which quantizes MatMul) leaves it in fp32: a
+    uint8 coordinate would move a click by up to 4 pixels of a 1024 frame."""
+    pe = prompt_encoder
+    coords = point_coords + 0.5  # pixel centers, as the official prompt encoder shifts them
+    coords = coords / coords.new_tensor([image_size[1], image_size[0]])
+    coords = 2 * coords - 1
+    g = pe.pe_layer.positional_encoding_gaussian_matrix
+    coords = 2 * math.pi * (coords[..., :1] * g[0] + coords[..., 1:] * g[1])
+    emb = torch.cat([torch.sin(coords), torch.cos(coords)], dim=-1)
+    labels = point_labels.unsqueeze(-1)
+    emb = emb * (labels != -1).to(emb.dtype)
+    emb = emb + pe.not_a_point_embed.weight * (labels == -1).to(emb.dtype)
+    for i, point_embedding in enumerate(pe.point_embeddings):
+        emb = emb + point_embedding.weight * (labels == i).to(emb.dtype)
+    return emb
+
+
+def mask_head(decoder: nn.Module, tokens: torch.Tensor, image: torch.Tensor, size: tuple[int, int]
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoder after its transformer: output tokens (B, T, C) and image tokens (B, h*w, C) -> IoU
+    predictions (B, 4) and low-res mask logits (B, 4, 4h, 4w)."""
+    d, (h, w) = decoder, size
+    upscaled = d.output_upscaling(image.transpose(1, 2).reshape(-1, image.shape[-1], h, w))
+    hyper_in = torch.stack(
+        [mlp(tokens[:, 1 + i, :]) for i, mlp in enumerate(d.output_hypernetworks_mlps)], dim=1
+    )
+    _, c2, h2, w2 = upscaled.shape
+    masks = (hyper_in @ upscaled.reshape(-1, c2, h2 * w2)).reshape(-1, hyper_in.shape[1], h2, w2)
+    return d.iou_prediction_head(tokens[:, 0, :]), masks
+
+
+def _projected_attention(a: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: int | None
+                         ) -> torch.Tensor:
+    """``a``'s attention of already projected ``q``, ``k``, ``v`` (batch B or 1, broadcast), then its output
+    projection: :class:`Attention.forward` after its three input projections. ``batch`` (the prompt count,
+    for the fused graph): ONNX Runtime's MultiHeadAttention wants one batch size, so the context is expanded."""
+    if batch is not None:
+        q, k, v = (t.expand(batch, -1, -1) for t in (q, k, v))
+        return a.out_proj(fused_attention(q, k, v, a.num_heads))
+    q, k, v = (Attention._separate_heads(t, a.num_heads) for t in (q, k, v))
+    attn = (q @ k.permute(0, 1, 3, 2) / math.sqrt(q.shape[3])).softmax(dim=-1)
+    return a.out_proj(Attention._recombine_heads(attn @ v))
+
+
+class DecoderContextGraph(nn.Module):
+    """One image embedding (1, C, h, w) -> its decoder context: image tokens (1, h*w, C) and the first
+    block's keys, values (tokens -> image) and queries (image -> tokens), each (1, h*w, C/2)."""
+
+    def __init__(self, sam: Sam) -> None:
+        super().__init__()
+        self.block = sam.mask_decoder.transformer.layers[0]
+        pe = sam.prompt_encoder
+        self.register_buffer("image_pe", pe.get_dense_pe().flatten(2).transpose(1, 2).detach().clone())
+        self.register_buffer("no_mask", pe.no_mask_embed.weight.detach().reshape(1, 1, -1).clone())
+
+    def forward(self, image_embeddings: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        tokens = image_embeddings.flatten(2).transpose(1, 2) + self.no_mask
+        keyed = tokens + self.image_pe
+        to_image, to_tokens = self.block.cross_attn_token_to_image, self.block.cross_attn_image_to_token
+        return tokens, to_image.k_proj(keyed), to_image.v_proj(tokens), to_tokens.q_proj(keyed)
+
+
+class PromptDecoderGraph(nn.Module):
+    """Points (B, N, 2) XY in the resized frame + labels (B, N) + one image's decoder context -> IoU
+    predictions (B, 4) and mask logits (B, 4, 4h, 4w): ``prompt_encoder`` + ``mask_decoder`` for prompts
+    without a mask input, the first block's image-side projections read from the context."""
+
+    def __init__(self, sam: Sam, fused_attention: bool = False) -> None:
+        super().__init__()
+        self.prompt_encoder = sam.prompt_encoder
+        self.image_size = sam.prompt_encoder.input_image_size
+        self.size = tuple(sam.prompt_encoder.image_embedding_size)
+        if fused_attention:
+            from .sam_fused import decoder_with_fused_attention
+
+            self.decoder = decoder_with_fused_attention(sam.mask_decoder)
+        else:
+            self.decoder = sam.mask_decoder
+        self.fused = fused_attention
+        self.register_buffer("image_pe", sam.prompt_encoder.get_dense_pe().flatten(2).transpose(1, 2).detach().clone())
+
+    def forward(self, point_coords, point_labels, context_tokens, context_keys, context_values, context_queries):
+        d = self.decoder
+        sparse = point_embeddings(self.prompt_encoder, self.image_size, point_coords, point_labels)
+        prompt = torch.cat([d.iou_token.weight, d.mask_tokens.weight], dim=0)
+        prompt = torch.cat([prompt.unsqueeze(0).expand(sparse.shape[0], -1, -1), sparse], dim=1)
+        first, later = d.transformer.layers[0], d.transformer.layers[1:]
+        batch = prompt.shape[0] if self.fused else None
+        # The first block (TwoWayAttentionBlock.forward with skip_first_layer_pe), its image side from the context.
+        queries = first.norm1(first.self_attn(q=prompt, k=prompt, v=prompt))
+        a = _inner(first.cross_attn_token_to_image)
+        attended = _projected_attention(a, a.q_proj(queries + prompt), context_keys, context_values, batch)
+        queries = first.norm2(queries + attended)
+        queries = first.norm3(queries + first.mlp(queries))
+        a, q = _inner(first.cross_attn_image_to_token), queries + prompt
+        keys = first.norm4(context_tokens + _projected_attention(a, context_queries, a.k_proj(q), a.v_proj(queries),
+                                                                 batch))
+        for layer in later:
+            queries, keys = layer(queries=queries, keys=keys, query_pe=prompt, key_pe=self.image_pe)
+        t = d.transformer
+        final = t.final_attn_token_to_image(q=queries + prompt, k=keys + self.image_pe, v=keys)
+        queries = t.norm_final_attn(queries + final)
+        return mask_head(d, queries, keys, self.size)
+
+
+def _inner(attention: nn.Module) -> Attention:
+    """The official :class:`Attention` (its weights), also inside a fused drop-in."""
+    return getattr(attention, "inner", attention)
