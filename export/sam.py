@@ -89,6 +89,7 @@ class MaskDecoderGraph(nn.Module):
             self.decoder = sam.mask_decoder
         # Constant for a given model: fold it into the graph instead of recomputing it per call.
         self.register_buffer("image_pe", sam.prompt_encoder.get_dense_pe().detach().clone())
+        self.size = tuple(sam.prompt_encoder.image_embedding_size)
 
     def forward(self, image_embeddings, sparse_embeddings, dense_embeddings):
         d = self.decoder
@@ -97,9 +98,8 @@ class MaskDecoderGraph(nn.Module):
         tokens = torch.cat([tokens, sparse_embeddings], dim=1)
         # Broadcasting the single image over the prompt batch replaces the official repeat_interleave.
         src = image_embeddings + dense_embeddings
-        h, w = src.shape[-2:]
         hs, src = d.transformer(src, self.image_pe, tokens)
-        return mask_head(d, hs, src, (h, w))
+        return mask_head(d, hs, src, self.size)
 
 
 def parity_inputs(cfg: SamConfig, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:

@@ -51,13 +51,13 @@ def mask_head(decoder: nn.Module, tokens: torch.Tensor, image: torch.Tensor, siz
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """The decoder after its transformer: output tokens (B, T, C) and image tokens (B, h*w, C) -> IoU
     predictions (B, 4) and low-res mask logits (B, 4, 4h, 4w)."""
-    d, (h, w) = decoder, size
-    upscaled = d.output_upscaling(image.transpose(1, 2).reshape(-1, image.shape[-1], h, w))
+    # Sizes as Python ints from the model, so the graph computes no shapes but the prompt batch.
+    d, (h, w), c = decoder, size, decoder.transformer_dim
+    upscaled = d.output_upscaling(image.transpose(1, 2).reshape(-1, c, h, w))  # (B, C/8, 4h, 4w)
     hyper_in = torch.stack(
         [mlp(tokens[:, 1 + i, :]) for i, mlp in enumerate(d.output_hypernetworks_mlps)], dim=1
     )
-    _, c2, h2, w2 = upscaled.shape
-    masks = (hyper_in @ upscaled.reshape(-1, c2, h2 * w2)).reshape(-1, hyper_in.shape[1], h2, w2)
+    masks = (hyper_in @ upscaled.reshape(-1, c // 8, 16 * h * w)).reshape(-1, d.num_mask_tokens, 4 * h, 4 * w)
     return d.iou_prediction_head(tokens[:, 0, :]), masks
 
 
