@@ -34,13 +34,15 @@ def _sam_pipelines(bundle: Bundle, iters: int, warmup: int, rng: np.random.Gener
     set_image = latency_stats(time_calls(lambda: predictor.set_image(image), iters, warmup))
     predict = latency_stats(time_calls(lambda: predictor.predict(point, label, multimask_output=True), iters, warmup))
     where = predictor.preprocess_on
+    decode = ("prompt decoder against the image's decoder context" if predictor.prompt_decoder is not None
+              else "prompt encoder, mask decoder")
     out = {
         "sam.set_image": {"kind": "pipeline", "batch": 1, "inputs": {"image": [h, w, 3]}, "preprocess": where,
                           "description": f"HWC uint8 RGB -> resize, normalize, pad (on the {where}), image_encoder",
                           **set_image},
         "sam.predict": {"kind": "pipeline", "batch": 1, "inputs": {"point": [1, 2]},
-                        "description": "one foreground point -> 3 masks at full size (prompt encoder, "
-                                       "mask decoder, upscale, threshold)", **predict},
+                        "description": f"one foreground point -> 3 masks at full size ({decode}, upscale, "
+                                       "threshold)", **predict},
     }
     if where == "device":  # the host path beside it, on the same sessions (the bundle keeps one per component)
         host = SamPredictor(bundle, preprocess="host")

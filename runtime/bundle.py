@@ -126,6 +126,10 @@ class Bundle:
         return choose_entry(self.manifest, self.path, name, self._format(), self.precision,
                             on_gpu=self.backend != "ort-cpu")
 
+    def has(self, name: str) -> bool:
+        """Whether the bundle has a file of component ``name`` that this backend runs (an engine for TensorRT)."""
+        return bool(self.manifest.find(name, format=self._format()))
+
     def _format(self) -> str:
         return "tensorrt" if self.backend == "tensorrt" else "onnx"
 

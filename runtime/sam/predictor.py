@@ -69,9 +69,9 @@ class SamPredictor:
         self.decoder = self.bundle.runner(MASK_DECODER)
         self.low_res_size = self.decoder.spec.outputs[1].shape[-1]
         # Prompts without a mask input: one prompt_decoder call against the image's decoder context, where the
-        # bundle has both (bundles exported before them decode every prompt with the two components above).
-        names = self.bundle.manifest.component_names
-        split = DECODER_CONTEXT in names and PROMPT_DECODER in names
+        # bundle has both for this backend (bundles exported before them, and engines built from such bundles,
+        # decode every prompt with the two components above).
+        split = self.bundle.has(DECODER_CONTEXT) and self.bundle.has(PROMPT_DECODER)
         self.context_encoder = self.bundle.runner(DECODER_CONTEXT) if split else None
         self.prompt_decoder = self.bundle.runner(PROMPT_DECODER) if split else None
         self._context_graph = None

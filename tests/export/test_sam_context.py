@@ -99,7 +99,8 @@ def test_a_bundle_exported_before_the_split_still_predicts(sam_tiny_bundle, tmp_
                               if c["name"] not in ("decoder_context", "prompt_decoder")]
     (old / "manifest.json").write_text(json.dumps(manifest))
     before, now = SamPredictor(old, "ort-cpu"), SamPredictor(sam_tiny_bundle, "ort-cpu")
-    assert before.prompt_decoder is None
+    assert before.prompt_decoder is None and not before.bundle.has("prompt_decoder")
+    assert now.bundle.has("prompt_decoder") and not now.bundle.has("no_such_component")
     image = scene(90, 120, seed=4)
     before.set_image(image)
     now.set_image(image)
