@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, split, stats_ms, versions  # noqa: E402
 from sam_cpu_sides import IMAGE_HW, POINT_XY, SEED, scene  # noqa: E402
 
-SIDES = ("three_components", "prompt_decoder")
+SIDES = ("official_split", "prompt_decoder")
 
 
 def export(variant: str, out: Path) -> float:
@@ -64,7 +64,7 @@ def run(args) -> dict[str, Any]:
         bundle = Path(tmp) / "bundle"
         res["export_s"] = export(args.variant, bundle)
         sides = {name: SamPredictor(bundle, "ort-cpu", threads=args.threads) for name in SIDES}
-        sides["three_components"].prompt_decoder = None
+        sides["official_split"].prompt_decoder = None
         image = scene(*IMAGE_HW)
         for p in sides.values():
             p.set_image(image)
@@ -101,7 +101,7 @@ def run(args) -> dict[str, Any]:
         res["sides"] = {name: {k: stats_ms(v) for k, v in s.items()} for name, s in samples.items()}
         res["sides"]["prompt_decoder"]["decoder_context (once per image)"] = stats_ms(context)
         res["ratios"] = {k: res["sides"]["prompt_decoder"][k]["median_ms"]
-                         / res["sides"]["three_components"][k]["median_ms"] for k in samples["prompt_decoder"]}
+                         / res["sides"]["official_split"][k]["median_ms"] for k in samples["prompt_decoder"]}
         res["agreement"] = agreement(sides, point, label, batch)
     res["loadavg"]["end"] = os.getloadavg()
     return res
@@ -109,7 +109,7 @@ def run(args) -> dict[str, Any]:
 
 def agreement(sides, point, label, batch) -> dict[str, Any]:
     """Both paths' low-res logits on each timed prompt, and on a box + point prompt."""
-    old, new = sides["three_components"], sides["prompt_decoder"]
+    old, new = sides["official_split"], sides["prompt_decoder"]
     box = np.array([[900, 300, 1700, 1000]], np.float32)
     prompts = {"click": (point[None], label[None], None), "batch64": (batch, np.ones((64, 1), np.float32), None),
                "box_and_point": (point[None], label[None], box)}
@@ -130,8 +130,8 @@ def markdown(res: dict[str, Any]) -> str:
              f"{res['versions'].get('onnxruntime')}; {s['image_hw'][0]} x {s['image_hw'][1]} photo, seeded random "
              f"weights; {s['iters']} calls per side ({s['rounds']} alternating rounds); load average "
              f"{res['loadavg']['start'][0]:.2f} -> {res['loadavg']['end'][0]:.2f}.", "",
-             "| step | three components: median ms | prompt_decoder: median ms | ratio |", "|---|---|---|---|"]
-    old, new = res["sides"]["three_components"], res["sides"]["prompt_decoder"]
+             "| step | prompt_encoder + mask_decoder: median ms | prompt_decoder: median ms | ratio |", "|---|---|---|---|"]
+    old, new = res["sides"]["official_split"], res["sides"]["prompt_decoder"]
     for k, ratio in res["ratios"].items():
         lines.append(f"| {k} | {old[k]['median_ms']:.1f} | {new[k]['median_ms']:.1f} | {ratio:.2f}x |")
     ctx = new["decoder_context (once per image)"]
