@@ -1,11 +1,14 @@
 """The shipped shapes-world checkpoints -> cached bundles for ``edgefm demo``.
 
 The checkpoints (``models/weights``) are exported through the same loaders and exporters as real ones. A
-bundle is re-exported only when one of its checkpoint files changed (their sha256 are kept in a stamp).
+bundle is re-exported only when one of its checkpoint files or the exporting code changed (a stamp keeps the
+checkpoints' sha256 and one over the sources of ``edgefm.export`` and ``edgefm.models``), so a newer edgefm
+never runs the demo on a bundle an older one wrote.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +22,19 @@ def weights_dir() -> Path:
     import edgefm.models
 
     return Path(edgefm.models.__file__).resolve().parent / "weights"
+
+
+def exporter_digest() -> str:
+    """sha256 over the Python sources that turn a checkpoint into a bundle (``edgefm.export``, ``edgefm.models``)."""
+    import edgefm.export
+    import edgefm.models
+
+    h = hashlib.sha256()
+    for package in (edgefm.export, edgefm.models):
+        root = Path(package.__file__).resolve().parent
+        for f in sorted(root.rglob("*.py")):
+            h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
 
 
 def sam_config_beside(path: Path) -> SamConfig:
@@ -60,15 +76,16 @@ DEMO_MODELS: dict[str, tuple[tuple[str, ...], Callable[[Path, Path], None]]] = {
 
 def ensure_demo_bundles(folder: Path, progress: Callable[[str], None] = print) -> dict[str, Path]:
     """Export each demo model whose bundle is missing or stale; returns name -> bundle folder."""
-    w = weights_dir()
+    w, code = weights_dir(), exporter_digest()
     out: dict[str, Path] = {}
     for name, (files, export) in DEMO_MODELS.items():
-        stamp = {f: sha256_file(w / f) for f in files}
+        stamp = {**{f: sha256_file(w / f) for f in files}, "exporter": code}
         bundle, stamp_file = folder / f"{name}_shapes", folder / f"{name}_shapes.stamp.json"
         fresh = (bundle / "manifest.json").is_file() and stamp_file.is_file() and \
             json.loads(stamp_file.read_text()) == stamp
         if not fresh:
-            progress(f"exporting the demo {name} to {bundle} (once; cached while its checkpoint is unchanged)")
+            progress(f"exporting the demo {name} to {bundle} (once; cached while its checkpoint and edgefm's "
+                     "exporters are unchanged)")
             export(bundle, w)
             stamp_file.write_text(json.dumps(stamp, indent=1))
         out[name] = bundle
