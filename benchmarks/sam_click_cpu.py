@@ -130,7 +130,8 @@ def markdown(res: dict[str, Any]) -> str:
              f"{res['versions'].get('onnxruntime')}; {s['image_hw'][0]} x {s['image_hw'][1]} photo, seeded random "
              f"weights; {s['iters']} calls per side ({s['rounds']} alternating rounds); load average "
              f"{res['loadavg']['start'][0]:.2f} -> {res['loadavg']['end'][0]:.2f}.", "",
-             "| step | prompt_encoder + mask_decoder: median ms | prompt_decoder: median ms | ratio |", "|---|---|---|---|"]
+             "| step | prompt_encoder + mask_decoder: median ms | prompt_decoder: median ms | ratio |",
+             "|---|---|---|---|"]
     old, new = res["sides"]["official_split"], res["sides"]["prompt_decoder"]
     for k, ratio in res["ratios"].items():
         lines.append(f"| {k} | {old[k]['median_ms']:.1f} | {new[k]['median_ms']:.1f} | {ratio:.2f}x |")
