@@ -13,7 +13,8 @@ other processes falls on both alike, each times:
 The split path's one-off cost per image, ``decoder_context``, is timed on its own. Both paths' logits are
 compared on every prompt kind timed (max abs difference, mask agreement).
 
-    python benchmarks/sam_click_cpu.py [--iters 20] [--rounds 4] [--threads 2] [--out-dir benchmarks/results]
+    python benchmarks/sam_click_cpu.py [--precision fp32|int8] [--iters 20] [--rounds 4] [--threads 2]
+        [--out-dir benchmarks/results]      # writes sam_click_cpu.{json,md} (int8: sam_click_cpu_int8.*)
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from sam_cpu_sides import IMAGE_HW, POINT_XY, SEED, scene  # noqa: E402
 SIDES = ("official_split", "prompt_decoder")
 
 
-def export(variant: str, out: Path) -> float:
+def export(variant: str, out: Path, precision: str) -> dict[str, Any]:
     import torch
     from edgefm.export.sam import export_sam
     from edgefm.models.sam import SAM_CONFIGS, build_sam
@@ -48,21 +49,23 @@ def export(variant: str, out: Path) -> float:
             if name.endswith("bias") or "pos" in name.split(".")[-1]:
                 param.normal_(0.0, 0.02)
     t0 = time.perf_counter()
-    export_sam(model, out, variant)
-    return time.perf_counter() - t0
+    export_sam(model, out, variant, precision=precision)
+    written = {c["name"]: c["precision"] for c in json.loads((out / "manifest.json").read_text())["components"]}
+    return {"export_s": time.perf_counter() - t0, "precisions": written}
 
 
 def run(args) -> dict[str, Any]:
     from edgefm.runtime.sam import SamPredictor
 
-    res: dict[str, Any] = {"benchmark": "sam_click_cpu", "variant": args.variant, "machine": machine(),
+    res: dict[str, Any] = {"benchmark": "sam_click_cpu", "variant": args.variant, "precision": args.precision,
+                           "machine": machine(),
                            "versions": versions(("onnxruntime", "numpy", "opencv-python-headless", "edgefm")),
                            "settings": {"iters": args.iters, "rounds": args.rounds, "threads": args.threads,
                                         "image_hw": list(IMAGE_HW), "point_xy": list(POINT_XY), "seed": SEED},
                            "loadavg": {"start": os.getloadavg()}}
     with tempfile.TemporaryDirectory(prefix="sam_click_") as tmp:
         bundle = Path(tmp) / "bundle"
-        res["export_s"] = export(args.variant, bundle)
+        res["export"] = export(args.variant, bundle, args.precision)
         sides = {name: SamPredictor(bundle, "ort-cpu", threads=args.threads) for name in SIDES}
         sides["official_split"].prompt_decoder = None
         image = scene(*IMAGE_HW)
@@ -125,11 +128,13 @@ def agreement(sides, point, label, batch) -> dict[str, Any]:
 
 def markdown(res: dict[str, Any]) -> str:
     m, s = res["machine"], res["settings"]
-    lines = [f"# SAM clicks on the CPU: prompt_decoder vs prompt_encoder + mask_decoder ({res['variant']})", "",
+    lines = [f"# SAM clicks on the CPU: prompt_decoder vs prompt_encoder + mask_decoder ({res['variant']}, "
+             f"{res['precision']})", "",
              f"{m['cpu_model']}, {m['usable_cpus']} usable CPUs, {s['threads']} threads; onnxruntime "
              f"{res['versions'].get('onnxruntime')}; {s['image_hw'][0]} x {s['image_hw'][1]} photo, seeded random "
              f"weights; {s['iters']} calls per side ({s['rounds']} alternating rounds); load average "
-             f"{res['loadavg']['start'][0]:.2f} -> {res['loadavg']['end'][0]:.2f}.", "",
+             f"{res['loadavg']['start'][0]:.2f} -> {res['loadavg']['end'][0]:.2f}. Components as written: "
+             + ", ".join(f"{k} {v}" for k, v in res["export"]["precisions"].items()) + ".", "",
              "| step | prompt_encoder + mask_decoder: median ms | prompt_decoder: median ms | ratio |",
              "|---|---|---|---|"]
     old, new = res["sides"]["official_split"], res["sides"]["prompt_decoder"]
@@ -147,6 +152,7 @@ def markdown(res: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variant", default="vit_b", help="vit_b (default) or tiny for a smoke run")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "int8"), help="the bundle's export precision")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
@@ -155,8 +161,9 @@ def main(argv: list[str] | None = None) -> None:
     res = run(args)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sam_click_cpu.json").write_text(json.dumps(res, indent=1) + "\n")
-    (out / "sam_click_cpu.md").write_text(markdown(res))
+    stem = "sam_click_cpu" + ("" if args.precision == "fp32" else f"_{args.precision}")
+    (out / f"{stem}.json").write_text(json.dumps(res, indent=1) + "\n")
+    (out / f"{stem}.md").write_text(markdown(res))
     print(markdown(res))
 
 
