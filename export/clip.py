@@ -41,10 +41,11 @@ def _attention(block: nn.Module, x: torch.Tensor, mask: torch.Tensor | None, fus
     """
     attn = block.attn
     heads = attn.num_heads
+    if fused:  # one bias-free MatMul; the operator adds the in-projection bias as it splits the heads
+        q, k, v = F.linear(x, attn.in_proj_weight).split(x.shape[-1], dim=-1)
+        return attn.out_proj(fused_attention(q, k, v, heads, None if mask is None else mask[None, None],
+                                             proj_bias=attn.in_proj_bias))
     qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)
-    if fused:
-        q, k, v = qkv.split(x.shape[-1], dim=-1)
-        return attn.out_proj(fused_attention(q, k, v, heads, None if mask is None else mask[None, None]))
     q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in qkv.chunk(3, dim=-1))  # B, h, L, d
     scores = (q * (q.shape[-1] ** -0.5)) @ k.transpose(-1, -2)  # B, h, L, L
     if mask is not None:

@@ -5,8 +5,9 @@ computes from ``Shape`` ops at run time), ``q @ kᵀ``, an additive mask or bias
 head merge: about 25 nodes per block for CLIP ViT-B/32, half of them shape arithmetic, and the score tensor
 written and read several times. ``com.microsoft.MultiHeadAttention`` takes ``q, k, v`` as (B, S, heads*hd)
 and an optional additive ``attention_bias`` broadcast over (B or 1, heads or 1, S, S), so a block's attention is
-one node with no shape arithmetic around it, and ONNX Runtime's CUDA provider can pick its fused
-(flash / memory-efficient) kernels. The arithmetic is unchanged, with the operator's default scale
+one node with no shape arithmetic around it (its ``bias`` input also takes the q/k/v projections' biases, which
+the operator adds while it splits the heads, instead of three separate Adds), and ONNX Runtime's CUDA provider
+can pick its fused (flash / memory-efficient) kernels. The arithmetic is unchanged, with the operator's default scale
 ``hd ** -0.5``; the CPU provider has the same operator, which is how CI checks it.
 
 The result is an ONNX Runtime graph: TensorRT's ONNX parser does not know ``com.microsoft`` operators, so
@@ -26,12 +27,16 @@ ORT_DOMAIN = "com.microsoft"
 
 class _FusedAttentionFn(torch.autograd.Function):
     """Attention of ``q, k`` (B, S, heads*d_qk) and ``v`` (B, S, heads*d_v) with an optional additive ``bias``
-    (broadcast to (B, heads, S, S)) and ``scale`` (default ``d_qk ** -0.5``). PyTorch runs the plain math; the
+    (broadcast to (B, heads, S, S)) and ``scale`` (default ``d_qk ** -0.5``); ``proj_bias`` (optional, the
+    concatenated q, k and v projection biases) is added to ``q, k, v`` first. PyTorch runs the plain math; the
     exporter writes one placeholder node that :func:`to_ort_attention` turns into
     ``com.microsoft.MultiHeadAttention``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, num_heads: int, scale):  # noqa: ANN001 - autograd.Function signature
+    def forward(ctx, q, k, v, bias, num_heads: int, scale, proj_bias):  # noqa: ANN001 - autograd.Function
+        if proj_bias is not None:
+            bq, bk, bv = proj_bias.split([q.shape[-1], k.shape[-1], v.shape[-1]])
+            q, k, v = q + bq, k + bk, v + bv
         b, s, _ = q.shape
 
         def heads(t: torch.Tensor) -> torch.Tensor:
@@ -44,9 +49,13 @@ class _FusedAttentionFn(torch.autograd.Function):
         return (attn.softmax(dim=-1) @ heads(v)).transpose(1, 2).reshape(b, s, v.shape[-1])
 
     @staticmethod
-    def symbolic(g, q, k, v, bias, num_heads: int, scale):  # noqa: ANN001 - exporter signature
-        inputs = (q, k, v) if bias is None or _is_none(bias) else (q, k, v, bias)
-        attrs = {"num_heads_i": num_heads, **({} if scale is None else {"scale_f": float(scale)})}
+    def symbolic(g, q, k, v, bias, num_heads: int, scale, proj_bias):  # noqa: ANN001 - exporter signature
+        # Only the inputs given, in order; the two flags say which optional ones are there.
+        given = [(name, t) for name, t in (("proj_bias", proj_bias), ("bias", bias))
+                 if t is not None and not _is_none(t)]
+        inputs = (q, k, v, *(t for _, t in given))
+        attrs = {"num_heads_i": num_heads, **({} if scale is None else {"scale_f": float(scale)}),
+                 **{f"has_{name}_i": 1 for name, _ in given}}
         out = g.op(f"{PLACEHOLDER_DOMAIN}::{PLACEHOLDER_OP}", *inputs, **attrs)
         # The output has the query's batch and length and the value's width.
         qs, vs = q.type().varyingSizes(), v.type().varyingSizes()
@@ -60,10 +69,12 @@ def _is_none(value) -> bool:  # noqa: ANN001 - a TorchScript graph value
 
 
 def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
-                    bias: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+                    bias: torch.Tensor | None = None, scale: float | None = None,
+                    proj_bias: torch.Tensor | None = None) -> torch.Tensor:
     """Multi-head attention of (B, S, heads*d) ``q, k, v`` (``v``'s head size may differ) that exports as one
-    fused node; ``scale`` multiplies ``q @ kᵀ`` (default ``d_qk ** -0.5``)."""
-    return _FusedAttentionFn.apply(q, k, v, bias, num_heads, scale)
+    fused node; ``scale`` multiplies ``q @ kᵀ`` (default ``d_qk ** -0.5``); ``proj_bias``: the q, k and v
+    projection biases, concatenated, added by the operator (``q, k, v`` are then the bias-free projections)."""
+    return _FusedAttentionFn.apply(q, k, v, bias, num_heads, scale, proj_bias)
 
 
 def to_ort_attention(path: str | Path) -> int:
@@ -76,10 +87,13 @@ def to_ort_attention(path: str | Path) -> int:
     n = 0
     for node in model.graph.node:
         if node.domain == PLACEHOLDER_DOMAIN and node.op_type == PLACEHOLDER_OP:
-            q, k, v, *bias = node.input
+            q, k, v, *rest = node.input
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            # MultiHeadAttention's inputs: query, key, value, bias, key_padding_mask, attention_bias.
-            inputs = [q, k, v, "", "", bias[0]] if bias else [q, k, v]
+            proj_bias = rest.pop(0) if attrs.pop("has_proj_bias", 0) else ""
+            bias = rest.pop(0) if attrs.pop("has_bias", 0) else ""
+            # MultiHeadAttention's inputs: query, key, value, bias (of the projections), key_padding_mask,
+            # attention_bias.
+            inputs = [q, k, v, proj_bias, "", bias] if bias else [q, k, v, proj_bias] if proj_bias else [q, k, v]
             new = helper.make_node("MultiHeadAttention", inputs, list(node.output),
                                    name=node.name or f"fused_attention_{n}", domain=ORT_DOMAIN, **attrs)
             node.CopyFrom(new)

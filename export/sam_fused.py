@@ -110,7 +110,10 @@ class FusedDecoderAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         a = self.inner
-        return a.out_proj(fused_attention(a.q_proj(q), a.k_proj(k), a.v_proj(v), a.num_heads))
+        # Bias-free projections (one MatMul each); the operator adds the three biases as it splits the heads.
+        proj_bias = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
+        q, k, v = F.linear(q, a.q_proj.weight), F.linear(k, a.k_proj.weight), F.linear(v, a.v_proj.weight)
+        return a.out_proj(fused_attention(q, k, v, a.num_heads, proj_bias=proj_bias))
 
 
 def replaced(module: nn.Module, kind: type, make) -> nn.Module:  # noqa: ANN001 - make: module -> module

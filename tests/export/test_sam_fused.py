@@ -102,3 +102,25 @@ def test_relative_positions_folded_into_the_dot_product_export(sam_tiny, sam_tin
     plain = Bundle(sam_tiny_bundle, "ort-cpu").runner("image_encoder").run({"image": image})["image_embeddings"]
     folded = Bundle(path, "ort-cpu").runner("image_encoder").run({"image": image})["image_embeddings"]
     assert np.abs(folded - plain).max() <= 1e-5 * max(1.0, np.abs(plain).max())
+
+
+def test_fused_decoders_match_the_plain_export(fused_bundle, sam_tiny_bundle):
+    """The decoders' fused attentions (q/k/v biases added inside the operator) give the plain graphs' masks."""
+    rng = np.random.default_rng(2)
+    emb = rng.standard_normal((1, 32, 16, 16)).astype(np.float32)
+    points = {"point_coords": rng.uniform(0, 256, (3, 3, 2)).astype(np.float32),
+              "point_labels": np.array([[1, 0, -1], [2, 3, 1], [1, 1, -1]], np.float32)}
+    prompts = {**points, "mask_input": rng.normal(0, 3, (3, 1, 64, 64)).astype(np.float32),
+               "has_mask_input": np.array([0, 1, 0], np.float32)}
+    outs = {}
+    for name, folder in (("plain", sam_tiny_bundle), ("fused", fused_bundle)):
+        b = Bundle(folder, "ort-cpu")
+        dec = b.runner("mask_decoder").run({"image_embeddings": emb, **b.runner("prompt_encoder").run(prompts)})
+        ctx = b.runner("decoder_context").run({"image_embeddings": emb})
+        outs[name] = (dec, b.runner("prompt_decoder").run({**points, **ctx}))
+    for plain, fused in zip(outs["plain"], outs["fused"]):
+        for key in ("iou_predictions", "low_res_masks"):
+            assert np.abs(fused[key] - plain[key]).max() <= 1e-5 * max(1.0, np.abs(plain[key]).max()), key
+    model = onnx.load(str(fused_bundle / "mask_decoder.onnx"))
+    mha = [n for n in model.graph.node if n.op_type == "MultiHeadAttention"]
+    assert len(mha) == 7 and all(len(n.input) == 4 and n.input[3] for n in mha)  # the q/k/v biases inside
