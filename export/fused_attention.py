@@ -5,10 +5,11 @@ computes from ``Shape`` ops at run time), ``q @ kᵀ``, an additive mask or bias
 head merge: about 25 nodes per block for CLIP ViT-B/32, half of them shape arithmetic, and the score tensor
 written and read several times. ``com.microsoft.MultiHeadAttention`` takes ``q, k, v`` as (B, S, heads*hd)
 and an optional additive ``attention_bias`` broadcast over (B or 1, heads or 1, S, S), so a block's attention is
-one node with no shape arithmetic around it (its ``bias`` input also takes the q/k/v projections' biases, which
-the operator adds while it splits the heads, instead of three separate Adds), and ONNX Runtime's CUDA provider
-can pick its fused (flash / memory-efficient) kernels. The arithmetic is unchanged, with the operator's default scale
-``hd ** -0.5``; the CPU provider has the same operator, which is how CI checks it.
+one node with no shape arithmetic around it (its ``bias`` input also takes the q/k/v projections' biases: the
+CUDA provider adds them in one kernel before its flash / memory-efficient kernels, or while it splits the heads
+for the unfused one, instead of three separate Adds), and the CUDA provider can pick its fused kernels. The
+arithmetic is unchanged, with the operator's default scale ``hd ** -0.5``; the CPU provider has the same
+operator, which is how CI checks it.
 
 The result is an ONNX Runtime graph: TensorRT's ONNX parser does not know ``com.microsoft`` operators, so
 ``edgefm build-engine`` needs the plain export (``export/trt_compat.py`` refuses fused graphs by name).
