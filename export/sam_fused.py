@@ -5,10 +5,11 @@ read several times (in fp32 around the softmax of an fp16 graph): memory traffic
 a GPU. Here each block's attention becomes ``com.microsoft.MultiHeadAttention``
 (:mod:`edgefm.export.fused_attention`) with SAM's decomposed relative positions passed as its
 ``attention_bias`` (1, heads, HW, HW). The mask decoder's seven attentions (token self-attention and the
-two-way cross-attentions, queries and keys of different lengths) become the same operator without a bias:
-the plain graph splits their heads with shapes computed per call from the dynamic prompt count, about a
-hundred Shape/Gather nodes for a component whose whole run should take about a millisecond on a GPU. The
-arithmetic is the official one; only where it runs changes.
+two-way cross-attentions, queries and keys of different lengths) become the same operator without an
+attention bias, their q/k/v projection biases passed to its ``bias`` input: the plain graph splits their heads
+with shapes computed per call from the dynamic prompt count, about a hundred Shape/Gather nodes for a
+component whose whole run should take about a millisecond on a GPU. The arithmetic is the official one; only
+where it runs changes.
 """
 
 from __future__ import annotations
