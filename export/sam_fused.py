@@ -36,7 +36,13 @@ class FusedAttention(nn.Module):
     col j]`` = [rel_h_i, rel_w_i] · [one-hot(row j), one-hot(col j)]: queries carry their scaled values and
     their two relative-position rows, keys their values and two constant one-hots. No bias tensor is made,
     and no bias input limits the kernels ONNX Runtime may choose; the query/key head size grows from 64 to
-    64 + h + w (192 for the global blocks)."""
+    64 + h + w, padded to a multiple of 8 (96 for ViT-B's 14 x 14 windows, 192 for the global blocks).
+
+    Why it matters on a GPU (ONNX Runtime's CUDA MultiHeadAttention, read in its source): with an attention
+    bias, its memory-efficient kernel needs the query count to be a multiple of 8, which a 14 x 14 window's
+    196 is not, and flash attention takes no bias at all, so ``"bias"`` runs ViT-B's eight windowed blocks
+    with the unfused kernel; without a bias, and with head sizes that are multiples of 8, the memory-efficient
+    kernel takes every block."""
 
     def __init__(self, attn: Attention, rel_pos: str = "bias") -> None:
         super().__init__()
@@ -63,14 +69,17 @@ class FusedAttention(nn.Module):
             bias = (rel_h.permute(0, 3, 1, 2, 4)[..., :, None] + rel_w.permute(0, 3, 1, 2, 4)[..., None, :])
             out = fused_attention(q, k, v, n, bias.reshape(-1, n, h * w, h * w))
         else:
-            width = hd + h + w
-            q_aug = torch.cat([r_q * hd**-0.5, rel_h, rel_w], dim=-1).reshape(-1, h * w, n * width)
+            # Query/key heads padded with zero columns to a multiple of 8 (dot products unchanged): ONNX Runtime's
+            # CUDA memory-efficient attention takes only such head sizes (ViT-B's windows: 64 + 28 -> 96).
+            pad = -(hd + h + w) % 8
+            width = hd + h + w + pad
+            q_aug = F.pad(torch.cat([r_q * hd**-0.5, rel_h, rel_w], dim=-1), (0, pad)).reshape(-1, h * w, n * width)
             rows = torch.arange(h, device=k.device).repeat_interleave(w)  # on the model's device (a GPU export)
             cols = torch.arange(w, device=k.device).repeat(h)
             one_hots = torch.cat([F.one_hot(rows, h), F.one_hot(cols, w)], dim=-1).to(k.dtype)  # HW, h + w
             # A constant (HW, heads, width) added to the zero-padded keys: no batch-sized expand, no Shape op.
-            key_pos = F.pad(one_hots, (hd, 0))[:, None, :].expand(h * w, n, width)
-            k_aug = (F.pad(k.reshape(-1, h * w, n, hd), (0, h + w)) + key_pos).reshape(-1, h * w, n * width)
+            key_pos = F.pad(one_hots, (hd, pad))[:, None, :].expand(h * w, n, width)
+            k_aug = (F.pad(k.reshape(-1, h * w, n, hd), (0, h + w + pad)) + key_pos).reshape(-1, h * w, n * width)
             out = fused_attention(q_aug, k_aug, v, n, scale=1.0)
         return a.proj(out.reshape(-1, h, w, dim))
 

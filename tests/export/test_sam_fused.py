@@ -124,3 +124,28 @@ def test_fused_decoders_match_the_plain_export(fused_bundle, sam_tiny_bundle):
     model = onnx.load(str(fused_bundle / "mask_decoder.onnx"))
     mha = [n for n in model.graph.node if n.op_type == "MultiHeadAttention"]
     assert len(mha) == 7 and all(len(n.input) == 4 and n.input[3] for n in mha)  # the q/k/v biases inside
+
+
+def test_fused_qk_pads_vit_b_window_heads_to_a_multiple_of_8(monkeypatch):
+    """ViT-B's 14 x 14 windows give query/key heads of 64 + 28 = 92; ONNX Runtime's CUDA memory-efficient
+    attention takes multiples of 8 only, so the heads are padded to 96 with zeros, which changes nothing."""
+    import torch
+    from edgefm.export import sam_fused
+    from edgefm.models.sam.image_encoder import Attention
+
+    widths, fused = [], sam_fused.fused_attention
+
+    def spy(q, k, v, num_heads, *args, **kwargs):
+        widths.append((q.shape[-1] // num_heads, k.shape[-1] // num_heads, v.shape[-1] // num_heads))
+        return fused(q, k, v, num_heads, *args, **kwargs)
+
+    monkeypatch.setattr(sam_fused, "fused_attention", spy)
+    torch.manual_seed(0)
+    attn = Attention(768, 12, use_rel_pos=True, input_size=(14, 14)).eval()
+    with torch.no_grad():
+        attn.rel_pos_h.normal_(0.0, 0.5)
+        attn.rel_pos_w.normal_(0.0, 0.5)
+        x = torch.randn(2, 14, 14, 768)
+        want, got = attn(x), sam_fused.FusedAttention(attn, "qk")(x)
+    assert widths == [(96, 96, 64)]
+    assert float((got - want).abs().max()) <= 1e-5 * max(1.0, float(want.abs().max()))
