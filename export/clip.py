@@ -31,20 +31,21 @@ from .parity import gate, measure
 PARITY_PROMPTS = ["a photo of a cat", "a diagram", "an extremely long and detailed description " * 3, ""]
 
 
-def _attention(block: nn.Module, x: torch.Tensor, mask: torch.Tensor | None, fused: bool) -> torch.Tensor:
+def _attention(block: nn.Module, x: torch.Tensor, mask: torch.Tensor | None, fused: bool, causal: bool = False
+               ) -> torch.Tensor:
     """``block.attn`` on batch-first ``x`` written out with plain ops, or as one fused node.
 
     nn.MultiheadAttention computes its reshapes from Python ints of the traced shapes, so the TorchScript
     exporter freezes batch and length at their trace-time values; here only the head split is a constant.
     ``fused``: ``com.microsoft.MultiHeadAttention`` (:mod:`edgefm.export.fused_attention`), the mask as its
-    additive bias.
+    additive bias; ``causal`` (fused, instead of a mask): the operator's own causal masking.
     """
     attn = block.attn
     heads = attn.num_heads
     if fused:  # one bias-free MatMul; the operator adds the in-projection bias as it splits the heads
         q, k, v = F.linear(x, attn.in_proj_weight).split(x.shape[-1], dim=-1)
         return attn.out_proj(fused_attention(q, k, v, heads, None if mask is None else mask[None, None],
-                                             proj_bias=attn.in_proj_bias))
+                                             proj_bias=attn.in_proj_bias, causal=causal))
     qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)
     q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in qkv.chunk(3, dim=-1))  # B, h, L, d
     scores = (q * (q.shape[-1] ** -0.5)) @ k.transpose(-1, -2)  # B, h, L, L
@@ -55,10 +56,10 @@ def _attention(block: nn.Module, x: torch.Tensor, mask: torch.Tensor | None, fus
 
 
 def _transformer(transformer: nn.Module, x: torch.Tensor, mask: torch.Tensor | None = None,
-                 fused: bool = False) -> torch.Tensor:
+                 fused: bool = False, causal: bool = False) -> torch.Tensor:
     """``transformer`` (a stack of pre-norm residual attention blocks) with export-safe attention."""
     for block in transformer.resblocks:
-        x = x + _attention(block, block.ln_1(x), mask, fused)
+        x = x + _attention(block, block.ln_1(x), mask, fused, causal)
         x = x + block.mlp(block.ln_2(x))
     return x
 
@@ -94,14 +95,14 @@ class TextEncoderGraph(nn.Module):
         c = self.clip
         length = tokens.shape[1]
         x = c.token_embedding(tokens) + c.positional_embedding[:length]  # B, L, D
-        # Causal mask from the runtime length (not a slice of the 77 x 77 buffer, which tracing would fix).
-        pos = torch.arange(length, device=tokens.device)
-        mask = torch.zeros(length, length, device=tokens.device)
-        # Fused: a finite fill, so no GPU attention kernel ever meets -inf in its bias (exp underflows to 0 all
-        # the same: the results are equal).
-        fill = -1e4 if self.fused else float("-inf")
-        mask = mask.masked_fill(pos.unsqueeze(0) > pos.unsqueeze(1), fill)
-        x = c.ln_final(_transformer(c.transformer, x, mask, self.fused))
+        if self.fused:  # the operator's causal masking: no mask tensor, and flash attention stays eligible
+            x = _transformer(c.transformer, x, None, fused=True, causal=True)
+        else:  # causal mask from the runtime length (not a slice of the 77 x 77 buffer, which tracing would fix)
+            pos = torch.arange(length, device=tokens.device)
+            mask = torch.zeros(length, length, device=tokens.device)
+            mask = mask.masked_fill(pos.unsqueeze(0) > pos.unsqueeze(1), float("-inf"))
+            x = _transformer(c.transformer, x, mask)
+        x = c.ln_final(x)
         return c.pool_eot(x, tokens) @ c.text_projection
 
 

@@ -34,7 +34,7 @@ class _FusedAttentionFn(torch.autograd.Function):
     ``com.microsoft.MultiHeadAttention``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, num_heads: int, scale, proj_bias):  # noqa: ANN001 - autograd.Function
+    def forward(ctx, q, k, v, bias, num_heads: int, scale, proj_bias, causal: bool):  # noqa: ANN001
         if proj_bias is not None:
             bq, bk, bv = proj_bias.split([q.shape[-1], k.shape[-1], v.shape[-1]])
             q, k, v = q + bq, k + bk, v + bv
@@ -47,16 +47,18 @@ class _FusedAttentionFn(torch.autograd.Function):
         attn = (qh * (qh.shape[-1] ** -0.5 if scale is None else scale)) @ heads(k).transpose(-2, -1)
         if bias is not None:
             attn = attn + bias
+        if causal:
+            attn = attn.masked_fill(torch.ones_like(attn, dtype=torch.bool).triu(1), float("-inf"))
         return (attn.softmax(dim=-1) @ heads(v)).transpose(1, 2).reshape(b, s, v.shape[-1])
 
     @staticmethod
-    def symbolic(g, q, k, v, bias, num_heads: int, scale, proj_bias):  # noqa: ANN001 - exporter signature
+    def symbolic(g, q, k, v, bias, num_heads: int, scale, proj_bias, causal: bool):  # noqa: ANN001
         # Only the inputs given, in order; the two flags say which optional ones are there.
         given = [(name, t) for name, t in (("proj_bias", proj_bias), ("bias", bias))
                  if t is not None and not _is_none(t)]
         inputs = (q, k, v, *(t for _, t in given))
         attrs = {"num_heads_i": num_heads, **({} if scale is None else {"scale_f": float(scale)}),
-                 **{f"has_{name}_i": 1 for name, _ in given}}
+                 **{f"has_{name}_i": 1 for name, _ in given}, **({"unidirectional_i": 1} if causal else {})}
         out = g.op(f"{PLACEHOLDER_DOMAIN}::{PLACEHOLDER_OP}", *inputs, **attrs)
         # The output has the query's batch and length and the value's width.
         qs, vs = q.type().varyingSizes(), v.type().varyingSizes()
@@ -71,11 +73,13 @@ def _is_none(value) -> bool:  # noqa: ANN001 - a TorchScript graph value
 
 def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
                     bias: torch.Tensor | None = None, scale: float | None = None,
-                    proj_bias: torch.Tensor | None = None) -> torch.Tensor:
+                    proj_bias: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
     """Multi-head attention of (B, S, heads*d) ``q, k, v`` (``v``'s head size may differ) that exports as one
     fused node; ``scale`` multiplies ``q @ kᵀ`` (default ``d_qk ** -0.5``); ``proj_bias``: the q, k and v
-    projection biases, concatenated, added by the operator (``q, k, v`` are then the bias-free projections)."""
-    return _FusedAttentionFn.apply(q, k, v, bias, num_heads, scale, proj_bias)
+    projection biases, concatenated, added by the operator (``q, k, v`` are then the bias-free projections);
+    ``causal``: each query sees the keys up to its own position (the operator's ``unidirectional``), with no
+    bias tensor, which leaves ONNX Runtime's CUDA flash attention eligible."""
+    return _FusedAttentionFn.apply(q, k, v, bias, num_heads, scale, proj_bias, causal)
 
 
 def to_ort_attention(path: str | Path) -> int:
