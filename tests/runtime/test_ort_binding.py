@@ -132,9 +132,17 @@ def test_predictor_on_captured_graphs_gives_the_host_masks_across_images_and_pro
             np.testing.assert_allclose(l_graph, l_host, rtol=0, atol=1e-4)
             np.testing.assert_allclose(s_graph, s_host, rtol=0, atol=1e-5)
             assert (m_graph == m_host).mean() > 0.999
-    # One pair per prompt shape: a click + padding (2 points); two clicks + padding and a click + box corners
-    # (3 points each, one pair).
-    assert sorted(dict(k)["point_coords"] for k in graphs._prompt_graphs) == [(1, 2, 2), (1, 3, 2)]
+        # A mask prompt takes the prompt encoder + mask decoder pair of captured graphs, beside the
+        # prompt decoder's.
+        _, _, low = host.predict(points, labels, multimask_output=False)
+        m_host, s_host, _ = host.predict(points, labels, mask_input=low, multimask_output=False)
+        m_graph, s_graph, _ = graphs.predict(points, labels, mask_input=low, multimask_output=False)
+        np.testing.assert_allclose(s_graph, s_host, rtol=0, atol=1e-5)
+        assert (m_graph == m_host).mean() > 0.999
+    # One graph per prompt shape and kind: the prompt decoder for a click + padding (2 points) and for two
+    # clicks + padding or a click + box corners (3 points); the pair for the mask prompt (2 points + mask).
+    kinds = sorted((len(dict(k)), dict(k)["point_coords"]) for k in graphs._prompt_graphs)
+    assert kinds == [(2, (1, 2, 2)), (2, (1, 3, 2)), (4, (1, 2, 2))]
 
 
 def test_predictor_cuda_graphs_need_ort_cuda(sam_tiny_bundle):
