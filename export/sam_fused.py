@@ -40,9 +40,11 @@ class FusedAttention(nn.Module):
 
     Why it matters on a GPU (ONNX Runtime's CUDA MultiHeadAttention, read in its source): with an attention
     bias, its memory-efficient kernel needs the query count to be a multiple of 8, which a 14 x 14 window's
-    196 is not, and flash attention takes no bias at all, so ``"bias"`` runs ViT-B's eight windowed blocks
-    with the unfused kernel; without a bias, and with head sizes that are multiples of 8, the memory-efficient
-    kernel takes every block."""
+    196 is not, and flash attention takes no bias at all; without a bias, and with head sizes that are
+    multiples of 8, the memory-efficient kernel takes the block. So ``"bias"`` folds the relative positions
+    into q·k in the blocks whose token count is not a multiple of 8 (ViT-B's eight windowed blocks) and keeps
+    the bias where that kernel accepts it (the global blocks, 4096 tokens); ``"qk"`` folds them everywhere.
+    The sums are the same either way."""
 
     def __init__(self, attn: Attention, rel_pos: str = "bias") -> None:
         super().__init__()
@@ -57,6 +59,7 @@ class FusedAttention(nn.Module):
         # instead of by index arithmetic and two gathers per block on every run. Only the batch stays dynamic.
         h, w, dim = int(x.shape[1]), int(x.shape[2]), int(x.shape[3])
         n, hd = a.num_heads, dim // a.num_heads
+        mode = "qk" if self.rel_pos == "qk" or (h * w) % 8 else "bias"  # see the class docstring
         # Channels of qkv are laid out (3, heads, hd): q, k, v are (B, HW, heads*hd), heads-major.
         q, k, v = a.qkv(x).reshape(-1, h * w, 3, dim).unbind(2)
         if not a.use_rel_pos:
@@ -65,7 +68,7 @@ class FusedAttention(nn.Module):
         r_q = q.reshape(-1, h, w, n, hd)  # B, h, w, heads, hd
         rel_h = torch.einsum("bhwnc,hkc->bhwnk", r_q, get_rel_pos(h, h, a.rel_pos_h))  # B, h, w, heads, h
         rel_w = torch.einsum("bhwnc,wkc->bhwnk", r_q, get_rel_pos(w, w, a.rel_pos_w))  # B, h, w, heads, w
-        if self.rel_pos == "bias":
+        if mode == "bias":
             bias = (rel_h.permute(0, 3, 1, 2, 4)[..., :, None] + rel_w.permute(0, 3, 1, 2, 4)[..., None, :])
             out = fused_attention(q, k, v, n, bias.reshape(-1, n, h * w, h * w))
         else:

@@ -126,18 +126,20 @@ def test_fused_decoders_match_the_plain_export(fused_bundle, sam_tiny_bundle):
     assert len(mha) == 7 and all(len(n.input) == 4 and n.input[3] for n in mha)  # the q/k/v biases inside
 
 
-def test_fused_qk_pads_vit_b_window_heads_to_a_multiple_of_8(monkeypatch):
-    """ViT-B's 14 x 14 windows give query/key heads of 64 + 28 = 92; ONNX Runtime's CUDA memory-efficient
-    attention takes multiples of 8 only, so the heads are padded to 96 with zeros, which changes nothing."""
+@pytest.mark.parametrize("rel_pos", ["bias", "qk"])
+def test_vit_b_windows_fold_relative_positions_into_heads_padded_to_a_multiple_of_8(monkeypatch, rel_pos):
+    """ViT-B's 14 x 14 windows: 196 queries, which ONNX Runtime's CUDA memory-efficient attention refuses with
+    an attention bias, so both modes fold the relative positions into q·k there; the query/key heads (64 + 28)
+    are zero-padded to 96, as that kernel takes multiples of 8 only. The result is unchanged."""
     import torch
     from edgefm.export import sam_fused
     from edgefm.models.sam.image_encoder import Attention
 
-    widths, fused = [], sam_fused.fused_attention
+    calls, fused = [], sam_fused.fused_attention
 
-    def spy(q, k, v, num_heads, *args, **kwargs):
-        widths.append((q.shape[-1] // num_heads, k.shape[-1] // num_heads, v.shape[-1] // num_heads))
-        return fused(q, k, v, num_heads, *args, **kwargs)
+    def spy(q, k, v, num_heads, bias=None, *args, **kwargs):
+        calls.append((q.shape[-1] // num_heads, k.shape[-1] // num_heads, v.shape[-1] // num_heads, bias is None))
+        return fused(q, k, v, num_heads, bias, *args, **kwargs)
 
     monkeypatch.setattr(sam_fused, "fused_attention", spy)
     torch.manual_seed(0)
@@ -146,6 +148,6 @@ def test_fused_qk_pads_vit_b_window_heads_to_a_multiple_of_8(monkeypatch):
         attn.rel_pos_h.normal_(0.0, 0.5)
         attn.rel_pos_w.normal_(0.0, 0.5)
         x = torch.randn(2, 14, 14, 768)
-        want, got = attn(x), sam_fused.FusedAttention(attn, "qk")(x)
-    assert widths == [(96, 96, 64)]
+        want, got = attn(x), sam_fused.FusedAttention(attn, rel_pos)(x)
+    assert calls == [(96, 96, 64, True)]
     assert float((got - want).abs().max()) <= 1e-5 * max(1.0, float(want.abs().max()))
