@@ -123,8 +123,7 @@ def build() -> bytes:
 def taps(in_size: int, out_size: int, start: int, stop: int, resize: str) -> tuple[np.ndarray, np.ndarray]:
     """One pass's tap indices (int64, (n, k)) and PIL weights split as ``hi * 2**8 + lo`` (float32, (2, n, k))
     for output pixels ``start..stop-1``."""
-    if resize not in resample.RESAMPLERS:
-        raise InputError(f"Unknown resize rule {resize!r}; choose one of {sorted(resample.RESAMPLERS)}.")
+    resample.check_rule(resize)
     index, weights = resample.coefficients(in_size, out_size, start, stop, resize)
     if weights.shape[1] > MAX_TAPS:
         raise InputError(f"resizing {in_size} pixels to {out_size} takes {weights.shape[1]} taps per pixel, more than "
@@ -150,8 +149,7 @@ class ImagePrep:
                  out_hw: tuple[int, int], resize: str = "bilinear_antialias") -> None:
         import onnxruntime as ort
 
-        if resize not in resample.RESAMPLERS:
-            raise InputError(f"Unknown resize rule {resize!r}; choose one of {sorted(resample.RESAMPLERS)}.")
+        resample.check_rule(resize)
         # Plain CUDA (or CPU) kernels: one small graph per image size is not worth a TensorRT engine.
         providers = [p for p in providers if p[0] != "TensorrtExecutionProvider"]
         so = ort.SessionOptions()

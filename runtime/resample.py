@@ -143,10 +143,15 @@ def unpremultiply_rgb(rgba: np.ndarray) -> np.ndarray:
     return np.where((alpha == 0) | (alpha == 255), rgb, straight).astype(np.uint8)
 
 
-def resize(image: np.ndarray, size: tuple[int, int], method: str = "bilinear_antialias") -> np.ndarray:
-    """HWC uint8 (any channel count; alpha is not premultiplied here) -> ``size`` = (H, W), PIL's pixels."""
+def check_rule(method: str) -> None:
+    """``method`` names one of :data:`RESAMPLERS`, or an :class:`InputError` says which do."""
     if method not in RESAMPLERS:
         raise InputError(f"Unknown resize rule {method!r}; choose one of {sorted(RESAMPLERS)}.")
+
+
+def resize(image: np.ndarray, size: tuple[int, int], method: str = "bilinear_antialias") -> np.ndarray:
+    """HWC uint8 (any channel count; alpha is not premultiplied here) -> ``size`` = (H, W), PIL's pixels."""
+    check_rule(method)
     squeeze = image.ndim == 2
     out = image[:, :, None] if squeeze else image
     h, w = size

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..errors import InputError
-from ..resample import RESAMPLERS, coefficients, premultiply, resample_axis, resample_rows, unpremultiply_rgb
+from ..resample import check_rule, coefficients, premultiply, resample_axis, resample_rows, unpremultiply_rgb
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -65,8 +65,7 @@ def _as_hwc(image: np.ndarray) -> np.ndarray:
 
 def resize_center_crop(image: np.ndarray, image_size: int, resize: str = "bicubic_antialias") -> np.ndarray:
     """Short side to ``image_size``, center crop, RGB: uint8 ``[S, S, 3]`` equal to PIL's pixels."""
-    if resize not in RESAMPLERS:
-        raise InputError(f"Unknown resize rule {resize!r}; choose one of {sorted(RESAMPLERS)}.")
+    check_rule(resize)
     image = _as_hwc(image)
     rgba = image.shape[2] == 4
     if rgba:
