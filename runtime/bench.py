@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import platform
 import resource
@@ -43,7 +42,8 @@ from .bench_pipelines import PIPELINES
 from .bench_plot import bench_rows, plot_bars
 from .bundle import Bundle
 from .errors import InputError
-from .manifest import Manifest, add_precision_arg, write_atomic
+from .image_prep import PREPROCESS
+from .manifest import Manifest, add_precision_arg, write_json_atomic
 from .spec import ComponentSpec
 from .timing import latency_stats, time_calls
 
@@ -335,10 +335,6 @@ def markdown_table(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_json(path: str | Path, data: dict[str, Any]) -> None:
-    write_atomic(Path(path), (json.dumps(data, indent=2) + "\n").encode())
-
-
 def parse_dim(text: str) -> tuple[str, int]:
     name, _, size = text.partition("=")
     if not name or not size.strip().isdigit():
@@ -355,7 +351,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
                           preprocess=args.preprocess)
     print(markdown_table(result), end="")
     if args.json:
-        _write_json(args.json, result)
+        write_json_atomic(args.json, result)
         print(f"wrote {args.json}")
     if args.plot:
         plot_bars(result, args.plot)
@@ -386,7 +382,7 @@ def register(sub: Any) -> argparse.ArgumentParser:
                    help="also time this checkpoint in PyTorch (the one the bundle was exported from: its sha256 is "
                         "checked) on the same inputs and device, and compare the outputs (SAM, CLIP; needs "
                         "edgefm[export])")
-    b.add_argument("--preprocess", choices=("auto", "host", "device"), default="auto",
+    b.add_argument("--preprocess", choices=PREPROCESS, default="auto",
                    help="where the SAM/CLIP pipelines resize and normalize (auto: the device on ONNX Runtime GPU "
                         "backends); on the device, the host's is timed beside it")
     b.add_argument("--json", help="write all figures, samples and the environment stamp to this file")

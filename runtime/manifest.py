@@ -97,7 +97,7 @@ class Manifest:
     def write(self, folder: Path) -> Path:
         """Write ``manifest.json`` into ``folder`` by rename, so a reader never sees half of it."""
         path = Path(folder) / MANIFEST_NAME
-        write_atomic(path, (json.dumps(self.to_json(), indent=2, sort_keys=False) + "\n").encode())
+        write_json_atomic(path, self.to_json())
         return path
 
 
@@ -107,6 +107,11 @@ def write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """``data`` as indented JSON (keys in their order), written by :func:`write_atomic`."""
+    write_atomic(Path(path), (json.dumps(data, indent=2) + "\n").encode())
 
 
 def _need(data: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:

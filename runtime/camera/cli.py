@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from ..image_prep import PREPROCESS
 from ..manifest import add_precision_arg
 
 TASK_FAMILY = {"classify": "clip", "segment": "sam", "track": "sam", "auto": "sam"}
@@ -154,7 +155,7 @@ def register(sub: Any) -> None:
     run.add_argument("--reconnects", type=int, default=5, help="network streams: reconnect attempts")
     run.add_argument("--backend", default="auto", help="auto, ort-cpu, ort-cuda, ort-trt or tensorrt")
     run.add_argument("--threads", type=int, default=None, help="ONNX Runtime CPU threads")
-    run.add_argument("--preprocess", choices=("auto", "host", "device"), default="auto",
+    run.add_argument("--preprocess", choices=PREPROCESS, default="auto",
                      help="where frames are resized and normalized (auto: on the GPU with ONNX Runtime GPU backends)")
     add_precision_arg(run)
     run.add_argument("--cuda-graph", action="store_true",

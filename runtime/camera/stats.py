@@ -7,7 +7,6 @@ first and the last result; the overlay shows the rate over the last second.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections import deque
@@ -16,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..manifest import write_atomic
+from ..manifest import write_json_atomic
 
 
 class RunStats:
@@ -120,5 +119,5 @@ class RunStats:
     def write_json(self, path: str | Path) -> Path:
         """Write ``to_dict()`` atomically (temporary file, then rename)."""
         path = Path(path)
-        write_atomic(path, (json.dumps(self.to_dict(), indent=2) + "\n").encode())
+        write_json_atomic(path, self.to_dict())
         return path
