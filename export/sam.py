@@ -102,6 +102,15 @@ class MaskDecoderGraph(nn.Module):
         return mask_head(d, hs, src, self.size)
 
 
+def component_graphs(sam: Sam, attention: str = "plain") -> dict[str, nn.Module]:
+    """Component name -> the module its ONNX is exported from (and its PyTorch twin in benchmarks), in the
+    bundle's order."""
+    fused = attention != "plain"
+    return {IMAGE_ENCODER: ImageEncoderGraph(sam, attention), PROMPT_ENCODER: PromptEncoderGraph(sam),
+            MASK_DECODER: MaskDecoderGraph(sam, fused), DECODER_CONTEXT: DecoderContextGraph(sam),
+            PROMPT_DECODER: PromptDecoderGraph(sam, fused)}
+
+
 def parity_inputs(cfg: SamConfig, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
     """Seeded inputs covering every prompt kind: points with padding, a box, and a mask input."""
     rng = np.random.default_rng(seed)
@@ -150,7 +159,7 @@ def export_sam(
 ) -> Path:
     """Export a SAM (a model, or a checkpoint path loaded strictly as ``variant``) to a bundle at ``out``.
 
-    ``attention="fused"`` writes the attention of the image encoder and the mask decoder as ONNX Runtime's
+    ``attention="fused"`` writes the attention of the image encoder and both decoders as ONNX Runtime's
     fused MultiHeadAttention (:mod:`edgefm.export.sam_fused`): fewer, larger kernels for ort-cuda, but not
     parsable by TensorRT. ``"fused-qk"`` (experimental, not yet timed on a GPU) folds the encoder's relative
     positions into the query/key dot product instead of passing them as a (heads, HW, HW) bias.
@@ -170,9 +179,7 @@ def export_sam(
     model = model.eval()
     specs = sam_specs(cfg.image_size, cfg.prompt_embed_dim, cfg.image_embedding_size)
     fused = attention != "plain"
-    graphs = {IMAGE_ENCODER: ImageEncoderGraph(model, attention), PROMPT_ENCODER: PromptEncoderGraph(model),
-              MASK_DECODER: MaskDecoderGraph(model, fused), DECODER_CONTEXT: DecoderContextGraph(model),
-              PROMPT_DECODER: PromptDecoderGraph(model, fused)}
+    graphs = component_graphs(model, attention)
     feeds = parity_inputs(cfg)
     parity: dict[str, Any] = {"gate": parity_gate, "reference": f"PyTorch {torch.__version__} fp32, CPU",
                               "backend": "onnxruntime CPU"}

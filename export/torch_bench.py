@@ -62,18 +62,14 @@ def torch_components(bundle: Bundle, path: Path) -> dict[str, Any]:
     if bundle.family == "sam":
         from edgefm.models.sam import SAM_CONFIGS, load_sam
 
-        from .sam import ImageEncoderGraph, MaskDecoderGraph, PromptEncoderGraph
-        from .sam_context import DecoderContextGraph, PromptDecoderGraph
+        from .sam import component_graphs
 
         variant = bundle.manifest.variant
         if variant not in SAM_CONFIGS:  # a model of the project's own size (the demo's): its config is beside it
             from .demo import sam_config_beside
 
             variant = sam_config_beside(path)
-        model = load_sam(path, variant)
-        return {"image_encoder": ImageEncoderGraph(model), "prompt_encoder": PromptEncoderGraph(model),
-                "mask_decoder": MaskDecoderGraph(model), "decoder_context": DecoderContextGraph(model),
-                "prompt_decoder": PromptDecoderGraph(model)}
+        return component_graphs(load_sam(path, variant))
     from edgefm.models.clip import load_clip
 
     model, _, _ = load_clip(path, quick_gelu=bundle.config.get("quick_gelu"))

@@ -22,12 +22,9 @@ PROMPT_SIDE = ("prompt_encoder", "mask_decoder", "decoder_context", "prompt_deco
 def torch_graphs(family: str, model: Any) -> dict[str, Any]:
     """The PyTorch modules each component's reference (and eager timing) runs."""
     if family == "sam":
-        from edgefm.export.sam import ImageEncoderGraph, MaskDecoderGraph, PromptEncoderGraph
-        from edgefm.export.sam_context import DecoderContextGraph, PromptDecoderGraph
+        from edgefm.export.sam import component_graphs
 
-        return {"image_encoder": ImageEncoderGraph(model), "prompt_encoder": PromptEncoderGraph(model),
-                "mask_decoder": MaskDecoderGraph(model), "decoder_context": DecoderContextGraph(model),
-                "prompt_decoder": PromptDecoderGraph(model)}
+        return component_graphs(model)
     if family == "clip":
         import torch.nn as nn
 
