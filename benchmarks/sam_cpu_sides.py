@@ -45,29 +45,14 @@ def scene(h: int, w: int, seed: int = SEED) -> np.ndarray:
 
 
 def official_sam(c: dict[str, Any], state_dict: dict[str, Any]) -> Any:
-    """segment-anything's ``Sam`` wired as its ``build_sam`` does, with the numbers of an edgefm SamConfig
-    (for vit_b: ``sam_model_registry["vit_b"]``), holding ``state_dict`` (strict), in eval mode."""
-    from functools import partial
+    """segment-anything's ``Sam`` with the numbers of an edgefm SamConfig given as a dict (for vit_b:
+    ``sam_model_registry["vit_b"]``), holding ``state_dict`` (strict), in eval mode: the tests' wiring
+    (``tests/sam_fixtures.py``), so that the benchmarks time the model the tests check."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from edgefm.models.sam import SamConfig
+    from sam_fixtures import official_sam as wired
 
-    import segment_anything.modeling as sm
-    import torch
-
-    s, e, d = c["image_size"], c["image_size"] // c["patch_size"], c["prompt_embed_dim"]
-    encoder = sm.ImageEncoderViT(
-        depth=c["encoder_depth"], embed_dim=c["encoder_embed_dim"], img_size=s, mlp_ratio=4,
-        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=c["encoder_num_heads"],
-        patch_size=c["patch_size"], qkv_bias=True, use_rel_pos=True, window_size=c["window_size"],
-        global_attn_indexes=c["encoder_global_attn_indexes"], out_chans=d)
-    prompt = sm.PromptEncoder(embed_dim=d, image_embedding_size=(e, e), input_image_size=(s, s),
-                              mask_in_chans=c["mask_in_chans"])
-    transformer = sm.TwoWayTransformer(depth=c["decoder_depth"], embedding_dim=d,
-                                       mlp_dim=c["decoder_mlp_dim"], num_heads=c["decoder_num_heads"])
-    decoder = sm.MaskDecoder(num_multimask_outputs=c["num_multimask_outputs"], transformer=transformer,
-                             transformer_dim=d, iou_head_depth=c["iou_head_depth"],
-                             iou_head_hidden_dim=c["iou_head_hidden_dim"])
-    sam = sm.Sam(encoder, prompt, decoder, pixel_mean=c["pixel_mean"], pixel_std=c["pixel_std"])
-    sam.load_state_dict(state_dict, strict=True)
-    return sam.eval()
+    return wired(SamConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in c.items()}), state_dict)
 
 
 class OfficialSide:
