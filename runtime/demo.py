@@ -148,7 +148,12 @@ def run_demo(out: Path, cache: Path | None = None, backend: str = "auto") -> Non
     print(f"edgefm demo — shapes-world models trained by this project, backend {predictor.backend}")
     print("\n".join("  " + line for line in lines))
     print("latency per component (median ms over its calls):")
-    for fam, b in bundles.items():
-        for comp, ts in (b.timings or {}).items():
-            print(f"  {fam + '.' + comp:<24} {np.median(ts) * 1e3:8.2f}  ({len(ts)} calls)")
+    print("\n".join(latency_lines(bundles)))
     print(f"done in {time.perf_counter() - t_start:.1f} s; pictures in {out}/", file=sys.stderr)
+
+
+def latency_lines(bundles: dict[str, Bundle]) -> list[str]:
+    """One line per component the demo called: its median latency and call count. Components that were opened
+    but never called (SAM's two-call path, when every prompt went through ``prompt_decoder``) are left out."""
+    return [f"  {fam + '.' + comp:<24} {np.median(ts) * 1e3:8.2f}  ({len(ts)} calls)"
+            for fam, b in bundles.items() for comp, ts in (b.timings or {}).items() if ts]

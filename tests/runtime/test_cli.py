@@ -99,3 +99,21 @@ def test_segment_auto_is_the_generator_with_the_given_thresholds(tmp_path, capsy
                                         pred_iou_thresh=0.5, stability_score_thresh=0.8).generate(read_image(image))
     np.testing.assert_array_equal(np.load(tmp_path / "m0.5.npz")["masks"], [r["segmentation"] for r in records])
     assert counts["0.5"] == len(records) >= 3 and counts["0.88"] < counts["0.5"]
+
+
+def test_demo_latency_lines_show_only_the_components_a_click_ran():
+    """The demo's latency table: a click and a box run ``decoder_context`` once and ``prompt_decoder`` per prompt;
+    ``prompt_encoder`` and ``mask_decoder`` are opened but idle, and get no line (they printed "nan (0 calls)")."""
+    from edgefm.runtime.bundle import Bundle
+    from edgefm.runtime.demo import default_cache, demo_bundles, latency_lines, make_scene
+    from edgefm.runtime.sam import SamPredictor
+
+    bundle = Bundle(demo_bundles(default_cache())["sam"], "ort-cpu", family="sam", timed=True)
+    predictor = SamPredictor(bundle)
+    predictor.set_image(make_scene(160, 200, seed=3))
+    predictor.predict(np.array([[60.0, 80.0]]), np.array([1]))
+    predictor.predict(box=np.array([10.0, 20.0, 90.0, 120.0]))
+    lines = latency_lines({"sam": bundle})
+    assert [line.split()[0] for line in lines] == ["sam.image_encoder", "sam.decoder_context", "sam.prompt_decoder"]
+    assert [line.split()[-2] for line in lines] == ["(1", "(1", "(2"]
+    assert not any("nan" in line for line in lines)
