@@ -57,11 +57,14 @@ def tiny_pair(name: str):
     return ours.eval(), ref
 
 
+_BUNDLES = tempfile.TemporaryDirectory(prefix="edgefm-clip-")  # removed when the test process exits
+
+
 @functools.cache
 def tiny_bundle(name: str, precision: str = "fp32", attention: str = "plain") -> Path:
     from edgefm.export.clip import export_clip
 
-    out = Path(tempfile.mkdtemp(prefix="edgefm-clip-")) / f"{name}-{precision}-{attention}"
+    out = Path(_BUNDLES.name) / f"{name}-{precision}-{attention}"
     return export_clip(tiny_pair(name)[0], out, precision=precision, attention=attention)
 
 

@@ -33,6 +33,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -228,7 +229,8 @@ def _parity_family(run: Run, out: dict, family: str, model: Any, bundles, backen
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.environ.get("OUT", "gpu-check-out"))
-    p.add_argument("--work", default=None, help="where bundles are written (default: a folder under /tmp)")
+    p.add_argument("--work", default=None,
+                   help="where bundles are written (default: a temporary folder, removed at the end)")
     p.add_argument("--smoke", action="store_true", help="tiny models on the CPU: checks the script itself")
     p.add_argument("--iters", type=int, default=100)
     p.add_argument("--warmup", type=int, default=10)
@@ -238,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    work = Path(args.work or f"/tmp/edgefm-gpu-{os.getpid()}")
+    scratch = None if args.work else tempfile.TemporaryDirectory(prefix="edgefm-gpu-")
+    work = Path(args.work or scratch.name)
     work.mkdir(parents=True, exist_ok=True)
     run = Run(out, args.smoke, args.budget_s, args.iters, args.warmup)
     import onnxruntime as ort
