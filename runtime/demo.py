@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 
 from . import shapes
+from .backends import resolve_backend
 from .bundle import Bundle
 from .draw import overlay_masks, put_label, write_image
 from .errors import MissingExtraError
@@ -91,6 +92,7 @@ def run_demo(out: Path, cache: Path | None = None, backend: str = "auto") -> Non
 
     t_start = time.perf_counter()
     paths = demo_bundles(cache or default_cache())
+    backend = resolve_backend(backend, {"onnx"})  # once for the three bundles (they hold ONNX only)
     bundles = {n: Bundle(p, backend, family=n, timed=True) for n, p in paths.items()}
     predictor, clip = SamPredictor(bundles["sam"]), ClipModel(bundles["clip"])
     scene = shapes.random_scene(seed=2024, index=6, size=(360, 480), n_objects=(4, 4))

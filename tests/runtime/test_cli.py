@@ -117,3 +117,27 @@ def test_demo_latency_lines_show_only_the_components_a_click_ran():
     assert [line.split()[0] for line in lines] == ["sam.image_encoder", "sam.decoder_context", "sam.prompt_decoder"]
     assert [line.split()[-2] for line in lines] == ["(1", "(1", "(2"]
     assert not any("nan" in line for line in lines)
+
+
+def test_demo_runs_and_reports_what_it_found(tmp_path, capsys, caplog, recwarn):
+    """``edgefm demo`` (the README's main job, otherwise run only by CI's set-up command) on the cached demo
+    bundles: five pictures, the backend chosen once, mask IoUs the shipped SAM reaches, a latency line per
+    component it called, and no warnings or NaN on the way."""
+    import logging
+    import re
+
+    from edgefm.runtime.demo import default_cache, demo_bundles
+
+    demo_bundles(default_cache())  # exported once per cache (and stamp), as the other demo-bundle tests do
+    with caplog.at_level(logging.INFO, logger="edgefm"):
+        code = main(["demo", "--out", str(tmp_path / "out"), "--backend", "auto"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "dalle_a_blue_star.png", "dalle_a_red_circle.png", "sam_auto.png", "sam_box.png", "sam_click.png"]
+    assert sum("backend auto ->" in r.getMessage() for r in caplog.records) == 1
+    ious = [float(v) for v in re.findall(r"mask IoU ([0-9.]+)", out)]
+    assert len(ious) == 2 and min(ious) >= 0.75, out
+    timed = [line.split()[0] for line in out.split("latency per component")[1].splitlines()[1:]]
+    assert {"sam.image_encoder", "sam.prompt_decoder", "clip.image_encoder", "dalle.prior_step"} <= set(timed)
+    assert "nan" not in out and not [w for w in recwarn if issubclass(w.category, RuntimeWarning)], out
