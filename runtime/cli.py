@@ -123,6 +123,16 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     _print_manifest(Path(args.bundle))
 
 
+def _no_masks_hint(gen, args: argparse.Namespace) -> str:  # noqa: ANN001 - a SamAutomaticMaskGenerator
+    """Why ``segment --auto`` kept nothing: which quality filter dropped the candidates, and what to change."""
+    c = gen.filter_counts
+    return (f"edgefm: of {c['candidates']} candidate masks, {c['passed_iou']} had a predicted IoU above "
+            f"--pred-iou-thresh {args.pred_iou_thresh:g} (best: {gen.best_predicted_iou:.3f}) and "
+            f"{c['passed_stability']} of those a stability score of at least --stability-score-thresh "
+            f"{args.stability_score_thresh:g}. Lower the thresholds for a model less sure of itself than "
+            "Meta's checkpoints (the shipped demo SAM: --pred-iou-thresh 0.8 --stability-score-thresh 0.9).")
+
+
 def cmd_segment(args: argparse.Namespace) -> None:
     from .draw import overlay_masks, read_image, write_image
     from .sam import SamPredictor
@@ -146,6 +156,8 @@ def cmd_segment(args: argparse.Namespace) -> None:
         scores = np.array([r["predicted_iou"] for r in records])
         drawn = overlay_masks(image, masks)
         print(f"{len(masks)} masks")
+        if not masks:
+            print(_no_masks_hint(gen, args), file=sys.stderr)
     else:
         predictor.set_image(image)
         coords = np.array([p[:2] for p in points], np.float32) if points else None

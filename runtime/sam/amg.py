@@ -178,6 +178,9 @@ class SamAutomaticMaskGenerator:
         self.progress = progress
         # The official model binarises logits at 0; a predictor may say otherwise.
         self.mask_threshold = float(getattr(predictor, "mask_threshold", 0.0))
+        # How the last generate()'s candidates fared in the two quality filters (a "0 masks" can say why).
+        self.filter_counts = {"candidates": 0, "passed_iou": 0, "passed_stability": 0}
+        self.best_predicted_iou = float("nan")
 
     def generate(self, image: np.ndarray) -> list[dict[str, Any]]:
         """Masks for ``image`` (HWC uint8 RGB), as records with the official keys:
@@ -193,6 +196,8 @@ class SamAutomaticMaskGenerator:
                 f"shape {image.shape} and dtype {image.dtype}; convert it (e.g. cv2.cvtColor(img, "
                 "cv2.COLOR_BGR2RGB) for OpenCV's BGR images)."
             )
+        self.filter_counts = dict.fromkeys(self.filter_counts, 0)
+        self.best_predicted_iou = float("nan")
         data = self._generate_masks(image)
         if self.min_mask_region_area > 0:
             data = self.postprocess_small_regions(
@@ -301,6 +306,11 @@ class SamAutomaticMaskGenerator:
         idx = np.arange(len(iou_preds))
         if self.pred_iou_thresh > 0.0:
             idx = idx[iou_preds > self.pred_iou_thresh]
+        counts = self.filter_counts
+        counts["candidates"] += len(iou_preds)
+        counts["passed_iou"] += len(idx)
+        if len(iou_preds):
+            self.best_predicted_iou = float(np.fmax(self.best_predicted_iou, iou_preds.max()))
         kept, stability, binary = [], [], []
         for start in range(0, len(idx), self.UPSCALE_CHUNK):
             rows = idx[start : start + self.UPSCALE_CHUNK]
@@ -312,6 +322,7 @@ class SamAutomaticMaskGenerator:
             binary.extend(chunk[passed])
             del chunk
         idx = np.concatenate(kept) if kept else idx[:0]
+        counts["passed_stability"] += len(idx)
         stability = np.concatenate(stability) if stability else np.zeros(0, np.float32)
         binary = np.stack(binary) if binary else np.zeros((0, *crop_size), bool)
         boxes = batched_mask_to_box(binary)

@@ -141,3 +141,31 @@ def test_demo_runs_and_reports_what_it_found(tmp_path, capsys, caplog, recwarn):
     timed = [line.split()[0] for line in out.split("latency per component")[1].splitlines()[1:]]
     assert {"sam.image_encoder", "sam.prompt_decoder", "clip.image_encoder", "dalle.prior_step"} <= set(timed)
     assert "nan" not in out and not [w for w in recwarn if issubclass(w.category, RuntimeWarning)], out
+
+
+def test_segment_auto_with_no_masks_says_which_filter_dropped_them(tmp_path, capsys):
+    """``segment --auto`` that keeps nothing says how many candidates each quality filter let through and the
+    best predicted IoU seen (the shipped SAM keeps no mask at the official 0.88 / 0.95 defaults)."""
+    import re
+
+    from edgefm.runtime.demo import default_cache, demo_bundles, make_scene
+    from edgefm.runtime.sam import SamAutomaticMaskGenerator, SamPredictor
+
+    bundle = demo_bundles(default_cache())["sam"]
+    image = write_image(tmp_path / "shapes.png", make_scene(240, 320, seed=2))
+    code = main(["segment", str(bundle), str(image), "--auto", "--points-per-side", "4", "--pred-iou-thresh",
+                 "0.99", "--stability-score-thresh", "0.99", "--out", str(tmp_path / "o.png"), "--backend", "ort-cpu"])
+    captured = capsys.readouterr()
+    assert code == 0 and "0 masks" in captured.out
+    found = re.search(r"of (\d+) candidate masks, (\d+) had a predicted IoU above --pred-iou-thresh 0.99 "
+                      r"\(best: ([0-9.]+)\) and (\d+) of those", captured.err)
+    assert found, captured.err
+    candidates, passed_iou, best, passed_stability = int(found[1]), int(found[2]), float(found[3]), int(found[4])
+    assert candidates == 4 * 4 * 3 and candidates >= passed_iou >= passed_stability
+    # Unfiltered, the same grid keeps the best-scored candidate (NMS never drops the top box).
+    gen = SamAutomaticMaskGenerator(SamPredictor(bundle, backend="ort-cpu"), points_per_side=4, pred_iou_thresh=0,
+                                    stability_score_thresh=0)
+    records = gen.generate(read_image(image))
+    assert gen.filter_counts == {"candidates": 48, "passed_iou": 48, "passed_stability": 48}
+    assert best == pytest.approx(max(r["predicted_iou"] for r in records), abs=5e-4)
+    assert (passed_iou > 0) == (best > 0.99)
