@@ -24,7 +24,7 @@ from edgefm.runtime.spec import ComponentSpec
 from torch import nn
 
 from .bundle import BundleWriter
-from .fused_attention import fused_attention, to_ort_attention
+from .fused_attention import fused_attention, skip_layer_norm, to_ort_ops
 from .onnx import INT8_INFO, at_precision, check_options, example_inputs, onnx_from_module
 from .parity import gate, measure
 
@@ -44,8 +44,9 @@ def _attention(block: nn.Module, x: torch.Tensor, mask: torch.Tensor | None, fus
     heads = attn.num_heads
     if fused:  # one bias-free MatMul; the operator adds the in-projection bias as it splits the heads
         q, k, v = F.linear(x, attn.in_proj_weight).split(x.shape[-1], dim=-1)
-        return attn.out_proj(fused_attention(q, k, v, heads, None if mask is None else mask[None, None],
-                                             proj_bias=attn.in_proj_bias, causal=causal))
+        out = fused_attention(q, k, v, heads, None if mask is None else mask[None, None],
+                              proj_bias=attn.in_proj_bias, causal=causal)
+        return F.linear(out, attn.out_proj.weight)  # its bias is added by the SkipLayerNormalization after it
     qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)
     q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in qkv.chunk(3, dim=-1))  # B, h, L, d
     scores = (q * (q.shape[-1] ** -0.5)) @ k.transpose(-1, -2)  # B, h, L, L
@@ -56,12 +57,29 @@ def _attention(block: nn.Module, x: torch.Tensor, mask: torch.Tensor | None, fus
 
 
 def _transformer(transformer: nn.Module, x: torch.Tensor, mask: torch.Tensor | None = None,
-                 fused: bool = False, causal: bool = False) -> torch.Tensor:
-    """``transformer`` (a stack of pre-norm residual attention blocks) with export-safe attention."""
-    for block in transformer.resblocks:
-        x = x + _attention(block, block.ln_1(x), mask, fused, causal)
-        x = x + block.mlp(block.ln_2(x))
-    return x
+                 fused: bool = False, causal: bool = False, final_norm: nn.Module | None = None) -> torch.Tensor:
+    """``transformer`` (a stack of pre-norm residual attention blocks) with export-safe attention, then
+    ``final_norm`` if given.
+
+    ``fused``: each residual add, the projection bias before it and the LayerNorm after it (the block's
+    ``ln_2``, the next block's ``ln_1`` or ``final_norm``) are one SkipLayerNormalization, which also passes
+    the sum on as the residual stream: 3 nodes where there were 6 per block."""
+    blocks = list(transformer.resblocks)
+    if not fused:
+        for block in blocks:
+            x = x + _attention(block, block.ln_1(x), mask, fused, causal)
+            x = x + block.mlp(block.ln_2(x))
+        return x if final_norm is None else final_norm(x)
+    h = blocks[0].ln_1(x)
+    for i, block in enumerate(blocks):
+        h, x = skip_layer_norm(x, _attention(block, h, mask, True, causal), block.ln_2, block.attn.out_proj.bias)
+        mlp = block.mlp
+        m = F.linear(mlp.gelu(mlp.c_fc(h)), mlp.c_proj.weight)
+        after = blocks[i + 1].ln_1 if i + 1 < len(blocks) else final_norm
+        if after is None:
+            return x + m + mlp.c_proj.bias
+        h, x = skip_layer_norm(x, m, after, mlp.c_proj.bias)
+    return h
 
 
 class ImageEncoderGraph(nn.Module):
@@ -79,7 +97,9 @@ class ImageEncoderGraph(nn.Module):
         x = v.conv1(image).flatten(2).transpose(1, 2)  # B, grid**2, width
         cls = v.class_embedding.expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + v.positional_embedding
-        x = _transformer(v.transformer, v.ln_pre(x), fused=self.fused)
+        if self.fused:  # ln_post of every token (one fused node with the last residual add), then the class token
+            return _transformer(v.transformer, v.ln_pre(x), fused=True, final_norm=v.ln_post)[:, 0, :] @ v.proj
+        x = _transformer(v.transformer, v.ln_pre(x))
         return v.ln_post(x[:, 0, :]) @ v.proj
 
 
@@ -96,13 +116,12 @@ class TextEncoderGraph(nn.Module):
         length = tokens.shape[1]
         x = c.token_embedding(tokens) + c.positional_embedding[:length]  # B, L, D
         if self.fused:  # the operator's causal masking: no mask tensor, and flash attention stays eligible
-            x = _transformer(c.transformer, x, None, fused=True, causal=True)
+            x = _transformer(c.transformer, x, None, fused=True, causal=True, final_norm=c.ln_final)
         else:  # causal mask from the runtime length (not a slice of the 77 x 77 buffer, which tracing would fix)
             pos = torch.arange(length, device=tokens.device)
             mask = torch.zeros(length, length, device=tokens.device)
             mask = mask.masked_fill(pos.unsqueeze(0) > pos.unsqueeze(1), float("-inf"))
-            x = _transformer(c.transformer, x, mask)
-        x = c.ln_final(x)
+            x = _transformer(c.transformer, x, mask, final_norm=c.ln_final)
         return c.pool_eot(x, tokens) @ c.text_projection
 
 
@@ -204,7 +223,7 @@ def export_clip(
                 extra = onnx_from_module(graph, spec, onnx_path, example_inputs(spec, trace), opset)
             info: dict[str, Any] = {"opset": opset, **({"quantization": INT8_INFO} if precision == "int8" else {})}
             if fused:
-                info["fused_attention"] = to_ort_attention(onnx_path)
+                info.update(to_ort_ops(onnx_path))
             onnx_path, extra = at_precision(onnx_path, precision, extra, writer.workdir)
             report = measure(onnx_path, spec, feeds[name], ref, precision)
             parity[name] = report

@@ -20,9 +20,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 PLACEHOLDER_DOMAIN = "edgefm"
 PLACEHOLDER_OP = "FusedAttention"
+SKIP_LN_OP = "SkipLayerNorm"
 ORT_DOMAIN = "com.microsoft"
 
 
@@ -30,7 +32,7 @@ class _FusedAttentionFn(torch.autograd.Function):
     """Attention of ``q, k`` (B, S, heads*d_qk) and ``v`` (B, S, heads*d_v) with an optional additive ``bias``
     (broadcast to (B, heads, S, S)) and ``scale`` (default ``d_qk ** -0.5``); ``proj_bias`` (optional, the
     concatenated q, k and v projection biases) is added to ``q, k, v`` first. PyTorch runs the plain math; the
-    exporter writes one placeholder node that :func:`to_ort_attention` turns into
+    exporter writes one placeholder node that :func:`to_ort_ops` turns into
     ``com.microsoft.MultiHeadAttention``."""
 
     @staticmethod
@@ -82,15 +84,55 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads
     return _FusedAttentionFn.apply(q, k, v, bias, num_heads, scale, proj_bias, causal)
 
 
-def to_ort_attention(path: str | Path) -> int:
-    """Rewrite the placeholder nodes of an exported graph in place; returns how many were rewritten."""
+class _SkipLayerNormFn(torch.autograd.Function):
+    """``LayerNorm(x + skip + bias)`` and the sum itself (the residual stream of the next block); exported as
+    one placeholder that :func:`to_ort_ops` turns into ``com.microsoft.SkipLayerNormalization``."""
+
+    @staticmethod
+    def forward(ctx, x, skip, weight, beta, bias, eps: float):  # noqa: ANN001
+        total = x + skip if bias is None else x + skip + bias
+        normed = F.layer_norm(total.float(), weight.shape, weight.float(), beta.float(), eps).to(total.dtype)
+        return normed, total
+
+    @staticmethod
+    def symbolic(g, x, skip, weight, beta, bias, eps: float):  # noqa: ANN001
+        given = bias is not None and not _is_none(bias)
+        normed, total = g.op(f"{PLACEHOLDER_DOMAIN}::{SKIP_LN_OP}", x, skip, weight, beta, *([bias] if given else []),
+                             epsilon_f=float(eps), outputs=2)
+        normed.setType(x.type())
+        total.setType(x.type())
+        return normed, total
+
+
+def skip_layer_norm(x: torch.Tensor, skip: torch.Tensor, norm: torch.nn.LayerNorm,
+                    bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(norm(x + skip + bias), x + skip + bias)`` for (B, S, C) tensors, as one fused node: a pre-norm
+    block's residual add, the projection bias before it and the next LayerNorm after it. ONNX Runtime's own
+    SkipLayerNormalization fusion leaves pre-norm transformers alone, because their sum also feeds the next
+    residual; the operator's optional fourth output carries it."""
+    return _SkipLayerNormFn.apply(x, skip, norm.weight, norm.bias, bias, norm.eps)
+
+
+def to_ort_ops(path: str | Path) -> dict[str, int]:
+    """Rewrite the placeholder nodes of an exported graph in place into ONNX Runtime's operators; returns how
+    many of each kind were rewritten (``fused_attention``, ``skip_layer_norm``)."""
     import onnx
     from onnx import helper
 
     path = Path(path)
     model = onnx.load(str(path), load_external_data=False)
-    n = 0
+    n = norms = 0
+    read = {i for node in model.graph.node for i in node.input} | {o.name for o in model.graph.output}
     for node in model.graph.node:
+        if node.domain == PLACEHOLDER_DOMAIN and node.op_type == SKIP_LN_OP:
+            eps = next(helper.get_attribute_value(a) for a in node.attribute if a.name == "epsilon")
+            # Outputs: the normalized sum, mean and inverse std (not needed), and the sum itself where it is
+            # read (a pre-norm residual stream; a post-norm block drops it).
+            outputs = [node.output[0], "", "", node.output[1]] if node.output[1] in read else [node.output[0]]
+            new = helper.make_node("SkipLayerNormalization", list(node.input), outputs,
+                                   name=node.name or f"skip_layer_norm_{norms}", domain=ORT_DOMAIN, epsilon=eps)
+            node.CopyFrom(new)
+            norms += 1
         if node.domain == PLACEHOLDER_DOMAIN and node.op_type == PLACEHOLDER_OP:
             q, k, v, *rest = node.input
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -107,4 +149,4 @@ def to_ort_attention(path: str | Path) -> int:
     del model.opset_import[:]
     model.opset_import.extend(kept + [helper.make_opsetid(ORT_DOMAIN, 1)])
     onnx.save_model(model, str(path))  # external data, if any, stays in its file beside the graph
-    return n
+    return {"fused_attention": n, "skip_layer_norm": norms}

@@ -195,11 +195,16 @@ def int8_from_onnx(src: str | Path, dst: str | Path) -> list[str]:
         # fusions matter for static QDQ graphs, not for MatMul weights whose shapes are initializers.
         root, level = logging.getLogger(), logging.getLogger().level
         root.setLevel(logging.ERROR)
+        # MatMuls with a stack of weight matrices (the fused SAM decoders' batched hypernetworks) stay fp32: the
+        # per-channel int8 kernel takes 2-D weights only.
+        graph = onnx.load(str(src), load_external_data=False).graph
+        stacked = {t.name for t in graph.initializer if len(t.dims) > 2}
+        keep = [n.name for n in graph.node if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in stacked]
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 quantize_dynamic(src, out, op_types_to_quantize=INT8_OPS, per_channel=True, reduce_range=False,
-                                 weight_type=QuantType.QInt8, use_external_data_format=big,
+                                 weight_type=QuantType.QInt8, use_external_data_format=big, nodes_to_exclude=keep,
                                  extra_options={"MatMulConstBOnly": True})
         finally:
             root.setLevel(level)

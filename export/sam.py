@@ -29,7 +29,7 @@ from edgefm.runtime.spec import ComponentSpec
 from torch import nn
 
 from .bundle import BundleWriter
-from .fused_attention import to_ort_attention
+from .fused_attention import to_ort_ops
 from .onnx import INT8_INFO, at_precision, check_options, example_inputs, onnx_from_module
 from .parity import gate, measure
 from .sam_context import DecoderContextGraph, PromptDecoderGraph, mask_head, point_embeddings
@@ -87,6 +87,7 @@ class MaskDecoderGraph(nn.Module):
             self.decoder = decoder_with_fused_attention(sam.mask_decoder)
         else:
             self.decoder = sam.mask_decoder
+        self.fused = fused_attention
         # Constant for a given model: fold it into the graph instead of recomputing it per call.
         self.register_buffer("image_pe", sam.prompt_encoder.get_dense_pe().detach().clone())
         self.size = tuple(sam.prompt_encoder.image_embedding_size)
@@ -99,7 +100,7 @@ class MaskDecoderGraph(nn.Module):
         # Broadcasting the single image over the prompt batch replaces the official repeat_interleave.
         src = image_embeddings + dense_embeddings
         hs, src = d.transformer(src, self.image_pe, tokens)
-        return mask_head(d, hs, src, self.size)
+        return mask_head(d, hs, src, self.size, fused=self.fused)
 
 
 def component_graphs(sam: Sam, attention: str = "plain") -> dict[str, nn.Module]:
@@ -194,7 +195,7 @@ def export_sam(
             extra = onnx_from_module(graph, spec, onnx_path, example_inputs(spec, feeds[name]), opset)
             info: dict[str, Any] = {"opset": opset}
             if name in (IMAGE_ENCODER, *DECODERS) and fused:
-                info["fused_attention"] = to_ort_attention(onnx_path)
+                info.update(to_ort_ops(onnx_path))
             wanted = INT8_PRECISIONS[name] if precision == "int8" else precision
             path, files = at_precision(onnx_path, wanted, extra, writer.workdir)
             report = measure(path, spec, feeds[name], ref, wanted, masks=MASK_OUTPUTS)

@@ -18,11 +18,13 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from edgefm.models.sam import Sam
 from edgefm.models.sam.transformer import Attention
 from torch import nn
 
 from .fused_attention import fused_attention
+from .sam_fused import add_norm, mlp_without_out_bias
 
 
 def point_embeddings(prompt_encoder: nn.Module, image_size: tuple[int, int], point_coords: torch.Tensor,
@@ -47,12 +49,15 @@ def point_embeddings(prompt_encoder: nn.Module, image_size: tuple[int, int], poi
     return emb * (labels != -1).to(emb.dtype) + table[(point_labels + 1).long()]
 
 
-def mask_head(decoder: nn.Module, tokens: torch.Tensor, image: torch.Tensor, size: tuple[int, int]
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_head(decoder: nn.Module, tokens: torch.Tensor, image: torch.Tensor, size: tuple[int, int],
+              fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The decoder after its transformer: output tokens (B, T, C) and image tokens (B, h*w, C) -> IoU
-    predictions (B, 4) and low-res mask logits (B, 4, 4h, 4w)."""
+    predictions (B, 4) and low-res mask logits (B, 4, 4h, 4w). ``fused`` (ONNX Runtime graphs): the same
+    arithmetic in fewer, channels-last operators (:func:`_channels_last_masks`)."""
     # Sizes as Python ints from the model, so the graph computes no shapes but the prompt batch.
     d, (h, w), c = decoder, size, decoder.transformer_dim
+    if fused:
+        return d.iou_prediction_head(tokens[:, 0, :]), _channels_last_masks(d, tokens, image, size)
     upscaled = d.output_upscaling(image.transpose(1, 2).reshape(-1, c, h, w))  # (B, C/8, 4h, 4w)
     hyper_in = torch.stack(
         [mlp(tokens[:, 1 + i, :]) for i, mlp in enumerate(d.output_hypernetworks_mlps)], dim=1
@@ -61,14 +66,48 @@ def mask_head(decoder: nn.Module, tokens: torch.Tensor, image: torch.Tensor, siz
     return d.iou_prediction_head(tokens[:, 0, :]), masks
 
 
+def _channels_last_masks(d: nn.Module, tokens: torch.Tensor, image: torch.Tensor, size: tuple[int, int]
+                         ) -> torch.Tensor:
+    """The mask logits of :func:`mask_head` without leaving the tokens' channels-last layout.
+
+    Each stride-2, 2 x 2 ConvTranspose2d maps every pixel on its own to a 2 x 2 patch: a MatMul from C_in to
+    (2, 2, C_out) per pixel. So the upscaling is two MatMuls on the (B, h*w, C) image tokens, LayerNorm2d is a
+    LayerNormalization over their last axis, and the four hypernetwork MLPs run as one batched MatMul per
+    layer. The patches are put in raster order once, on the (B, 4, ...) logits at the end. On a GPU at batch
+    1 that is about 10 operators where the NCHW form takes about 30 (two ConvTranspose, LayerNorm2d spelled out
+    in 9, 4 x 3 MLP layers plus their gathers and the stack)."""
+    (h, w), up = size, d.output_upscaling
+    conv1, norm, act1, conv2, act2 = up
+    c1, c2 = conv1.out_channels, conv2.out_channels
+    # ConvTranspose2d weights are (C_in, C_out, 2, 2): as (C_in, 2, 2, C_out) the output of one pixel is its
+    # 2 x 2 patch, row-major, channels last.
+    x = image @ conv1.weight.permute(0, 2, 3, 1).reshape(-1, 4 * c1)  # (B, hw, 2*2*c1)
+    x = x.reshape(-1, h * w * 4, c1) + conv1.bias
+    x = act1(F.layer_norm(x, (c1,), norm.weight, norm.bias, norm.eps))
+    x = (x @ conv2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2)).reshape(-1, h * w * 16, c2)
+    x = act2(x + conv2.bias)  # (B, hw*4*4, c2): pixel (i, j), first patch offset (a, b), second (e, f)
+    mlps = d.output_hypernetworks_mlps
+    hyper = tokens[:, 1 : 1 + d.num_mask_tokens, :].unsqueeze(2)  # (B, M, 1, C)
+    for i in range(mlps[0].num_layers):
+        weight = torch.stack([m.layers[i].weight.t() for m in mlps])  # (M, in, out)
+        bias = torch.stack([m.layers[i].bias for m in mlps]).unsqueeze(1)  # (M, 1, out)
+        hyper = hyper @ weight + bias
+        hyper = F.relu(hyper) if i < mlps[0].num_layers - 1 else hyper
+    logits = hyper.squeeze(2) @ x.transpose(1, 2)  # (B, M, hw*16)
+    # (i, j, a, b, e, f) -> row 4i + 2a + e, column 4j + 2b + f
+    logits = logits.reshape(-1, d.num_mask_tokens, h, w, 2, 2, 2, 2).permute(0, 1, 2, 4, 6, 3, 5, 7)
+    return logits.reshape(-1, d.num_mask_tokens, 4 * h, 4 * w)
+
+
 def _projected_attention(a: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: int | None
                          ) -> torch.Tensor:
     """``a``'s attention of already projected ``q``, ``k``, ``v`` (batch B or 1, broadcast), then its output
     projection: :class:`Attention.forward` after its three input projections. ``batch`` (the prompt count,
-    for the fused graph): ONNX Runtime's MultiHeadAttention wants one batch size, so the context is expanded."""
+    for the fused graph): ONNX Runtime's MultiHeadAttention wants one batch size, so the context is expanded;
+    the output projection's bias is then left to the SkipLayerNormalization after it."""
     if batch is not None:
         q, k, v = (t.expand(batch, -1, -1) for t in (q, k, v))
-        return a.out_proj(fused_attention(q, k, v, a.num_heads))
+        return F.linear(fused_attention(q, k, v, a.num_heads), a.out_proj.weight)
     q, k, v = (Attention._separate_heads(t, a.num_heads) for t in (q, k, v))
     attn = (q @ k.permute(0, 1, 3, 2) / math.sqrt(q.shape[3])).softmax(dim=-1)
     return a.out_proj(Attention._recombine_heads(attn @ v))
@@ -119,22 +158,31 @@ class PromptDecoderGraph(nn.Module):
         first, later = d.transformer.layers[0], d.transformer.layers[1:]
         batch = prompt.shape[0] if self.fused else None
         # The first block (TwoWayAttentionBlock.forward with skip_first_layer_pe), its image side from the context.
-        queries = first.norm1(first.self_attn(q=prompt, k=prompt, v=prompt))
+        block = _inner(first)
+        queries = block.norm1(first.self_attn(q=prompt, k=prompt, v=prompt))
         a = _inner(first.cross_attn_token_to_image)
         attended = _projected_attention(a, a.q_proj(queries + prompt), context_keys, context_values, batch)
-        queries = first.norm2(queries + attended)
-        queries = first.norm3(queries + first.mlp(queries))
+        if self.fused:  # the residual adds with the biases before them and the norms after them: one node each
+            queries = add_norm(queries, attended, block.norm2, a.out_proj.bias)
+            queries = add_norm(queries, mlp_without_out_bias(block.mlp, queries), block.norm3, block.mlp.lin2.bias)
+        else:
+            queries = block.norm2(queries + attended)
+            queries = block.norm3(queries + block.mlp(queries))
         a, q = _inner(first.cross_attn_image_to_token), queries + prompt
         attended = _projected_attention(a, context_queries, a.k_proj(q), a.v_proj(queries), batch)
-        keys = first.norm4(context_tokens + attended)
+        # Plain add + norm even when fused: the one context_tokens (1, HW, C) meets B prompts' attention here.
+        keys = block.norm4(context_tokens + (attended + a.out_proj.bias if self.fused else attended))
         for layer in later:
             queries, keys = layer(queries=queries, keys=keys, query_pe=prompt, key_pe=self.image_pe)
         t = d.transformer
-        final = t.final_attn_token_to_image(q=queries + prompt, k=keys + self.image_pe, v=keys)
-        queries = t.norm_final_attn(queries + final)
-        return mask_head(d, queries, keys, self.size)
+        if self.fused:
+            queries = t.final(queries, keys, prompt, self.image_pe)
+        else:
+            final = t.final_attn_token_to_image(q=queries + prompt, k=keys + self.image_pe, v=keys)
+            queries = t.norm_final_attn(queries + final)
+        return mask_head(d, queries, keys, self.size, fused=self.fused)
 
 
-def _inner(attention: nn.Module) -> Attention:
-    """The official :class:`Attention` (its weights), also inside a fused drop-in."""
-    return getattr(attention, "inner", attention)
+def _inner(module: nn.Module) -> nn.Module:
+    """The official module (an :class:`Attention`, a two-way block: its weights), also inside a fused drop-in."""
+    return getattr(module, "inner", module)

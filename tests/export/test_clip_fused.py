@@ -48,6 +48,12 @@ def test_each_block_is_one_node_and_the_head_split_is_gone():
         mha = [n for n in nodes if n.op_type == "MultiHeadAttention"]
         causal = {onnx.helper.get_attribute_value(a) for n in mha for a in n.attribute if a.name == "unidirectional"}
         assert all(len(n.input) == 4 for n in mha) and causal == ({1} if comp["name"] == "text_encoder" else set())
+        # Every residual add, with the projection bias before it and the LayerNorm after it (ln_2, the next
+        # block's ln_1, or ln_post / ln_final after the last block), is one SkipLayerNormalization.
+        assert ops["SkipLayerNormalization"] == 2 * layers[comp["name"]] == comp["info"]["skip_layer_norm"]
+        outside = 2 if comp["name"] == "image_encoder" else 1  # ln_pre and ln_post; ln_final
+        assert before["LayerNormalization"] == 2 * layers[comp["name"]] + outside
+        assert ops["LayerNormalization"] == outside  # ln_pre (image) and blocks.0's ln_1
 
 
 def test_fused_graphs_match_pytorch_and_the_plain_export():

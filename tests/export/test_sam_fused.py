@@ -50,6 +50,24 @@ def test_every_block_becomes_one_multihead_attention_node(fused_bundle, sam_tiny
     assert info["fused_attention"] == len(mha)
 
 
+def test_residual_adds_are_fused_with_the_layer_norms_after_them(fused_bundle, sam_tiny):
+    """Each block's two residual adds (with the projection biases before them) and the LayerNorm after each
+    (norm2, the next block's norm1) are one SkipLayerNormalization, which also passes the sum on; only the
+    first block's norm1 stays a LayerNormalization, and the last block ends with a plain add."""
+    nodes = onnx.load(str(fused_bundle / "image_encoder.onnx")).graph.node
+    skip = [n for n in nodes if n.op_type == "SkipLayerNormalization"]
+    blocks = len(sam_tiny.image_encoder.blocks)
+    assert len(skip) == 2 * blocks - 1 and {n.domain for n in skip} == {"com.microsoft"}
+    # input, skip, gamma, beta and the bias; outputs: the normalized sum and (fourth) the sum itself
+    assert all(len(n.input) == 5 and n.output[1:3] == ["", ""] and n.output[3] for n in skip)
+    eps = [onnx.helper.get_attribute_value(a) for n in skip for a in n.attribute if a.name == "epsilon"]
+    assert eps == pytest.approx([sam_tiny.image_encoder.blocks[0].norm1.eps] * len(skip))  # SAM's 1e-6
+    norms = [n for n in nodes if n.op_type == "LayerNormalization"]
+    assert len(norms) == 1  # blocks.0's norm1 (the neck's LayerNorm2d are spelled out over channels)
+    info = json.loads((fused_bundle / "manifest.json").read_text())["components"][0]["info"]
+    assert info["skip_layer_norm"] == len(skip)
+
+
 def test_fused_graph_matches_the_plain_export(fused_bundle, sam_tiny_bundle):
     image = np.random.default_rng(1).standard_normal((2, 3, 256, 256)).astype(np.float32)
     plain = Bundle(sam_tiny_bundle, "ort-cpu").runner("image_encoder").run({"image": image})["image_embeddings"]
@@ -124,6 +142,21 @@ def test_fused_decoders_match_the_plain_export(fused_bundle, sam_tiny_bundle):
     model = onnx.load(str(fused_bundle / "mask_decoder.onnx"))
     mha = [n for n in model.graph.node if n.op_type == "MultiHeadAttention"]
     assert len(mha) == 7 and all(len(n.input) == 4 and n.input[3] for n in mha)  # the q/k/v biases inside
+    # Post-norm residual adds, each with the bias before it and the norm after it, are one SkipLayerNormalization
+    # without the sum output (nothing reads it): 3 in the first block (its self-attention has no residual), 4 in
+    # the second, 1 after the final attention; the prompt decoder's first block keeps norm4 as add + norm (the
+    # context's one image against B prompts). The mask head is channels-last: its LayerNorm2d is one
+    # LayerNormalization, its ConvTranspose2d are MatMuls, its four hypernetwork MLPs one batched MatMul per layer.
+    for component, fused_norms, plain_norms in (("mask_decoder", 8, 1 + 1), ("prompt_decoder", 7, 2 + 1)):
+        model = onnx.load(str(fused_bundle / f"{component}.onnx"))
+        nodes = model.graph.node
+        skip = [n for n in nodes if n.op_type == "SkipLayerNormalization"]
+        assert len(skip) == fused_norms and all(list(n.output) == [n.output[0]] for n in skip), component
+        assert len([n for n in nodes if n.op_type == "LayerNormalization"]) == plain_norms, component
+        assert not [n for n in nodes if n.op_type in ("ConvTranspose", "ReduceMean")], component
+        assert len([n for n in nodes if n.op_type == "Gemm"]) == 3, component  # the IoU head's three layers only
+        stacked = {i.name for i in model.graph.initializer if list(i.dims)[:1] == [4] and len(i.dims) == 3}
+        assert len([n for n in nodes if n.op_type == "MatMul" and set(n.input) & stacked]) == 3, component
 
 
 @pytest.mark.parametrize("rel_pos", ["bias", "qk"])
@@ -151,3 +184,20 @@ def test_vit_b_windows_fold_relative_positions_into_heads_padded_to_a_multiple_o
         want, got = attn(x), sam_fused.FusedAttention(attn, rel_pos)(x)
     assert calls == [(96, 96, 64, True)]
     assert float((got - want).abs().max()) <= 1e-5 * max(1.0, float(want.abs().max()))
+
+
+def test_int8_fused_decoders_keep_their_stacked_hypernetwork_weights_in_float(sam_tiny, tmp_path):
+    """Dynamic int8 quantizes 2-D MatMul weights per channel; the fused decoders' batched hypernetwork MLPs
+    ((4, in, out) weights) stay float MatMuls, and the int8 decoders pass the int8 parity gate."""
+    from edgefm.export.sam import export_sam
+
+    folder = export_sam(sam_tiny, tmp_path / "sam", "tiny", precision="int8", attention="fused")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for component in ("mask_decoder", "prompt_decoder"):
+        entry = next(c for c in manifest["components"] if c["name"] == component)
+        assert entry["precision"] == "int8" and manifest["parity"][component]["passed"]
+        model = onnx.load(str(folder / entry["file"]))
+        stacked = {i.name for i in model.graph.initializer if len(i.dims) == 3}
+        float_mm = [n for n in model.graph.node if n.op_type == "MatMul" and set(n.input) & stacked]
+        assert len(float_mm) == 3, component
+        assert any(n.op_type in ("DynamicQuantizeMatMul", "MatMulInteger") for n in model.graph.node)

@@ -101,9 +101,17 @@ def test_sam_fused_attention_is_refused(sam_fused_bundle):
     files = onnx_files(sam_fused_bundle)
     assert check_tensorrt_compat(files["prompt_encoder"]) == []
     decoder = check_tensorrt_compat(files["mask_decoder"])  # tiny: 2 two-way blocks x 3 attentions + the final
-    assert [(v.op_type, v.domain) for v in decoder] == [("MultiHeadAttention", "com.microsoft")] * 7
+    assert [(v.op_type, v.domain) for v in decoder if v.op_type == "MultiHeadAttention"] == [
+        ("MultiHeadAttention", "com.microsoft")] * 7
+    # and 3 + 4 residual adds fused with their norms (the first block's self-attention has no residual) + the final
+    assert [(v.op_type, v.domain) for v in decoder if v.op_type != "MultiHeadAttention"] == [
+        ("SkipLayerNormalization", "com.microsoft")] * 8
     found = check_tensorrt_compat(files["image_encoder"])
-    assert [(v.op_type, v.domain) for v in found] == [("MultiHeadAttention", "com.microsoft")] * 4  # tiny: 4 blocks
+    # tiny: 4 blocks, each one attention node and two residual adds fused with their LayerNorms (the last one one)
+    assert ([(v.op_type, v.domain) for v in found if v.op_type == "MultiHeadAttention"]
+            == [("MultiHeadAttention", "com.microsoft")] * 4)
+    assert [(v.op_type, v.domain) for v in found if v.op_type != "MultiHeadAttention"] == [
+        ("SkipLayerNormalization", "com.microsoft")] * 7
     assert found[0] == Violation(
         "/encoder/blocks.0/attn/FusedAttention", "MultiHeadAttention", "com.microsoft",
         "operator of domain com.microsoft, not the ONNX domain: TensorRT's parser would only look for a plugin "
@@ -111,8 +119,9 @@ def test_sam_fused_attention_is_refused(sam_fused_bundle):
     with pytest.raises(BundleError) as err:
         assert_tensorrt_compatible(files["image_encoder"])
     text = str(err.value)
-    assert text.startswith(f"{files['image_encoder']} cannot become a TensorRT 10.x engine: 4 problem(s)")
+    assert text.startswith(f"{files['image_encoder']} cannot become a TensorRT 10.x engine: 11 problem(s)")
     assert ("4 x com.microsoft.MultiHeadAttention (e.g. node '/encoder/blocks.0/attn/FusedAttention')" in text)
+    assert ("7 x com.microsoft.SkipLayerNormalization (e.g. node '/encoder/blocks.0/SkipLayerNorm')" in text)
     assert "re-export a SAM or CLIP bundle made with --attention fused with --attention plain" in text
 
 
