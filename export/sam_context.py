@@ -94,8 +94,8 @@ def _channels_last_masks(d: nn.Module, tokens: torch.Tensor, image: torch.Tensor
         hyper = hyper @ weight + bias
         hyper = F.relu(hyper) if i < mlps[0].num_layers - 1 else hyper
     logits = hyper.squeeze(2) @ x.transpose(1, 2)  # (B, M, hw*16)
-    # (i, j, a, b, e, f) -> row 4i + 2a + e, column 4j + 2b + f
-    logits = logits.reshape(-1, d.num_mask_tokens, h, w, 2, 2, 2, 2).permute(0, 1, 2, 4, 6, 3, 5, 7)
+    # (i, j, a, b, e, f) -> row 4i + 2a + e, column 4j + 2b + f (prompts and masks as one axis: rank 7)
+    logits = logits.reshape(-1, h, w, 2, 2, 2, 2).permute(0, 1, 3, 5, 2, 4, 6)
     return logits.reshape(-1, d.num_mask_tokens, 4 * h, 4 * w)
 
 
