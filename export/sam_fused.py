@@ -70,8 +70,13 @@ class FusedAttention(nn.Module):
             return proj(fused_attention(q, k, v, n).reshape(-1, h, w, dim))
         # Decomposed relative positions from the unscaled queries, as add_decomposed_rel_pos does.
         r_q = q.reshape(-1, h, w, n, hd)  # B, h, w, heads, hd
-        rel_h = torch.einsum("bhwnc,hkc->bhwnk", r_q, get_rel_pos(h, h, a.rel_pos_h))  # B, h, w, heads, h
-        rel_w = torch.einsum("bhwnc,wkc->bhwnk", r_q, get_rel_pos(w, w, a.rel_pos_w))  # B, h, w, heads, w
+        # As MatMuls that broadcast the tables over the batch, not Einsum: ONNX Runtime's Einsum kernel works out
+        # its plan on every call and runs it as separate transposes, copies and MatMuls into temporaries (its
+        # EinsumTypedComputeProcessor). rel_h: per query row, (w*heads, hd) @ (hd, h); rel_w: per query column.
+        table_h = get_rel_pos(h, h, a.rel_pos_h).transpose(1, 2)  # h, hd, h (k)
+        table_w = get_rel_pos(w, w, a.rel_pos_w).transpose(1, 2)  # w, hd, w (k)
+        rel_h = (r_q.reshape(-1, h, w * n, hd) @ table_h).reshape(-1, h, w, n, h)  # B, h, w, heads, h
+        rel_w = (r_q.reshape(-1, w, n, hd) @ table_w).reshape(-1, h, w, n, w)  # B, h, w, heads, w
         if mode == "bias":
             bias = (rel_h.permute(0, 3, 1, 2, 4)[..., :, None] + rel_w.permute(0, 3, 1, 2, 4)[..., None, :])
             out = fused_attention(q, k, v, n, bias.reshape(-1, n, h * w, h * w))
