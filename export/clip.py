@@ -94,9 +94,13 @@ class ImageEncoderGraph(nn.Module):
         v = self.visual
         if not hasattr(v, "class_embedding"):  # ModifiedResNet: no nn.MultiheadAttention inside
             return v(image)
-        x = v.conv1(image).flatten(2).transpose(1, 2)  # B, grid**2, width
-        cls = v.class_embedding.expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + v.positional_embedding
+        # Sizes as Python ints, and the class token prepended as a zero row (Pad) whose position row carries the
+        # class embedding: the same sums as cat([class_embedding expanded to the batch, x]) + positions, without
+        # the per-call shape arithmetic of that flatten and expand (Shape, Gather, Concat, Where, Expand).
+        tokens, width = int(v.positional_embedding.shape[0]), int(v.positional_embedding.shape[1])
+        x = v.conv1(image).reshape(-1, width, tokens - 1).transpose(1, 2)  # B, grid**2, width
+        positions = torch.cat([v.positional_embedding[:1] + v.class_embedding, v.positional_embedding[1:]])
+        x = F.pad(x, (0, 0, 1, 0)) + positions
         if self.fused:  # ln_post of every token (one fused node with the last residual add), then the class token
             return _transformer(v.transformer, v.ln_pre(x), fused=True, final_norm=v.ln_post)[:, 0, :] @ v.proj
         x = _transformer(v.transformer, v.ln_pre(x))

@@ -60,8 +60,12 @@ def tiny_pair(name: str):
 _BUNDLES = tempfile.TemporaryDirectory(prefix="edgefm-clip-")  # removed when the test process exits
 
 
-@functools.cache
 def tiny_bundle(name: str, precision: str = "fp32", attention: str = "plain") -> Path:
+    return _tiny_bundle(name, precision, attention)  # one cache entry however the defaults were passed
+
+
+@functools.cache
+def _tiny_bundle(name: str, precision: str, attention: str) -> Path:
     from edgefm.export.clip import export_clip
 
     out = Path(_BUNDLES.name) / f"{name}-{precision}-{attention}"

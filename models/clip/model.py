@@ -365,8 +365,11 @@ class CLIP(nn.Module):
         in torch and in ONNX (``select_last_index=0``).
         """
         eot = text.to(torch.float32).argmax(dim=-1)  # N
-        index = eot.view(-1, 1, 1).expand(-1, 1, x.shape[-1])
-        return x.gather(1, index).squeeze(1)  # N, D
+        # repeat (Tile with constant counts) and flatten rather than expand(-1, ...) and squeeze(1): exported,
+        # those computed the target shape per call and wrapped the squeeze in an If node (a control-flow node,
+        # which ONNX Runtime refuses to capture in a CUDA graph).
+        index = eot.view(-1, 1, 1).repeat(1, 1, x.shape[-1])
+        return x.gather(1, index).flatten(1)  # N, D
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns ``(logits_per_image [N_img, N_txt], logits_per_text [N_txt, N_img])`` like OpenAI."""

@@ -56,6 +56,18 @@ def test_each_block_is_one_node_and_the_head_split_is_gone():
         assert ops["LayerNormalization"] == outside  # ln_pre (image) and blocks.0's ln_1
 
 
+def test_graphs_can_be_captured_whole_in_a_cuda_graph():
+    """ONNX Runtime refuses to capture a session with a control-flow node (If, Loop, Scan) in a CUDA graph; the
+    text encoder's EOT pooling used to squeeze inside an If. The fused image encoder computes no shape at all
+    (the class token is a Pad whose position row carries it), so nothing of it runs on the host."""
+    for attention in ("plain", "fused"):
+        folder = tiny_bundle("tiny-vit", attention=attention)
+        for comp in ("image_encoder", "text_encoder"):
+            ops = _ops(folder / f"{comp}.onnx")
+            assert not ops.keys() & {"If", "Loop", "Scan"}, (attention, comp)
+    assert _ops(tiny_bundle("tiny-vit", attention="fused") / "image_encoder.onnx")["Shape"] == 0
+
+
 def test_fused_graphs_match_pytorch_and_the_plain_export():
     model, _ = tiny_pair("tiny-vit")
     fused = Bundle(tiny_bundle("tiny-vit", attention="fused"), backend="ort-cpu")
