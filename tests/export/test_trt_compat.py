@@ -12,6 +12,7 @@ import pytest
 pytest.importorskip("onnxruntime")
 import clip_fixtures  # noqa: E402
 import dalle_fixtures  # noqa: E402
+import onnx  # noqa: E402
 from dalle_fixtures import one_torch_thread  # noqa: E402,F401 (autouse fixture)
 from edgefm.export import tensorrt as ext  # noqa: E402
 from edgefm.export.trt_compat import (  # noqa: E402
@@ -92,6 +93,9 @@ def test_exported_graphs_are_compatible(which, components, request, tmp_path_fac
     assert found == {name: [] for name in components}
     for path in files.values():
         assert_tensorrt_compatible(path)  # no raise
+    # Nor a control-flow node, which TensorRT would take but ONNX Runtime would not capture in a CUDA graph.
+    for name, path in files.items():
+        assert not {n.op_type for n in onnx.load(str(path)).graph.node} & {"If", "Loop", "Scan"}, name
 
 
 # --- SAM's fused attention: ONNX Runtime's operator, refused before TensorRT --------------------------------
