@@ -43,6 +43,9 @@ def test_gpu_check_smoke_run_has_every_section_and_no_error(tmp_path):
         host, dev = predictor[f"{precision}_host_preprocess"], predictor[f"{precision}_device_preprocess"]
         assert dev["mask_iou_vs_cpu_fp32"] == host["mask_iou_vs_cpu_fp32"]
     assert "Where the time goes" in (out / "gpu_check.md").read_text()
+    profiles = res["sections"]["kernel_profile"]  # on the CPU no kernels are recorded, but the same code runs
+    for variant in ("fp16", "fused_fp16"):
+        assert profiles[f"sam.prompt_decoder onnxruntime {variant}"]["wall_ms"] > 0
     # On ort-cpu each single-precision bundle's files are their own references: verify says so, per component.
     verify = res["sections"]["edgefm_verify"]
     assert set(verify["sam.fp16"]["components"]) == {"image_encoder", "prompt_encoder", "mask_decoder",

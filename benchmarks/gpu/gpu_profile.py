@@ -85,3 +85,28 @@ def section_kernel_profile(run: Any, models: dict[str, Any], bundles: dict[str, 
                         f"{p['launches']} launches; top: {[t['kernel'][:40] for t in p['top'][:3]]}")
         if cuda:
             torch.cuda.empty_cache()
+    _profile_clicks(run, bundles["sam"], backend, sync, cuda, out)
+
+
+def _profile_clicks(run: Any, bundles: dict[str, Any], backend: str, sync: Callable[[], None], cuda: bool,
+                    out: dict[str, Any]) -> None:
+    """SAM's prompt decoder (one click against an image's decoder context, all on the device), kernel by kernel:
+    the component a click waits for, with the 1 ms target."""
+    import numpy as np
+    from gpu_sections_bench import bench_feeds, component_runner
+
+    for variant in ("fp16", "fused_fp16"):
+        if variant not in bundles:
+            continue
+        context = component_runner(bundles[variant], "decoder_context", backend)
+        shape = context.spec.concrete_shape(context.spec.inputs[0])
+        emb = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
+        click = {k: v for k, v in bench_feeds("sam", "prompt_decoder", None, run.smoke).items()
+                 if k in ("point_coords", "point_labels")}
+        decoder = component_runner(bundles[variant], "prompt_decoder", backend)
+        key = f"sam.prompt_decoder onnxruntime {variant}"
+        out[key] = kernel_profile(decoder.resident_call({**click, **context.run({"image_embeddings": emb})}), sync,
+                                  cuda=cuda)
+        p = out[key]
+        run.log(f"   {key:44s} wall {p['wall_ms']:.2f} ms, GPU busy {p['busy_ms']:.2f} ms, "
+                f"{p['launches']} launches; top: {[t['kernel'][:40] for t in p['top'][:3]]}")
