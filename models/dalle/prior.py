@@ -59,8 +59,10 @@ class Attention(nn.Module):
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[B, S, D] -> q, k, v each [B, H, S, D/H]."""
-        b, s, d = x.shape
-        qkv = self.qkv(x).view(b, s, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        # Length and widths as Python ints, the batch as -1: an exported graph (prefill: S = text_len, step:
+        # S = 1) then reshapes by constants instead of computing each shape from Shape ops per call.
+        s, d = int(x.shape[1]), int(x.shape[2])
+        qkv = self.qkv(x).reshape(-1, s, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
         return qkv[0], qkv[1], qkv[2]
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -69,8 +71,8 @@ class Attention(nn.Module):
         # Every row keeps at least its own position, so -inf never yields an all-masked softmax.
         scores = scores.masked_fill(~mask, float("-inf"))
         y = self.attn_dropout(scores.softmax(dim=-1)) @ v
-        b, h, s, d = y.shape
-        return y.transpose(1, 2).reshape(b, s, h * d)
+        h, s, d = (int(n) for n in y.shape[1:])  # constants in an exported graph, as in project
+        return y.transpose(1, 2).reshape(-1, s, h * d)
 
 
 class MLP(nn.Module):
@@ -159,7 +161,9 @@ class DallePrior(nn.Module):
 
     def image_position(self, index: torch.Tensor) -> torch.Tensor:
         """Row + column embedding of grid index ``index`` (any shape of int64) -> [..., D]."""
-        row = index.div(self.config.image_grid, rounding_mode="floor")
+        # Indices are >= 0, where truncating division is floor division: one integer Div when exported, where
+        # rounding_mode="floor" adds the sign corrections (Mod, Less, Xor, And, Where).
+        row = index.div(self.config.image_grid, rounding_mode="trunc")
         col = index - row * self.config.image_grid
         return self.image_row[row] + self.image_column[col]
 
@@ -254,10 +258,11 @@ class DallePrior(nn.Module):
         x = self.image_embedding(token) + self.image_position(position - c.text_len)
         x = self.embed_dropout(x[:, None])
         slot = torch.arange(c.context_len, device=token.device) == position
+        # This position's mask row, once per attention pattern rather than once per layer.
+        rows = {p: getattr(self, f"mask_{p}")[position][None] for p in dict.fromkeys(c.layer_patterns)}
         new_k, new_v = [], []
         for i, (block, pattern) in enumerate(zip(self.blocks, c.layer_patterns, strict=True)):
-            mask_row = getattr(self, f"mask_{pattern}")[position][None]
-            x, k, v = block.step(x, k_cache[i], v_cache[i], slot, mask_row)
+            x, k, v = block.step(x, k_cache[i], v_cache[i], slot, rows[pattern])
             new_k.append(k)
             new_v.append(v)
         return self.image_logits(self.ln_f(x[:, 0])), torch.stack(new_k), torch.stack(new_v)
