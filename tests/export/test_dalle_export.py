@@ -93,6 +93,22 @@ def test_prefill_and_chained_steps_match_pytorch(bundle, models):
     assert_scaled_close(vc, v.numpy(), rel=1e-4, what="v_cache after the steps")
 
 
+def test_prior_step_computes_no_shapes_per_call(bundle, tmp_path):
+    """The prior runs once per image token: its step reshapes by constants (the batch as -1), so once ONNX
+    Runtime has folded what is static no Shape op is left (a step is only the model's arithmetic, and on a GPU
+    nothing of it waits on the host), and the grid row of a position is one integer Div, not floor division's
+    sign corrections (Mod, Less, Xor, And, Where)."""
+    import onnx
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "step.onnx")
+    ort.InferenceSession(str(bundle.path / bundle.entry("prior_step").file), options,
+                         providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+    assert not {"Shape", "Mod", "Xor"} & set(ops), sorted(set(ops))
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser()
     add_export_args(p)
