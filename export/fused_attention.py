@@ -11,6 +11,10 @@ for the unfused one, instead of three separate Adds), and the CUDA provider can 
 arithmetic is unchanged, with the operator's default scale ``hd ** -0.5``; the CPU provider has the same
 operator, which is how CI checks it.
 
+The same graphs write each residual add, with the projection bias before it and the LayerNorm after it, as one
+``com.microsoft.SkipLayerNormalization`` (:func:`skip_layer_norm`): ONNX Runtime's own fusion of that pattern
+does not fire in these graphs (see ``benchmarks/results/graph_stats.md``).
+
 The result is an ONNX Runtime graph: TensorRT's ONNX parser does not know ``com.microsoft`` operators, so
 ``edgefm build-engine`` needs the plain export (``export/trt_compat.py`` refuses fused graphs by name).
 """
