@@ -164,7 +164,19 @@ class FusedEncoder(nn.Module):
             after = self.blocks[i + 1].inner.norm1 if i + 1 < len(self.blocks) else None
             out = block(x, normed, (h, w), after)
             normed, x = out if after is not None else (None, out)
-        return enc.neck(x.reshape(-1, h, w, c).permute(0, 3, 1, 2))
+        return _channels_last_neck(enc.neck, x, (h, w))
+
+
+def _channels_last_neck(neck: nn.Module, tokens: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The encoder's neck (1 x 1 conv, LayerNorm2d, 3 x 3 conv, LayerNorm2d) on the (B, HW, C) tokens: the 1 x 1
+    conv as a MatMul and each LayerNorm2d as one LayerNormalization over the channels-last layout, where the NCHW
+    form spells each out in 9 operators (in fp32 between Casts in an fp16 graph). Only the 3 x 3 conv sees NCHW."""
+    (h, w), (conv1, norm1, conv3, norm2) = size, neck
+    x = F.linear(tokens, conv1.weight.flatten(1), conv1.bias)  # (B, HW, C_out)
+    x = F.layer_norm(x, norm1.weight.shape, norm1.weight, norm1.bias, norm1.eps)
+    x = conv3(x.reshape(-1, h, w, conv1.out_channels).permute(0, 3, 1, 2))
+    x = F.layer_norm(x.permute(0, 2, 3, 1), norm2.weight.shape, norm2.weight, norm2.bias, norm2.eps)
+    return x.permute(0, 3, 1, 2)
 
 
 class FusedDecoderAttention(nn.Module):

@@ -63,7 +63,8 @@ def test_residual_adds_are_fused_with_the_layer_norms_after_them(fused_bundle, s
     eps = [onnx.helper.get_attribute_value(a) for n in skip for a in n.attribute if a.name == "epsilon"]
     assert eps == pytest.approx([sam_tiny.image_encoder.blocks[0].norm1.eps] * len(skip))  # SAM's 1e-6
     norms = [n for n in nodes if n.op_type == "LayerNormalization"]
-    assert len(norms) == 1  # blocks.0's norm1 (the neck's LayerNorm2d are spelled out over channels)
+    assert len(norms) == 1 + 2  # blocks.0's norm1, and the neck's two LayerNorm2d on channels-last tensors
+    assert not [n for n in nodes if n.op_type in ("ReduceMean", "Sqrt")]  # nothing spelled out
     info = json.loads((fused_bundle / "manifest.json").read_text())["components"][0]["info"]
     assert info["skip_layer_norm"] == len(skip)
 
