@@ -43,6 +43,8 @@ def test_gpu_check_smoke_run_has_every_section_and_no_error(tmp_path):
         host, dev = predictor[f"{precision}_host_preprocess"], predictor[f"{precision}_device_preprocess"]
         assert dev["mask_iou_vs_cpu_fp32"] == host["mask_iou_vs_cpu_fp32"]
     assert "Where the time goes" in (out / "gpu_check.md").read_text()
+    assert res["sections"]["dalle_generate"]["captured_same_tokens_as_cpu"] == 1.0
+    assert ("dalle.generate n=1 (shapes, 8x8 grid)", "DalleGenerator ort-cpu captured steps", "fp32") in impls
     profiles = res["sections"]["kernel_profile"]  # on the CPU no kernels are recorded, but the same code runs
     for variant in ("fp16", "fused_fp16"):
         assert profiles[f"sam.prompt_decoder onnxruntime {variant}"]["wall_ms"] > 0

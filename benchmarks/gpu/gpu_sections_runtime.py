@@ -133,9 +133,17 @@ def section_dalle_generate(run: Run, work: Path, backend: str) -> None:
     b = dev.generate(prompt, n=4, seed=3, top_k=8).tokens
     out["same_tokens_as_cpu"] = float(np.mean(a == b))
     run.log(f"   dalle: {out['same_tokens_as_cpu']:.4f} of image tokens equal to the CPU run")
+    # Each prior step replayed as a captured graph, two taking turns with the cache (on the CPU smoke run: the
+    # static-shape stand-in, as in the tests).
+    graphs = DalleGenerator(bundle, backend=backend, cuda_graphs=backend == "ort-cuda")
+    graphs._graphs = True
+    out["captured_same_tokens_as_cpu"] = float(np.mean(graphs.generate(prompt, n=4, seed=3, top_k=8).tokens == a))
+    run.log(f"   dalle, captured steps: {out['captured_same_tokens_as_cpu']:.4f} of image tokens equal to the CPU run")
     for n in (1, 8):
         run.row(f"dalle.generate n={n} (shapes, 8x8 grid)", f"DalleGenerator {backend}", "fp32",
                 time_fn(lambda n=n: dev.generate(prompt, n=n, seed=0, top_k=8), 10, 2))
+        run.row(f"dalle.generate n={n} (shapes, 8x8 grid)", f"DalleGenerator {backend} captured steps", "fp32",
+                time_fn(lambda n=n: graphs.generate(prompt, n=n, seed=0, top_k=8), 10, 2))
 
 
 def section_verify(run: Run, bundles, backend: str) -> None:

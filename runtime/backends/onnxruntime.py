@@ -227,11 +227,13 @@ class OrtRunner:
             return dict(zip(self.spec.output_names, outs))
         return {k: v.numpy() for k, v in self.run_on_device(feeds).items()}
 
-    def run_on_device(self, feeds: dict[str, Any], keep: tuple[str, ...] = ()) -> dict[str, Any]:
+    def run_on_device(self, feeds: dict[str, Any], keep: tuple[str, ...] = (),
+                      into: dict[str, Any] | None = None) -> dict[str, Any]:
         """Run with IO binding. ``feeds`` values may be host arrays or device ``OrtValue``s (a previous
         component's outputs), so chained components never round-trip through the host. Returns
         ``OrtValue``s; those named in ``keep`` stay on the runner's device, the rest are bound to host
-        memory. (On ort-cpu both are host memory: the same code path, testable without a GPU.)"""
+        memory. ``into``: outputs written into these existing device ``OrtValue``s (e.g. a captured graph's
+        input buffers). (On ort-cpu all of it is host memory: the same code path, testable without a GPU.)"""
         rt = ort()
         binding = self.session.io_binding()
         for name in self.spec.input_names:
@@ -240,7 +242,9 @@ class OrtRunner:
                 value = rt.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), self.device, 0)
             binding.bind_ortvalue_input(name, value)
         for name in self.spec.output_names:
-            if name in keep:
+            if into and name in into:
+                binding.bind_ortvalue_output(name, into[name])
+            elif name in keep:
                 binding.bind_output(name, self.device, 0)
             else:
                 binding.bind_output(name, "cpu")
@@ -290,9 +294,11 @@ class _CapturedGraph:
 
     ``bound``: inputs given as existing device ``OrtValue``s (e.g. another captured graph's ``outputs``) are
     bound as they are, so chained graphs share buffers at fixed addresses and replay without any copy; the
-    rest get buffers of their own, refilled from host arrays by :meth:`run`."""
+    rest get buffers of their own, refilled from host arrays by :meth:`run`. ``into``: outputs written into
+    existing device ``OrtValue``s (two graphs that hand a buffer back and forth), the rest into their own."""
 
-    def __init__(self, runner: OrtRunner, feeds: dict[str, np.ndarray], bound: dict[str, Any] | None = None) -> None:
+    def __init__(self, runner: OrtRunner, feeds: dict[str, np.ndarray], bound: dict[str, Any] | None = None,
+                 into: dict[str, Any] | None = None) -> None:
         rt = ort()
         bound = dict(bound or {})
         self.shapes = {**{n: a.shape for n, a in feeds.items()}, **{n: tuple(v.shape()) for n, v in bound.items()}}
@@ -315,8 +321,9 @@ class _CapturedGraph:
         device = runner.device
         self.inputs = {**{n: rt.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), device, 0)
                           for n, a in feeds.items()}, **bound}
+        into = into or {}
         self.outputs = {
-            t.name: rt.OrtValue.ortvalue_from_shape_and_type(
+            t.name: into[t.name] if t.name in into else rt.OrtValue.ortvalue_from_shape_and_type(
                 list(runner.spec.concrete_shape(t, "opt", **sizes)), np.dtype(t.dtype), device, 0)
             for t in runner.spec.outputs
         }

@@ -61,7 +61,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.n < 1:
         raise InputError(f"-n must be at least 1, got {args.n}")
     reranker = load_reranker(args.rerank, args.backend, args.threads) if args.rerank else None
-    gen = DalleGenerator(args.bundle, backend=args.backend, threads=args.threads, precision=args.precision)
+    gen = DalleGenerator(args.bundle, backend=args.backend, threads=args.threads, precision=args.precision,
+                         cuda_graphs=args.cuda_graph)
     t0 = time.perf_counter()
     result = gen.generate(args.prompt, n=args.n, seed=args.seed, temperature=args.temperature,
                           top_k=args.top_k, top_p=args.top_p, rerank=reranker, progress=not args.no_progress,
@@ -144,6 +145,9 @@ def register(sub: Any) -> None:
     g.add_argument("--out", required=True, help="grid picture (.png / .jpg)")
     g.add_argument("--tokens-out", help="also save the token grids (and scores) as .npz")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--cuda-graph", action="store_true",
+                   help="ort-cuda: replay each prior step as a captured CUDA graph (two more copies of the "
+                        "prior's weights on the GPU)")
     g.set_defaults(func=cmd_generate)
 
     d = sub.add_parser("dvae", help="round-trip a picture through the dVAE codes of a DALL·E bundle")

@@ -268,8 +268,16 @@ class DalleGenerator:
     """``generate(prompt, n, seed, temperature, top_k, top_p, rerank)`` on a bundle with a prior."""
 
     def __init__(self, bundle: Bundle | str | Path, backend: str = "auto", threads: int | None = None,
-                 tokenizer: Any | None = None, precision: str | None = None) -> None:
+                 tokenizer: Any | None = None, precision: str | None = None, cuda_graphs: bool = False) -> None:
+        """``cuda_graphs`` (ort-cuda): replay each prior step as a captured CUDA graph, two per batch size
+        taking turns with the KV cache (:mod:`edgefm.runtime.dalle.captured`; two more copies of the prior's
+        weights on the device)."""
         self.bundle = _open(bundle, backend, threads, (PRIOR_PREFILL, PRIOR_STEP, DVAE_DECODER), precision)
+        if cuda_graphs and self.bundle.backend != "ort-cuda":
+            raise InputError(f"cuda_graphs=True replays ONNX Runtime CUDA graphs: it needs backend 'ort-cuda', "
+                             f"not {self.bundle.backend!r}")
+        self._graphs = cuda_graphs
+        self._captured: dict[int, Any] = {}  # batch size -> CapturedSteps, the most recent one kept
         cfg = self.bundle.config
         tok = cfg.get("tokenizer", {})
         if tok.get("kind") != "clip_bpe":
@@ -358,8 +366,12 @@ class DalleGenerator:
         rows = np.repeat(text[None], n, axis=0)
         if guided:
             rows = np.concatenate([rows, np.repeat(self.empty_text_tokens[None], n, axis=0)])
-        out = self._run(self.prefill, {"text_tokens": rows}, ("k_cache", "v_cache"))
-        logits, k, v = out["logits"], out["k_cache"], out["v_cache"]
+        if self._graphs:
+            steps = self._captured_steps(rows.shape[0])
+            logits = steps.start(rows)
+        else:
+            out = self._run(self.prefill, {"text_tokens": rows}, ("k_cache", "v_cache"))
+            logits, k, v = out["logits"], out["k_cache"], out["v_cache"]
         tokens = np.empty((n, g * g), np.int64)
         bar = _progress_bar(g, progress)
         try:
@@ -369,15 +381,29 @@ class DalleGenerator:
                 tokens[:, j] = sample_tokens(logits, rng, temperature, top_k, top_p)
                 if j + 1 < g * g:
                     fed = np.concatenate([tokens[:, j], tokens[:, j]]) if guided else tokens[:, j].copy()
-                    feeds = {"token": fed, "position": np.array([t + j], np.int64), "k_cache": k, "v_cache": v}
-                    out = self._run(self.step, feeds, ("k_cache_out", "v_cache_out"))
-                    logits, k, v = out["logits"], out["k_cache_out"], out["v_cache_out"]
+                    if self._graphs:
+                        logits = steps(fed, t + j)
+                    else:
+                        feeds = {"token": fed, "position": np.array([t + j], np.int64), "k_cache": k,
+                                 "v_cache": v}
+                        out = self._run(self.step, feeds, ("k_cache_out", "v_cache_out"))
+                        logits, k, v = out["logits"], out["k_cache_out"], out["v_cache_out"]
                 if bar is not None and (j + 1) % g == 0:
                     bar.update(1)
         finally:
             if bar is not None:
                 bar.close()
         return tokens.reshape(n, g, g)
+
+    def _captured_steps(self, batch: int) -> Any:
+        """The captured prefill + steps for this batch size (captured on first use; one batch size is kept, as
+        each costs two sessions' weights on the device)."""
+        if batch not in self._captured:
+            from .captured import CapturedSteps
+
+            self._captured.clear()
+            self._captured[batch] = CapturedSteps(self.prefill, self.step, batch, self.text_len)
+        return self._captured[batch]
 
     @staticmethod
     def _run(runner: Any, feeds: dict[str, Any], keep: tuple[str, ...]) -> dict[str, Any]:

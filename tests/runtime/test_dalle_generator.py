@@ -90,6 +90,35 @@ def test_guided_greedy_generation_equals_pytorch(gen, models, scale):
         assert (ref != plain).any()
 
 
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_captured_steps_take_turns_with_the_cache_and_draw_the_same_codes(bundle_path, models, guidance):
+    """``cuda_graphs=True``: prefill into buffer A, then two captured step graphs that hand the cache back and
+    forth (A -> B, B -> A). Here on the CPU provider, where a captured graph is a static-shape session with
+    pre-bound buffers (the same binding code as on ort-cuda): greedy codes equal PyTorch's, and seeded samples
+    equal the uncaptured runtime's, across batch sizes (guidance doubles the batch: another capture)."""
+    import torch
+
+    captured = DalleGenerator(Bundle(bundle_path, backend="ort-cpu", threads=1))
+    captured._graphs = True  # the CPU stand-in for ort-cuda (the public flag refuses other backends)
+    plain = DalleGenerator(Bundle(bundle_path, backend="ort-cpu", threads=1))
+    greedy = captured.generate(PROMPT, n=3, temperature=0, guidance=guidance)
+    with torch.no_grad():
+        text = torch.from_numpy(np.repeat(greedy.text_tokens[None], 3, 0))
+        ref = models[2].generate(text, greedy=True, guidance=guidance,
+                                 empty_text_ids=torch.from_numpy(captured.empty_text_tokens))
+    np.testing.assert_array_equal(greedy.tokens.reshape(3, -1), ref.numpy())
+    for n in (1, 2):
+        want = plain.generate(PROMPT, n=n, seed=5, top_k=16, guidance=guidance).tokens
+        np.testing.assert_array_equal(captured.generate(PROMPT, n=n, seed=5, top_k=16, guidance=guidance).tokens, want)
+    assert list(captured._captured) == [2 * 2 if guidance != 1 else 2]  # one batch size kept
+
+
+def test_captured_steps_need_ort_cuda(bundle_path):
+    with pytest.raises(InputError, match="cuda_graphs=True replays ONNX Runtime CUDA graphs: it needs backend "
+                                         "'ort-cuda', not 'ort-cpu'"):
+        DalleGenerator(bundle_path, backend="ort-cpu", cuda_graphs=True)
+
+
 def test_guidance_default_comes_from_the_bundle(bundle_path, tmp_path):
     """A bundle without a recorded scale samples unguided; a recorded one is the default and can be overridden."""
     plain = DalleGenerator(Bundle(bundle_path, backend="ort-cpu", threads=1))
