@@ -95,12 +95,13 @@ def section_camera(run: Run, bundles, backend: str, seconds: float) -> None:
         cv2.circle(img, (int(320 + 640 * abs(np.sin(np.pi * i / 90))), 360), 140, (220, 30, 30), -1)
         frames.append(img)
     out = run.results["sections"].setdefault("camera_1280x720", {})
-    # "+graphs": `edgefm camera --cuda-graph`, SamPredictor's captured encoder and prompt -> masks chain.
-    names = ("classify", "segment", "track") + (("segment+graphs",) if backend == "ort-cuda" else ())
-    for task_name in names:
-        if task_name == "classify":
-            task = ClassifyTask(ClipModel(bundles["clip"]["fp16"], backend=backend),
-                                ["red circle", "blue square", "green triangle"], templates="simple")
+    # "+graphs": `edgefm camera --cuda-graph`: ClipModel's captured image encoder, SamPredictor's captured encoder
+    # and prompt -> masks chain.
+    graphs = ("classify+graphs", "segment+graphs") if backend == "ort-cuda" else ()
+    for task_name in ("classify", "segment", "track", *graphs):
+        if task_name.startswith("classify"):
+            clip = ClipModel(bundles["clip"]["fp16"], backend=backend, cuda_graphs=task_name.endswith("+graphs"))
+            task = ClassifyTask(clip, ["red circle", "blue square", "green triangle"], templates="simple")
         else:
             pred = SamPredictor(bundles["sam"]["fp16"], backend=backend, cuda_graphs=task_name.endswith("+graphs"))
             task = (SegmentTask(pred, box=np.array([150, 200, 500, 520], np.float32))

@@ -60,15 +60,11 @@ def build_task(args: argparse.Namespace, bundles: dict[str, Path]) -> Any:
     if args.task == "classify":
         from ..clip.model import ClipModel
 
-        if args.cuda_graph:
-            raise InputError("--cuda-graph captures SAM's encoder and prompt -> mask chain; --task classify has "
-                             "no such chain (leave --cuda-graph out)")
-
         labels = [lab.strip() for lab in (args.labels or "").split(",") if lab.strip()]
         if not labels:
             raise InputError("--task classify needs --labels, comma-separated, e.g. --labels 'cat,dog,person'")
         model = ClipModel(bundles["clip"], backend=args.backend, threads=args.threads, precision=args.precision,
-                          preprocess=args.preprocess)
+                          preprocess=args.preprocess, cuda_graphs=args.cuda_graph)
         return tasks.ClassifyTask(model, labels, templates=args.templates, smooth=args.smooth)
     from ..sam.predictor import SamPredictor
 
@@ -159,6 +155,6 @@ def register(sub: Any) -> None:
                      help="where frames are resized and normalized (auto: on the GPU with ONNX Runtime GPU backends)")
     add_precision_arg(run)
     run.add_argument("--cuda-graph", action="store_true",
-                     help="SAM tasks on ort-cuda: each frame's encoder run and its prompt -> masks chain replay "
-                          "captured CUDA graphs (fixed shapes; a second copy of the weights in GPU memory)")
+                     help="ort-cuda: each frame's encoder run (CLIP's or SAM's) and SAM's prompt -> masks chain "
+                          "replay captured CUDA graphs (fixed shapes; a second copy of the weights in GPU memory)")
     c.set_defaults(func=cmd_camera)

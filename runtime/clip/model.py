@@ -45,11 +45,17 @@ class ClipModel:
             (numpy), "device" (an ONNX Runtime graph beside the image encoder, ``runtime/image_prep.py``: the
             uint8 images are uploaded instead of float32 tensors; RGBA images stay on the host), or "auto"
             (the device on ONNX Runtime GPU backends once a check at the first use agrees, else the host).
+        cuda_graphs: (ort-cuda) run the image encoder as a captured CUDA graph per batch size, its input buffer
+            the one device preprocessing writes into: a camera frame is one upload, the preprocessing graph and
+            one replay. A second copy of the image encoder's weights in GPU memory per batch size kept (2).
     """
+
+    # Captured image-encoder graphs kept (by batch size), each a session with its own copy of the weights.
+    MAX_IMAGE_GRAPHS = 2
 
     def __init__(
         self, bundle: str | Path | Bundle, backend: str = "auto", threads: int | None = None,
-        precision: str | None = None, preprocess: str = "auto",
+        precision: str | None = None, preprocess: str = "auto", cuda_graphs: bool = False,
     ) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle, backend, threads=threads,
                                                                         family="clip", precision=precision)
@@ -57,6 +63,11 @@ class ClipModel:
             raise BundleError(
                 f"{self.bundle.path} holds a {self.bundle.family!r} bundle; ClipModel needs 'clip'"
             )
+        if cuda_graphs and self.bundle.backend != "ort-cuda":
+            raise InputError(f"cuda_graphs=True replays ONNX Runtime CUDA graphs: it needs backend 'ort-cuda', "
+                             f"not {self.bundle.backend!r}")
+        self._graphs = cuda_graphs
+        self._image_graphs: dict[tuple, Any] = {}  # batch size -> captured image encoder, most recent last
         cfg, pre = self.bundle.config, self.bundle.preprocess
         try:
             self.embed_dim = int(cfg["embed_dim"])
@@ -95,8 +106,11 @@ class ClipModel:
         """Preprocessed ``[N, 3, S, S]`` float32 -> normalized ``(N, D)``."""
         runner = self.bundle.runner(IMAGE_ENCODER)
         step = _batch_limit(runner.spec, "image_batch", batch_size)
-        out = [runner.run({"image": pixels[i : i + step]})["image_embeds"]
-               for i in range(0, len(pixels), step)]
+        if self._graphs:
+            out = [self._image_graph(min(step, len(pixels) - i)).run({"image": pixels[i : i + step]})["image_embeds"]
+                   for i in range(0, len(pixels), step)]
+        else:
+            out = [runner.run({"image": pixels[i : i + step]})["image_embeds"] for i in range(0, len(pixels), step)]
         return l2_normalize(np.concatenate(out) if out else np.zeros((0, self.embed_dim), np.float32))
 
     def encode_images(self, images: ImageLike | Sequence[ImageLike], batch_size: int = 32) -> np.ndarray:
@@ -147,11 +161,24 @@ class ClipModel:
 
         runner = self.bundle.runner(IMAGE_ENCODER)
         s = self.image_size
-        batch = ort.OrtValue.ortvalue_from_shape_and_type([len(images), 3, s, s], np.float32, runner.device, 0)
+        graph = self._image_graph(len(images)) if self._graphs else None
+        batch = graph.inputs["image"] if graph is not None else ort.OrtValue.ortvalue_from_shape_and_type(
+            [len(images), 3, s, s], np.float32, runner.device, 0)
         for i, im in enumerate(images):
             rgb = np.repeat(im, 3, axis=2) if im.shape[2] == 1 else im
             self._prep(rgb, *self._geometry(*im.shape[:2]), into=(batch, i))
+        if graph is not None:  # the preprocessing wrote into the captured graph's own input buffer
+            graph.replay()
+            return l2_normalize(graph.outputs["image_embeds"].numpy())
         return l2_normalize(runner.run_on_device({"image": batch})["image_embeds"].numpy())
+
+    def _image_graph(self, batch: int) -> Any:
+        """The image encoder captured for ``batch`` images (captured at the first use of that batch size)."""
+        from ..backends.onnxruntime import _CapturedGraph, recent_graph
+
+        runner, s = self.bundle.runner(IMAGE_ENCODER), self.image_size
+        capture = lambda: _CapturedGraph(runner, {"image": np.zeros((batch, 3, s, s), np.float32)})  # noqa: E731
+        return recent_graph(self._image_graphs, (batch,), capture, self.MAX_IMAGE_GRAPHS)[0]
 
     # -- texts ----------------------------------------------------------------------------------------
 

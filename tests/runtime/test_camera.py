@@ -370,12 +370,13 @@ def test_segment_task_needs_prompt_direct():
         SegmentTask.__new__(SegmentTask).__init__(predictor, None, None)
 
 
-def test_cuda_graph_is_for_sam_tasks(demo_clip, tmp_path):
+def test_cuda_graph_classify_needs_ort_cuda(demo_clip, tmp_path):
+    """--task classify --cuda-graph captures CLIP's image encoder, which only ort-cuda can replay."""
     moving_shape_video(tmp_path / "v.avi", n=2)
     args = camera_args([str(demo_clip), "--source", str(tmp_path / "v.avi"), "--task", "classify",
-                        "--labels", "a,b", "--cuda-graph"])
-    with pytest.raises(InputError, match="--cuda-graph captures SAM's encoder and prompt -> mask chain; --task "
-                                         "classify has no such chain"):
+                        "--labels", "a,b", "--cuda-graph", "--backend", "ort-cpu"])
+    with pytest.raises(InputError, match="cuda_graphs=True replays ONNX Runtime CUDA graphs: it needs backend "
+                                         "'ort-cuda', not 'ort-cpu'"):
         args.func(args)
 
 

@@ -64,6 +64,23 @@ def vit_or(name: str) -> ClipModel:
     return ClipModel(tiny_bundle(name), backend="ort-cpu")
 
 
+@pytest.mark.parametrize("preprocess", ["host", "device"])
+def test_captured_image_encoder_gives_the_same_embeddings(vit, preprocess):
+    """``cuda_graphs=True`` (here the CPU stand-in: a static-shape session with pre-bound buffers, the same
+    binding code as on ort-cuda): one captured encoder per batch size, fed by host pixels or written directly by
+    the device preprocessing graph; the embeddings equal the plain runner's, including a last, smaller batch."""
+    graphs = ClipModel(tiny_bundle("tiny-vit"), backend="ort-cpu", preprocess=preprocess)
+    graphs._graphs = True  # what cuda_graphs=True switches on with ort-cuda (the flag refuses other backends)
+    images = [picture(seed, 70 + 9 * seed, 110) for seed in range(5)]
+    want = vit.encode_images(images, batch_size=2)
+    got = graphs.encode_images(images, batch_size=2)  # batches of 2, 2 and 1: two graphs kept
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert graphs.preprocess_on == preprocess
+    assert sorted(graphs._image_graphs) == [(1,), (2,)]
+    with pytest.raises(InputError, match="it needs backend 'ort-cuda', not 'ort-cpu'"):
+        ClipModel(tiny_bundle("tiny-vit"), backend="ort-cpu", cuda_graphs=True)
+
+
 def test_prompt_ensembling_matches_torch_reference(vit):
     model, _ = tiny_pair("tiny-vit")
     templates = resolve_templates("imagenet80")
