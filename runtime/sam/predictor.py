@@ -170,7 +170,7 @@ class SamPredictor:
     def set_image_embedding(self, embedding: np.ndarray, original_size: tuple[int, int]) -> None:
         """Prompt against an embedding computed elsewhere: ``get_image_embedding()`` of a predictor on the same
         bundle (a server running the image encoder, say), for an image of ``original_size`` (H, W) pixels.
-        Only the prompt encoder and the mask decoder run here."""
+        Only the prompt-side components (and the decoder context) run here, never the image encoder."""
         want = self.decoder.spec.concrete_shape(self.decoder.spec.inputs[0])
         emb = np.asarray(embedding, dtype=np.float32)
         emb = emb[None] if emb.shape == want[1:] else emb
