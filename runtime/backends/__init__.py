@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..errors import BackendError
+from ..errors import BackendError, InputError
 from ..manifest import ComponentEntry
 from .base import BACKENDS, Runner
 
-__all__ = ["BACKENDS", "Runner", "available_backends", "resolve_backend", "open_runner"]
+__all__ = ["BACKENDS", "Runner", "available_backends", "check_cuda_graphs", "resolve_backend", "open_runner"]
 
 log = logging.getLogger("edgefm")
 
@@ -61,6 +61,14 @@ def resolve_backend(name: str, formats: set[str] | None = None) -> str:
             why = unavailable_reason(name)
         raise BackendError(f"backend {name!r} cannot be used: {why}; available: {have}")
     return name
+
+
+def check_cuda_graphs(backend: str) -> None:
+    """Refuse ``cuda_graphs=True`` (the CLIs' ``--cuda-graph``) on a backend other than ort-cuda."""
+    if backend != "ort-cuda":
+        raise InputError(f"cuda_graphs=True (--cuda-graph) replays ONNX Runtime CUDA graphs: it needs backend "
+                         f"'ort-cuda' (--backend ort-cuda), not {backend!r} (the tensorrt backend captures CUDA "
+                         "graphs by itself)")
 
 
 def open_runner(entry: ComponentEntry, folder: Path, backend: str, **options) -> Runner:

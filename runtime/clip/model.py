@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ..backends import check_cuda_graphs
 from ..bundle import Bundle
 from ..draw import read_image
 from ..errors import BundleError, InputError
@@ -63,9 +64,8 @@ class ClipModel:
             raise BundleError(
                 f"{self.bundle.path} holds a {self.bundle.family!r} bundle; ClipModel needs 'clip'"
             )
-        if cuda_graphs and self.bundle.backend != "ort-cuda":
-            raise InputError(f"cuda_graphs=True replays ONNX Runtime CUDA graphs: it needs backend 'ort-cuda', "
-                             f"not {self.bundle.backend!r}")
+        if cuda_graphs:
+            check_cuda_graphs(self.bundle.backend)
         self._graphs = cuda_graphs
         self._image_graphs: dict[tuple, Any] = {}  # batch size -> captured image encoder, most recent last
         cfg, pre = self.bundle.config, self.bundle.preprocess

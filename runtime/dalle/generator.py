@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 
-from ..backends import Runner
+from ..backends import Runner, check_cuda_graphs
 from ..bundle import Bundle
 from ..errors import BundleError, InputError
 from ..sam.transforms import as_rgb_uint8
@@ -202,9 +202,8 @@ class DalleGenerator:
         taking turns with the KV cache (:mod:`edgefm.runtime.dalle.captured`; two more copies of the prior's
         weights on the device)."""
         self.bundle = _open(bundle, backend, threads, (PRIOR_PREFILL, PRIOR_STEP, DVAE_DECODER), precision)
-        if cuda_graphs and self.bundle.backend != "ort-cuda":
-            raise InputError(f"cuda_graphs=True replays ONNX Runtime CUDA graphs: it needs backend 'ort-cuda', "
-                             f"not {self.bundle.backend!r}")
+        if cuda_graphs:
+            check_cuda_graphs(self.bundle.backend)
         self._graphs = cuda_graphs
         self._captured: dict[int, Any] = {}  # batch size -> CapturedSteps, the most recent one kept
         cfg = self.bundle.config

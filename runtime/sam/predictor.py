@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..backends import Runner
+from ..backends import Runner, check_cuda_graphs
 from ..backends.onnxruntime import _CapturedGraph, recent_graph, shapes_key
 from ..bundle import Bundle
 from ..errors import InputError
@@ -78,9 +78,8 @@ class SamPredictor:
         # ONNX Runtime on a GPU: chain the encoder into the decoder without a host round trip. (One backend
         # runs every component of a bundle, so the decoder's runner says what the encoder's will be.)
         self._on_device = getattr(self.decoder, "device", "cpu") == "cuda" and hasattr(self.decoder, "run_on_device")
-        if cuda_graphs and not (self._on_device and self.bundle.backend == "ort-cuda"):
-            raise InputError(f"cuda_graphs=True replays ONNX Runtime CUDA graphs: it needs backend 'ort-cuda', "
-                             f"not {self.bundle.backend!r} (the tensorrt backend captures CUDA graphs by itself)")
+        if cuda_graphs:  # (on ort-cuda the runners are on the device)
+            check_cuda_graphs(self.bundle.backend)
         self._graphs = cuda_graphs
         # "auto" on a GPU and "device" anywhere become "device" once the first use has checked the graph.
         self._preprocess_asked = asked_preprocess(preprocess, self.decoder, self.bundle.backend)

@@ -252,8 +252,8 @@ def test_wrong_bundle_family_and_missing_prompt_are_clear(sam_tiny_bundle, tmp_p
     # --cuda-graph: SAM's captured chains, on ort-cuda only (this machine has the CPU provider)
     args = camera_args([str(sam_tiny_bundle), "--source", str(tmp_path / "v.avi"), "--task", "track",
                         "--point", "30,30", "--backend", "ort-cpu", "--cuda-graph"])
-    with pytest.raises(InputError, match="cuda_graphs=True replays ONNX Runtime CUDA graphs: it needs backend "
-                                         "'ort-cuda', not 'ort-cpu'"):
+    with pytest.raises(InputError, match=r"cuda_graphs=True \(--cuda-graph\) replays ONNX Runtime CUDA graphs: "
+                                         r"it needs backend 'ort-cuda' \(--backend ort-cuda\), not 'ort-cpu'"):
         args.func(args)
 
 
@@ -375,8 +375,8 @@ def test_cuda_graph_classify_needs_ort_cuda(demo_clip, tmp_path):
     moving_shape_video(tmp_path / "v.avi", n=2)
     args = camera_args([str(demo_clip), "--source", str(tmp_path / "v.avi"), "--task", "classify",
                         "--labels", "a,b", "--cuda-graph", "--backend", "ort-cpu"])
-    with pytest.raises(InputError, match="cuda_graphs=True replays ONNX Runtime CUDA graphs: it needs backend "
-                                         "'ort-cuda', not 'ort-cpu'"):
+    with pytest.raises(InputError, match=r"cuda_graphs=True \(--cuda-graph\) replays ONNX Runtime CUDA graphs: "
+                                         r"it needs backend 'ort-cuda' \(--backend ort-cuda\), not 'ort-cpu'"):
         args.func(args)
 
 

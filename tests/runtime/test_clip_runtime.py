@@ -77,7 +77,7 @@ def test_captured_image_encoder_gives_the_same_embeddings(vit, preprocess):
     np.testing.assert_allclose(got, want, atol=1e-6)
     assert graphs.preprocess_on == preprocess
     assert sorted(graphs._image_graphs) == [(1,), (2,)]
-    with pytest.raises(InputError, match="it needs backend 'ort-cuda', not 'ort-cpu'"):
+    with pytest.raises(InputError, match=r"it needs backend 'ort-cuda' \(--backend ort-cuda\), not 'ort-cpu'"):
         ClipModel(tiny_bundle("tiny-vit"), backend="ort-cpu", cuda_graphs=True)
 
 

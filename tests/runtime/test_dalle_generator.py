@@ -114,8 +114,8 @@ def test_captured_steps_take_turns_with_the_cache_and_draw_the_same_codes(bundle
 
 
 def test_captured_steps_need_ort_cuda(bundle_path):
-    with pytest.raises(InputError, match="cuda_graphs=True replays ONNX Runtime CUDA graphs: it needs backend "
-                                         "'ort-cuda', not 'ort-cpu'"):
+    with pytest.raises(InputError, match=r"cuda_graphs=True \(--cuda-graph\) replays ONNX Runtime CUDA graphs: "
+                                         r"it needs backend 'ort-cuda' \(--backend ort-cuda\), not 'ort-cpu'"):
         DalleGenerator(bundle_path, backend="ort-cpu", cuda_graphs=True)
 
 

@@ -146,7 +146,8 @@ def test_predictor_on_captured_graphs_gives_the_host_masks_across_images_and_pro
 
 
 def test_predictor_cuda_graphs_need_ort_cuda(sam_tiny_bundle):
-    with pytest.raises(InputError, match="cuda_graphs=True .* needs backend 'ort-cuda', not 'ort-cpu'"):
+    with pytest.raises(InputError, match=r"cuda_graphs=True .* needs backend 'ort-cuda' "
+                                         r"\(--backend ort-cuda\), not 'ort-cpu'"):
         SamPredictor(sam_tiny_bundle, backend="ort-cpu", cuda_graphs=True)
 
 
