@@ -117,11 +117,10 @@ class FusedBlock(nn.Module):
         (h, w), c = grid, int(x.shape[-1])
         branch = self.attend(normed.reshape(-1, h, w, c), proj_bias=False).reshape(-1, h * w, c)
         normed, x = skip_layer_norm(x, branch, blk.norm2, blk.attn.proj.bias)
-        mlp = blk.mlp
-        branch = F.linear(mlp.act(mlp.lin1(normed)), mlp.lin2.weight)
+        branch, bias = mlp_without_out_bias(blk.mlp, normed), blk.mlp.lin2.bias
         if next_norm is None:
-            return x + branch + mlp.lin2.bias
-        return skip_layer_norm(x, branch, next_norm, mlp.lin2.bias)
+            return x + branch + bias
+        return skip_layer_norm(x, branch, next_norm, bias)
 
     def attend(self, x: torch.Tensor, proj_bias: bool = True) -> torch.Tensor:
         """The block's attention branch on the normalized (B, H, W, C) ``x``: windows made and undone around
