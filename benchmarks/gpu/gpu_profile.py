@@ -81,8 +81,7 @@ def section_kernel_profile(run: Any, models: dict[str, Any], bundles: dict[str, 
                 runner.resident_call(feeds), sync, cuda=cuda)
         for key, p in out.items():
             if key.startswith(family):
-                run.log(f"   {key:44s} wall {p['wall_ms']:.2f} ms, GPU busy {p['busy_ms']:.2f} ms, "
-                        f"{p['launches']} launches; top: {[t['kernel'][:40] for t in p['top'][:3]]}")
+                _log(run, key, p)
         if cuda:
             torch.cuda.empty_cache()
     _profile_clicks(run, bundles["sam"], backend, sync, cuda, out)
@@ -107,6 +106,9 @@ def _profile_clicks(run: Any, bundles: dict[str, Any], backend: str, sync: Calla
         key = f"sam.prompt_decoder onnxruntime {variant}"
         out[key] = kernel_profile(decoder.resident_call({**click, **context.run({"image_embeddings": emb})}), sync,
                                   cuda=cuda)
-        p = out[key]
-        run.log(f"   {key:44s} wall {p['wall_ms']:.2f} ms, GPU busy {p['busy_ms']:.2f} ms, "
-                f"{p['launches']} launches; top: {[t['kernel'][:40] for t in p['top'][:3]]}")
+        _log(run, key, out[key])
+
+
+def _log(run: Any, key: str, p: dict[str, Any]) -> None:
+    run.log(f"   {key:44s} wall {p['wall_ms']:.2f} ms, GPU busy {p['busy_ms']:.2f} ms, "
+            f"{p['launches']} launches; top: {[t['kernel'][:40] for t in p['top'][:3]]}")
