@@ -33,7 +33,6 @@ class CapturedSteps:
         written = {name: self._ab.outputs[f"{name}_out"] for name in CACHES}
         self._ba = _CapturedGraph(step, feeds, bound=written, into={f"{n}_out": buffers[n] for n in CACHES})
         self._prefill, self._buffers, self._turn = prefill, buffers, 0
-        self.batch = batch
 
     def start(self, text_tokens: np.ndarray) -> np.ndarray:
         """Prefill ``text_tokens`` [batch, text_len] with its cache written into buffers A; its logits."""
