@@ -99,15 +99,16 @@ def _channels_last_masks(d: nn.Module, tokens: torch.Tensor, image: torch.Tensor
     return logits.reshape(-1, d.num_mask_tokens, 4 * h, 4 * w)
 
 
-def _projected_attention(a: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: int | None
-                         ) -> torch.Tensor:
+def _projected_attention(a: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: int | None,
+                         out_bias: bool = True) -> torch.Tensor:
     """``a``'s attention of already projected ``q``, ``k``, ``v`` (batch B or 1, broadcast), then its output
     projection: :class:`Attention.forward` after its three input projections. ``batch`` (the prompt count,
-    for the fused graph): ONNX Runtime's MultiHeadAttention wants one batch size, so the context is expanded;
-    the output projection's bias is then left to the SkipLayerNormalization after it."""
+    for the fused graph): ONNX Runtime's MultiHeadAttention wants one batch size, so the context is expanded.
+    ``out_bias=False`` (fused): the output projection's bias is left to the SkipLayerNormalization after it."""
     if batch is not None:
         q, k, v = (t.expand(batch, -1, -1) for t in (q, k, v))
-        return F.linear(fused_attention(q, k, v, a.num_heads), a.out_proj.weight)
+        out = fused_attention(q, k, v, a.num_heads)
+        return a.out_proj(out) if out_bias else F.linear(out, a.out_proj.weight)
     q, k, v = (Attention._separate_heads(t, a.num_heads) for t in (q, k, v))
     attn = (q @ k.permute(0, 1, 3, 2) / math.sqrt(q.shape[3])).softmax(dim=-1)
     return a.out_proj(Attention._recombine_heads(attn @ v))
@@ -161,7 +162,8 @@ class PromptDecoderGraph(nn.Module):
         block = _inner(first)
         queries = block.norm1(first.self_attn(q=prompt, k=prompt, v=prompt))
         a = _inner(first.cross_attn_token_to_image)
-        attended = _projected_attention(a, a.q_proj(queries + prompt), context_keys, context_values, batch)
+        attended = _projected_attention(a, a.q_proj(queries + prompt), context_keys, context_values, batch,
+                                        out_bias=not self.fused)
         if self.fused:  # the residual adds with the biases before them and the norms after them: one node each
             queries = add_norm(queries, attended, block.norm2, a.out_proj.bias)
             queries = add_norm(queries, mlp_without_out_bias(block.mlp, queries), block.norm3, block.mlp.lin2.bias)
@@ -171,7 +173,7 @@ class PromptDecoderGraph(nn.Module):
         a, q = _inner(first.cross_attn_image_to_token), queries + prompt
         attended = _projected_attention(a, context_queries, a.k_proj(q), a.v_proj(queries), batch)
         # Plain add + norm even when fused: the one context_tokens (1, HW, C) meets B prompts' attention here.
-        keys = block.norm4(context_tokens + (attended + a.out_proj.bias if self.fused else attended))
+        keys = block.norm4(context_tokens + attended)
         for layer in later:
             queries, keys = layer(queries=queries, keys=keys, query_pe=prompt, key_pe=self.image_pe)
         t = d.transformer
