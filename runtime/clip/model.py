@@ -106,11 +106,11 @@ class ClipModel:
         """Preprocessed ``[N, 3, S, S]`` float32 -> normalized ``(N, D)``."""
         runner = self.bundle.runner(IMAGE_ENCODER)
         step = _batch_limit(runner.spec, "image_batch", batch_size)
-        if self._graphs:
-            out = [self._image_graph(min(step, len(pixels) - i)).run({"image": pixels[i : i + step]})["image_embeds"]
-                   for i in range(0, len(pixels), step)]
-        else:
-            out = [runner.run({"image": pixels[i : i + step]})["image_embeds"] for i in range(0, len(pixels), step)]
+        out = []
+        for i in range(0, len(pixels), step):
+            chunk = pixels[i : i + step]
+            target = self._image_graph(len(chunk)) if self._graphs else runner
+            out.append(target.run({"image": chunk})["image_embeds"])
         return l2_normalize(np.concatenate(out) if out else np.zeros((0, self.embed_dim), np.float32))
 
     def encode_images(self, images: ImageLike | Sequence[ImageLike], batch_size: int = 32) -> np.ndarray:
