@@ -65,24 +65,27 @@ class SamPredictor:
         self.mask_threshold = float(self.bundle.config.get("mask_threshold", 0.0))
         if load_encoder:  # opened now, so a bad file fails here and the first frame pays no load
             self.bundle.runner(IMAGE_ENCODER)
-        self.prompt_encoder = self.bundle.runner(PROMPT_ENCODER)
-        self.decoder = self.bundle.runner(MASK_DECODER)
-        self.low_res_size = self.decoder.spec.outputs[1].shape[-1]
+        self.low_res_size = self.bundle.spec(MASK_DECODER).outputs[1].shape[-1]
         # Prompts without a mask input: one prompt_decoder call against the image's decoder context, where the
-        # bundle has both for this backend (bundles exported before them, and engines built from such bundles,
-        # decode every prompt with the two components above).
+        # bundle has both for this backend. Then the prompt encoder + mask decoder only decode prompts with a
+        # mask input, and open at the first such prompt (a click-only session never loads their weights, or
+        # builds their engines on ort-trt). Bundles exported before the two components, and engines built from
+        # such bundles, decode every prompt with the prompt encoder + mask decoder, opened now.
         split = self.bundle.has(DECODER_CONTEXT) and self.bundle.has(PROMPT_DECODER)
         self.context_encoder = self.bundle.runner(DECODER_CONTEXT) if split else None
         self.prompt_decoder = self.bundle.runner(PROMPT_DECODER) if split else None
+        self._lead = self.prompt_decoder if split else self.decoder  # the decoder every prompt may run
+        if not split:
+            self.bundle.runner(PROMPT_ENCODER)
         self._context_graph = None
         # ONNX Runtime on a GPU: chain the encoder into the decoder without a host round trip. (One backend
         # runs every component of a bundle, so the decoder's runner says what the encoder's will be.)
-        self._on_device = getattr(self.decoder, "device", "cpu") == "cuda" and hasattr(self.decoder, "run_on_device")
+        self._on_device = getattr(self._lead, "device", "cpu") == "cuda" and hasattr(self._lead, "run_on_device")
         if cuda_graphs:  # (on ort-cuda the runners are on the device)
             check_cuda_graphs(self.bundle.backend)
         self._graphs = cuda_graphs
         # "auto" on a GPU and "device" anywhere become "device" once the first use has checked the graph.
-        self._preprocess_asked = asked_preprocess(preprocess, self.decoder, self.bundle.backend)
+        self._preprocess_asked = asked_preprocess(preprocess, self._lead, self.bundle.backend)
         self._prep: ImagePrep | None = None
         self._upscaler: MaskUpscaler | None = None  # made on the first predict on the device
         self._encoder_graph = None
@@ -92,6 +95,15 @@ class SamPredictor:
     @property
     def backend(self) -> str:
         return self.bundle.backend
+
+    @property
+    def prompt_encoder(self) -> Runner:
+        return self.bundle.runner(PROMPT_ENCODER)
+
+    @property
+    def decoder(self) -> Runner:
+        """The mask decoder's runner (with a prompt decoder in the bundle, opened at the first mask input)."""
+        return self.bundle.runner(MASK_DECODER)
 
     @property
     def encoder(self) -> Runner:
@@ -136,7 +148,7 @@ class SamPredictor:
 
     def _open_prep(self) -> None:
         s = self.image_size
-        self._prep = open_checked(self.decoder, self.mean, self.std, (s, s), "bilinear_antialias", self.host_pixels,
+        self._prep = open_checked(self._lead, self.mean, self.std, (s, s), "bilinear_antialias", self.host_pixels,
                                   lambda h, w: (resized_shape(h, w, s), None), self._preprocess_asked == "device")
         if self._prep is None:
             self._preprocess_asked = "host"
@@ -170,7 +182,8 @@ class SamPredictor:
         """Prompt against an embedding computed elsewhere: ``get_image_embedding()`` of a predictor on the same
         bundle (a server running the image encoder, say), for an image of ``original_size`` (H, W) pixels.
         Only the prompt-side components (and the decoder context) run here, never the image encoder."""
-        want = self.decoder.spec.concrete_shape(self.decoder.spec.inputs[0])
+        spec = self.bundle.spec(MASK_DECODER)
+        want = spec.concrete_shape(spec.inputs[0])
         emb = np.asarray(embedding, dtype=np.float32)
         emb = emb[None] if emb.shape == want[1:] else emb
         if emb.shape != want:
@@ -185,7 +198,7 @@ class SamPredictor:
         if self._on_device:
             from ..backends.onnxruntime import ort
 
-            emb = ort().OrtValue.ortvalue_from_numpy(np.ascontiguousarray(emb), self.decoder.device, 0)
+            emb = ort().OrtValue.ortvalue_from_numpy(np.ascontiguousarray(emb), self._lead.device, 0)
         self.features, self._context = emb, None
         self.original_size, self.input_size = size, resized_shape(*size, self.image_size)
 
@@ -307,8 +320,8 @@ class SamPredictor:
     def _device_upscale(self, low_res: Any, channels: slice, return_logits: bool,
                         stability_offset: float | None = None) -> Any:
         if self._upscaler is None:  # CUDA (and CPU) kernels only: not worth a TensorRT engine per image size
-            providers = [p for p in self.decoder.providers if p[0] != "TensorrtExecutionProvider"]
-            self._upscaler = MaskUpscaler(providers, self.decoder.device)
+            providers = [p for p in self._lead.providers if p[0] != "TensorrtExecutionProvider"]
+            self._upscaler = MaskUpscaler(providers, self._lead.device)
         return self._upscaler(low_res, channels, self.input_size, self.original_size, self.image_size,
                               self.mask_threshold, return_logits, stability_offset)
 

@@ -111,6 +111,24 @@ def test_normalize_and_pad_is_the_per_pixel_formula_bit_for_bit(hw):
     assert got.dtype == np.float32 and np.array_equal(got, want)
 
 
+def test_mask_input_components_open_at_the_first_mask_input(sam_tiny_bundle, predictors):
+    """Clicks run the prompt decoder; the prompt encoder + mask decoder load only for a mask-input prompt."""
+    from edgefm.runtime.sam import SamPredictor
+
+    lazy, (_, official) = SamPredictor(sam_tiny_bundle, backend="ort-cpu"), predictors
+    img = scene(300, 420, seed=5)
+    lazy.set_image(img)
+    official.set_image(img)
+    click = _prompts(300, 420)["one_point"]
+    _, scores, low_res = lazy.predict(**click)
+    assert not {"prompt_encoder", "mask_decoder"} & set(lazy.bundle._runners)
+    refine = dict(click, mask_input=low_res[np.argmax(scores)][None], multimask_output=False)
+    masks, _, _ = lazy.predict(**refine)
+    assert {"prompt_encoder", "mask_decoder"} <= set(lazy.bundle._runners)
+    want, _, _ = official.predict(**refine)
+    assert _iou(masks[0], want[0]) > 0.99
+
+
 def test_embedding_from_elsewhere(sam_tiny_bundle, tmp_path):
     """The split deployment: a server encodes, an edge box without the encoder file only prompts."""
     import shutil
