@@ -102,7 +102,9 @@ def run(args) -> dict[str, Any]:
         for precision in args.precisions:
             log(f"exporting the {res['variant']} {precision} bundle ...")
             t0 = time.perf_counter()
-            bundles[precision] = export_clip(ours, work / f"bundle_{precision}", precision=precision)
+            dtype, _, attention = precision.partition("-")  # "fp32-fused": an --attention fused export
+            bundles[precision] = export_clip(ours, work / f"bundle_{precision}", precision=dtype,
+                                             attention=attention or "plain")
             parity = json.loads((bundles[precision] / "manifest.json").read_text())["parity"]
             res["exports"][precision] = {"export_s": time.perf_counter() - t0, "parity": {
                 c: {o: {k: m[k] for k in ("cosine", "max_abs") if k in m} for o, m in parity[c]["outputs"].items()}
@@ -252,7 +254,8 @@ def markdown(res: dict[str, Any]) -> str:
         precision = n.split("-", 1)[1]
         a, x = res["agreement_by_side"][n], res["exports"][precision]
         lines.append(
-            f"- {n}: export {x['export_s']:.0f} s, parity gate passed ({precision} policy; image cosine "
+            f"- {n}: export {x['export_s']:.0f} s, parity gate passed ({precision.partition('-')[0]} policy; "
+            f"attention {precision.partition('-')[2] or 'plain'}; image cosine "
             f"{x['parity']['image_encoder']['image_embeds']['cosine']:.7f}, text cosine "
             f"{x['parity']['text_encoder']['text_embeds']['cosine']:.7f}); against open_clip fp32 on the same "
             f"inputs: image batch 32 min cosine {a['image_b32']['min_cosine']:.7f}, 80 prompts min cosine "
@@ -270,10 +273,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--index-images", type=int, help="JPEGs in the index-build folder (default 200; 0: skip)")
     ap.add_argument("--index-runs", type=int, help="index builds per side (default 2)")
     ap.add_argument("--precisions", default="fp32",
-                    help="edgefm bundles to time, comma-separated (fp32 always included): e.g. fp32,int8")
+                    help="edgefm bundles to time, comma-separated (fp32 always included): e.g. fp32,int8; "
+                         "PRECISION-ATTENTION (e.g. fp32-fused) exports with that --attention")
     ap.add_argument("--rows", default=",".join(ROWS), help=f"rows to time, comma-separated (of {', '.join(ROWS)})")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny CLIP, few runs, temporary output")
-    ap.add_argument("--out-dir", type=Path, help="where to write clip_cpu.{json,md} (default results/)")
+    ap.add_argument("--out-dir", type=Path, help="where to write NAME.{json,md} (default results/)")
+    ap.add_argument("--name", default="clip_cpu", help="results file stem under --out-dir")
     args = ap.parse_args(argv)
     args.precisions = ["fp32", *(p for p in args.precisions.split(",") if p and p != "fp32")]
     args.rows = [r for r in args.rows.split(",") if r]
@@ -289,10 +294,10 @@ def main(argv: list[str] | None = None) -> None:
             else Path(__file__).parent / "results"
     res = run(args)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "clip_cpu.json").write_text(json.dumps(res, indent=1) + "\n")
-    (args.out_dir / "clip_cpu.md").write_text(md := markdown(res))
+    (args.out_dir / f"{args.name}.json").write_text(json.dumps(res, indent=1) + "\n")
+    (args.out_dir / f"{args.name}.md").write_text(md := markdown(res))
     print(md)
-    print(f"wrote {args.out_dir / 'clip_cpu.json'} and clip_cpu.md", file=sys.stderr)
+    print(f"wrote {args.out_dir / args.name}.json and .md", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -100,22 +100,24 @@ def prepare(variant: str, precisions: list[str], work: Path, log) -> dict[str, A
     x = normalize_and_pad(resized, cfg.image_size, cfg.pixel_mean, cfg.pixel_std)
     np.save(work / "encoder_input.npy", x)
     exports: dict[str, Any] = {}
-    for precision in precisions:
-        log(f"exporting the {variant} {precision} bundle ...")
-        out, t0, gated = work / f"bundle_{precision}", time.perf_counter(), True
+    for side in precisions:
+        precision, _, attention = side.partition("-")  # "fp32-fused": an --attention fused export
+        log(f"exporting the {variant} {side} bundle ...")
+        out, t0, gated = work / f"bundle_{side}", time.perf_counter(), True
+        options = {"precision": precision, "attention": attention or "plain"}
         try:
-            export_sam(model, out, variant, precision=precision)
+            export_sam(model, out, variant, **options)
         except ParityError as exc:  # still worth timing; the results say that the gate failed
-            log(f"  {precision} misses the parity policy ({exc}); timing it anyway")
-            export_sam(model, out, variant, precision=precision, parity_gate=False, overwrite=True)
+            log(f"  {side} misses the parity policy ({exc}); timing it anyway")
+            export_sam(model, out, variant, **options, parity_gate=False, overwrite=True)
             gated = False
         parity = json.loads((out / "manifest.json").read_text())["parity"]
         summary = {c: {o: {k: m[k] for k in ("cosine", "max_abs", "mask_iou") if k in m}
                        for o, m in parity[c]["outputs"].items()}
                    for c in ("image_encoder", "prompt_encoder", "mask_decoder", "prompt_decoder") if c in parity}
-        exports[precision] = {"bundle": str(out), "export_s": time.perf_counter() - t0,
-                              "parity_gate_passed": gated, "parity": summary}
-        log(f"  exported in {exports[precision]['export_s']:.0f} s")
+        exports[side] = {"bundle": str(out), "export_s": time.perf_counter() - t0, **options,
+                         "parity_gate_passed": gated, "parity": summary}
+        log(f"  exported in {exports[side]['export_s']:.0f} s")
     return exports
 
 
@@ -224,7 +226,8 @@ def markdown(res: dict[str, Any]) -> str:
         a, e = res["agreement"][o], res["export"][o.split("-", 1)[1]]
         lines.append(f"- {o}: encoder cosine {a['encoder_cosine']:.7f} to the official output on the same "
                      f"tensor (max abs {a['encoder_max_abs']:.2g}); predict mask IoU "
-                     f"{' / '.join(f'{i:.4f}' for i in a['predict_mask_iou'])}; export "
+                     f"{' / '.join(f'{i:.4f}' for i in a['predict_mask_iou'])}; "
+                     f"attention {e.get('attention', 'plain')}, export "
                      f"{e['export_s']:.0f} s, parity gate "
                      f"{'passed' if e['parity_gate_passed'] else 'FAILED'}; "
                      f"ORT threads {sides[o]['ort_intra_op_threads']}; "
@@ -242,7 +245,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds to split timed runs into")
     ap.add_argument("--threads", type=int, default=2, help="torch threads and ONNX Runtime intra-op threads")
     ap.add_argument("--precisions", default="fp32,fp16",
-                    help="edgefm bundles to export and time, comma-separated: fp32, fp16, int8")
+                    help="edgefm bundles to export and time, comma-separated: fp32, fp16, int8; "
+                         "PRECISION-ATTENTION (e.g. fp32-fused) exports with that --attention")
+    ap.add_argument("--name", default="sam_cpu", help="results file stem under --out-dir")
     ap.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
@@ -252,8 +257,8 @@ def main(argv: list[str] | None = None) -> None:
         return serve(args.worker, args.work, args.threads, args.bundle)
     res = run(args)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "sam_cpu.json").write_text(json.dumps(res, indent=1) + "\n")
-    (args.out_dir / "sam_cpu.md").write_text(md := markdown(res))
+    (args.out_dir / f"{args.name}.json").write_text(json.dumps(res, indent=1) + "\n")
+    (args.out_dir / f"{args.name}.md").write_text(md := markdown(res))
     print(md)
 
 
