@@ -40,6 +40,7 @@ import numpy as np
 
 from .bench_pipelines import PIPELINES
 from .bench_plot import bench_rows, plot_bars
+from .bench_profile import op_profile, profile_lines
 from .bundle import Bundle
 from .errors import InputError
 from .image_prep import PREPROCESS
@@ -128,7 +129,7 @@ def graph_replay(runner: Any, feeds: dict[str, np.ndarray], iters: int, warmup: 
 
 
 def bench_component(bundle: Bundle, name: str, feeds: dict[str, np.ndarray], batch: int, iters: int, warmup: int,
-                    cuda_graph: bool = False) -> dict[str, Any]:
+                    cuda_graph: bool = False, profile: bool = False) -> dict[str, Any]:
     """Time component ``name`` on ``feeds`` (:func:`dummy_feeds`; ``batch`` is their batch size)."""
     t0 = time.perf_counter()
     entry, runner = bundle.entry(name), bundle.runner(name)  # opens it: sha256 check, session or engine
@@ -157,7 +158,8 @@ def bench_component(bundle: Bundle, name: str, feeds: dict[str, np.ndarray], bat
             graph = {"method": "captured graph", "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
     return {"kind": "component", "format": entry.format, "precision": entry.precision, "file": entry.file,
             "batch": items, "inputs": {k: list(v.shape) for k, v in feeds.items()}, **stats, "transfer": split,
-            "cuda_graph": graph, "cold_start": cold}
+            "cuda_graph": graph, "cold_start": cold,
+            "profile": op_profile(runner, feeds, iters, warmup) if profile else None}
 
 
 def _version(dist: str, module: str | None = None) -> str | None:
@@ -223,14 +225,15 @@ def bench_bundle(path: str | Path, backend: str = "auto", batch: int = 1, iters:
                  threads: int | None = None, pipelines: bool = True, seed: int = 0,
                  progress: Callable[[str], None] | None = None, cuda_graph: bool = False,
                  precision: str | None = None, tf32: bool = False, pytorch: str | Path | None = None,
-                 dims: dict[str, int] | None = None, preprocess: str = "auto") -> dict[str, Any]:
+                 dims: dict[str, int] | None = None, preprocess: str = "auto", profile: bool = False) -> dict[str, Any]:
     """Benchmark every component of the bundle at ``path`` (and its family's pipelines); see the module doc.
     ``cuda_graph``: also time each ONNX component as a replayed CUDA graph (ort-cuda only); ``precision``:
     time that precision of the components that have it; ``tf32``: fp32 in TF32 on ort-cuda (see :class:`Bundle`);
     ``pytorch``: the checkpoint the bundle came from, also timed in PyTorch on the same inputs and device
     (:mod:`edgefm.export.torch_bench`; needs torch); ``dims``: sizes of named symbolic dims for the inputs
     (e.g. ``{"length": 77}``) instead of their opt sizes; ``preprocess``: the SAM and CLIP pipelines' (see
-    :class:`~edgefm.runtime.sam.SamPredictor`): with the device's, they are also timed with the host's."""
+    :class:`~edgefm.runtime.sam.SamPredictor`): with the device's, they are also timed with the host's;
+    ``profile``: each component's time by operator type (:mod:`edgefm.runtime.bench_profile`; ONNX Runtime)."""
     for flag, value, lo in (("--batch", batch, 1), ("--iters", iters, 1), ("--warmup", warmup, 0)):
         if int(value) < lo:
             raise InputError(f"{flag} must be at least {lo}, got {value}")
@@ -246,6 +249,9 @@ def bench_bundle(path: str | Path, backend: str = "auto", batch: int = 1, iters:
     if cuda_graph and bundle.backend != "ort-cuda":
         raise InputError(f"--cuda-graph replays ONNX Runtime CUDA graphs: it needs --backend ort-cuda, not "
                          f"{bundle.backend!r} (the tensorrt backend captures CUDA graphs by itself)")
+    if profile and bundle.backend == "tensorrt":
+        raise InputError("--profile reads ONNX Runtime's profiler; for TensorRT engines run trtexec --loadEngine="
+                         "ENGINE --dumpProfile --separateProfileRun (per-layer GPU times)")
     if pytorch is not None:
         from edgefm.export.torch_bench import check_checkpoint  # torch: only when asked for
 
@@ -263,7 +269,8 @@ def bench_bundle(path: str | Path, backend: str = "auto", batch: int = 1, iters:
         if progress:
             progress(f"timing {name} on {bundle.backend}")
         feeds[name] = dummy_feeds(bundle.spec(name), batch, rng, value_rules(bundle.manifest), dims)
-        result["components"][name] = bench_component(bundle, name, feeds[name], batch, iters, warmup, cuda_graph)
+        result["components"][name] = bench_component(bundle, name, feeds[name], batch, iters, warmup, cuda_graph,
+                                                     profile)
     if pipelines and bundle.family in PIPELINES:
         if progress:
             progress(f"timing the {bundle.family} pipelines")
@@ -332,7 +339,7 @@ def markdown_table(result: dict[str, Any]) -> str:
               + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
               + f"; threads {env['threads']['ort_intra_op'] or '-'}"
               + {True: "; fp32 in TF32", False: "; TF32 off"}.get(env.get("tf32"), "") + f"; {env['timestamp']}"]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + profile_lines(result)) + "\n"
 
 
 def parse_dim(text: str) -> tuple[str, int]:
@@ -348,7 +355,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
                           progress=lambda m: print(f"edgefm: {m}", file=sys.stderr, flush=True),
                           cuda_graph=args.cuda_graph, precision=args.precision, tf32=args.tf32,
                           pytorch=args.pytorch, dims=dict(parse_dim(d) for d in args.dim or ()),
-                          preprocess=args.preprocess)
+                          preprocess=args.preprocess, profile=args.profile)
     print(markdown_table(result), end="")
     if args.json:
         write_json_atomic(args.json, result)
@@ -385,6 +392,9 @@ def register(sub: Any) -> argparse.ArgumentParser:
     b.add_argument("--preprocess", choices=PREPROCESS, default="auto",
                    help="where the SAM/CLIP pipelines resize and normalize (auto: the device on ONNX Runtime GPU "
                         "backends); on the device, the host's is timed beside it")
+    b.add_argument("--profile", action="store_true",
+                   help="also run each component under ONNX Runtime's profiler and show its time by operator type "
+                        "(as trtexec's --dumpProfile; a separate session, so the timed figures are unaffected)")
     b.add_argument("--json", help="write all figures, samples and the environment stamp to this file")
     b.add_argument("--plot", help="write a bar chart (.png) of the latencies")
     b.set_defaults(func=cmd_bench)

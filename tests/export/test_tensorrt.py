@@ -273,6 +273,8 @@ def test_bench_splits_copies_from_compute(tmp_path, fake_gpu):
     env = result["environment"]
     assert env["gpu"] == H100 and env["versions"]["tensorrt"] == "10.13.0.35" and env["threads"]["ort_intra_op"] is None
     assert "- double: compute 0.250 ms, host<->device 0.500 ms (CUDA events)" in markdown_table(result)
+    with pytest.raises(InputError, match="for TensorRT engines run trtexec --loadEngine=ENGINE --dumpProfile"):
+        bench_bundle(bundle, "tensorrt", profile=True)  # ONNX Runtime's profiler cannot see into an engine
 
 
 def _real_tensorrt():

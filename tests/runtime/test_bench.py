@@ -292,3 +292,54 @@ def test_device_preprocessing_is_timed_beside_the_host_s(sam_tiny_bundle, clip_b
     auto = FAMILY_PIPELINES["sam"](Bundle(sam_tiny_bundle, backend="ort-cpu", threads=1), 1, 0,
                                    np.random.default_rng(0))
     assert auto["sam.set_image"]["preprocess"] == "host" and "sam.set_image.host_preprocess" not in auto
+
+
+def _event(cat: str, name: str, ts: int, dur: int, op: str | None = None) -> dict:
+    return {"cat": cat, "name": name, "ts": ts, "dur": dur, "ph": "X", "args": {"op_name": op} if op else {}}
+
+
+def test_profile_summary_leaves_out_the_warm_up_runs():
+    from edgefm.runtime.bench_profile import summarize_trace
+
+    events = [_event("Session", "model_run", 0, 2000), _event("Node", "mm_kernel_time", 10, 1500, "MatMul"),
+              _event("Session", "model_run", 3000, 500), _event("Node", "mm_kernel_time", 3010, 300, "MatMul"),
+              _event("Node", "add_kernel_time", 3320, 100, "Add"),
+              _event("Session", "model_run", 4000, 700), _event("Node", "mm_kernel_time", 4010, 500, "MatMul"),
+              _event("Node", "add_kernel_time", 4520, 100, "Add"),
+              _event("Node", "stray_kernel_time", 9000, 50, "Add"),  # outside every run
+              _event("Session", "SequentialExecutor::Execute", 4000, 690)]
+    s = summarize_trace(events, skip=1)
+    assert s["runs"] == 2 and s["run_ms"] == pytest.approx(0.6) and s["nodes_ms"] == pytest.approx(0.5)
+    assert [(o["op"], o["nodes"]) for o in s["ops"]] == [("MatMul", 1), ("Add", 1)]
+    assert [o["ms"] for o in s["ops"]] == pytest.approx([0.4, 0.1])
+    assert [o["share"] for o in s["ops"]] == pytest.approx([0.8, 0.2])
+    assert [(n["node"], n["op"]) for n in s["top_nodes"]] == [("mm", "MatMul"), ("add", "Add")]
+    with pytest.raises(ValueError, match="no runs after the 3 skipped"):
+        summarize_trace(events, skip=3)
+
+
+def test_profile_counts_every_node_of_the_optimized_graph(sam_tiny_bundle, tmp_path, capsys):
+    """--profile: per component, the operator types and node counts of the graph ONNX Runtime runs."""
+    from collections import Counter
+
+    import onnx
+    import onnxruntime as ort
+
+    args = _cli(["bench", str(sam_tiny_bundle), "--backend", "ort-cpu", "--iters", "3", "--warmup", "2",
+                 "--no-pipelines", "--profile", "--json", str(tmp_path / "p.json")])
+    args.func(args)
+    stdout = capsys.readouterr().out
+    result = json.loads((tmp_path / "p.json").read_text())
+    for name in ("prompt_encoder", "prompt_decoder"):
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.optimized_model_filepath = str(tmp_path / f"{name}.opt.onnx")
+        ort.InferenceSession(str(sam_tiny_bundle / f"{name}.onnx"), so, providers=["CPUExecutionProvider"])
+        want = Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+        p = result["components"][name]["profile"]
+        assert p["runs"] == 3 and {o["op"]: o["nodes"] for o in p["ops"]} == want, name
+        assert sum(o["share"] for o in p["ops"]) == pytest.approx(1.0)
+        assert sum(o["ms"] for o in p["ops"]) == pytest.approx(p["nodes_ms"]) and p["nodes_ms"] <= p["run_ms"]
+        top = p["ops"][0]
+        assert f"- {name}: {p['run_ms']:.3f} ms profiled, nodes {p['nodes_ms']:.3f} ms: {top['op']} " in stdout
+    assert "Where the time goes (ONNX Runtime profiler, host time per node;" in stdout
