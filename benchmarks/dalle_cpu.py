@@ -233,8 +233,8 @@ def run(args, log) -> dict[str, Any]:
         "benchmark": "dalle_cpu", "machine": machine(), "versions": versions(), "targets": TARGETS,
         "threads": {"torch_intra_op": torch.get_num_threads(), "ort_intra_op": args.threads},
         "prior_config": args.prior_config, "prompt": PROMPT, "loadavg": {"start": os.getloadavg()},
-        "note": "2 shared cores, other engineers' jobs running: absolute times are inflated and noisy; "
-                "sides are interleaved so that ratios stay fair",
+        "note": "a shared machine (the load averages say how busy it was; PyTorch's OpenMP threads suffer most "
+                "when it is): sides are interleaved so that ratios stay fair",
     }
     torch.manual_seed(0)
     reference = dall_e.Decoder(use_mixed_precision=False).eval()
