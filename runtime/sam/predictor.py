@@ -88,6 +88,7 @@ class SamPredictor:
         self._preprocess_asked = asked_preprocess(preprocess, self._lead, self.bundle.backend)
         self._prep: ImagePrep | None = None
         self._upscaler: MaskUpscaler | None = None  # made on the first predict on the device
+        self._logits_buffer: np.ndarray | None = None  # host upscaling's full-size logits, reused (see upscale)
         self._encoder_graph = None
         self._prompt_graphs: dict[tuple, tuple] = {}  # prompt shapes -> (prompt graph, decoder graph), LRU last
         self.reset_image()
@@ -311,11 +312,25 @@ class SamPredictor:
         self._need_image()
         if self._on_device:
             return self._device_upscale(low_res, slice(None), return_logits, stability_offset)
-        logits = upscale_masks(low_res, self.input_size, self.original_size, self.image_size)
+        shape = (*low_res.shape[:2], *self.original_size)
+        # Logits only thresholded here go to a buffer kept between calls: a click's three 1500x2250 masks are
+        # 40 MB, which malloc maps fresh (and the kernel zeroes) on every call otherwise, 40% of the upscale.
+        scratch = None if return_logits else self._scratch(shape)
+        logits = upscale_masks(low_res, self.input_size, self.original_size, self.image_size, out=scratch)
         masks = logits if return_logits else logits > self.mask_threshold
         if stability_offset is None:
             return masks
         return masks, calculate_stability_score(logits, self.mask_threshold, stability_offset)
+
+    SCRATCH_BYTES = 64 << 20  # the most host memory kept between calls for full-size logits
+
+    def _scratch(self, shape: tuple[int, ...]) -> np.ndarray | None:
+        n = int(np.prod(shape))
+        if 4 * n > self.SCRATCH_BYTES:  # (the automatic mask generator's batches: allocated per call)
+            return None
+        if self._logits_buffer is None or self._logits_buffer.size < n:
+            self._logits_buffer = np.empty(n, np.float32)
+        return self._logits_buffer[:n].reshape(shape)
 
     def _device_upscale(self, low_res: Any, channels: slice, return_logits: bool,
                         stability_offset: float | None = None) -> Any:

@@ -73,12 +73,15 @@ def scale_coords(coords: np.ndarray, original_size: tuple[int, int], input_size:
 
 
 def upscale_masks(
-    low_res: np.ndarray, input_size: tuple[int, int], original_size: tuple[int, int], image_size: int
+    low_res: np.ndarray, input_size: tuple[int, int], original_size: tuple[int, int], image_size: int,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """(B, C, h, w) logits -> (B, C, H, W) at the original size: bilinear to the padded square, crop the
-    padding, bilinear to the original size (the official postprocess_masks, half-pixel centers)."""
+    padding, bilinear to the original size (the official postprocess_masks, half-pixel centers). ``out``: a
+    float32 (B, C, H, W) array to write them into instead of a new one."""
     b, c = low_res.shape[:2]
-    out = np.empty((b, c, *original_size), dtype=np.float32)
+    if out is None:
+        out = np.empty((b, c, *original_size), dtype=np.float32)
     # One 2-D resize per mask, written straight into the output: no HWC<->CHW copies of full-size arrays.
     for i in range(b):
         for j in range(c):

@@ -111,6 +111,22 @@ def test_normalize_and_pad_is_the_per_pixel_formula_bit_for_bit(hw):
     assert got.dtype == np.float32 and np.array_equal(got, want)
 
 
+def test_masks_are_the_thresholded_logits_and_outlive_later_calls(predictors):
+    """Boolean masks come from logits upscaled into a buffer reused between calls: never the buffer itself."""
+    ours, _ = predictors
+    ours.set_image(scene(300, 420, seed=6))
+    prompts = _prompts(300, 420)
+    masks, _, _ = ours.predict(**prompts["one_point"])
+    kept = masks.copy()
+    ours.predict(**prompts["box"])
+    np.testing.assert_array_equal(masks, kept)
+    logits, _, _ = ours.predict(**prompts["one_point"], return_logits=True)
+    np.testing.assert_array_equal(logits > ours.mask_threshold, masks)
+    kept = logits.copy()
+    ours.predict(**prompts["box"])  # logits asked for are the caller's own: a later call leaves them alone
+    np.testing.assert_array_equal(logits, kept)
+
+
 def test_mask_input_components_open_at_the_first_mask_input(sam_tiny_bundle, predictors):
     """Clicks run the prompt decoder; the prompt encoder + mask decoder load only for a mask-input prompt."""
     from edgefm.runtime.sam import SamPredictor
