@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -70,16 +71,57 @@ class PriorPrefillGraph(nn.Module):
         return self.prior.prefill(text_tokens)
 
 
-class PriorStepGraph(nn.Module):
-    """One image token [B] at sequence position [1] + KV cache -> next-token logits + updated cache."""
+class ModelStep(nn.Module):
+    """:meth:`DallePrior.step` with the step graph's inputs: what :class:`PriorStepGraph` is measured against."""
 
     def __init__(self, prior: DallePrior) -> None:
         super().__init__()
         self.prior = prior
 
     def forward(self, token, position, k_cache, v_cache):
-        # position travels as shape [1] (TensorRT-friendly); the model indexes with a scalar.
         return self.prior.step(token, position.reshape(()), k_cache, v_cache)
+
+
+class PriorStepGraph(nn.Module):
+    """One image token [B] at sequence position [1] + KV cache -> next-token logits + updated cache.
+
+    The math of :meth:`DallePrior.step`, arranged for an engine: the model writes each layer's new key and value
+    into that layer's cache before attending (a select over the whole cache per layer, then a stack of the
+    layers), three full passes over the cache per step. Here each layer attends to the cache as given, with
+    the fed position itself left out, plus the fed token's own key and value (one softmax over both); the new
+    rows are written once at the end (a copy of the cache and a row scatter). A step is memory-bound, so this
+    is most of its time on a CPU."""
+
+    def __init__(self, prior: DallePrior) -> None:
+        super().__init__()
+        self.prior = prior
+
+    def forward(self, token, position, k_cache, v_cache):
+        prior, c = self.prior, self.prior.config
+        pos = position.reshape(())  # position travels as shape [1] (TensorRT-friendly)
+        x = prior.image_embedding(token) + prior.image_position(pos - c.text_len)
+        x = prior.embed_dropout(x[:, None])
+        earlier = torch.arange(c.context_len, device=token.device) != pos  # the cache has no row here yet
+        allowed = {p: getattr(prior, f"mask_{p}")[pos][None] & earlier for p in dict.fromkeys(c.layer_patterns)}
+        new_k, new_v = [], []
+        for i, (block, pattern) in enumerate(zip(prior.blocks, c.layer_patterns, strict=True)):
+            q, k, v = block.attn.project(block.ln_1(x))  # [B, H, 1, d]
+            scale = 1.0 / math.sqrt(q.shape[-1])
+            cached = ((q @ k_cache[i].transpose(-2, -1)) * scale).masked_fill(~allowed[pattern], float("-inf"))
+            weights = torch.cat([cached, (q * k).sum(-1, keepdim=True) * scale], dim=-1).softmax(dim=-1)
+            y = weights[..., :-1] @ v_cache[i] + weights[..., -1:] * v  # every row sees its own position
+            h, d = int(y.shape[1]), int(y.shape[3])
+            x = x + block.resid_dropout(block.attn.proj(y.transpose(1, 2).reshape(-1, 1, h * d)))
+            x = x + block.resid_dropout(block.mlp(block.ln_2(x)))
+            new_k.append(k)
+            new_v.append(v)
+        k_rows, v_rows = torch.stack(new_k), torch.stack(new_v)  # [n_layers, B, H, 1, d]
+        # The row index as data of the rows' own shape: (rows == rows) is all true (false only for NaN, which
+        # times 0 is still 0), so no Shape op computes the batch size per call (index_put's export would).
+        at = (k_rows == k_rows).long() * 0 + pos
+        k_out = k_cache.scatter(3, at, k_rows)  # ScatterElements: a copy of the cache with one row written
+        v_out = v_cache.scatter(3, at, v_rows)
+        return prior.image_logits(prior.ln_f(x[:, 0])), k_out, v_out
 
 
 class DecoderGraph(nn.Module):
@@ -279,8 +321,9 @@ def export_dalle(
             if progress:
                 progress(f"exporting {name} ({precision})")
             spec = specs[name]
-            # The decoder is measured against the model's own path, not against its reordered graph.
-            reference = DecoderFromIds(decoder) if name == DVAE_DECODER else graph
+            # The decoder and the step are measured against the model's own paths, not their rearranged graphs.
+            reference = (DecoderFromIds(decoder) if name == DVAE_DECODER
+                         else ModelStep(graph.prior) if name == PRIOR_STEP else graph)
             ref = _torch_run(reference, spec, feeds[name])
             onnx_path = writer.workdir(name) / f"{name}.onnx"
             extra = onnx_from_module(graph, spec, onnx_path, example_inputs(spec, feeds[name]), opset)

@@ -4,6 +4,7 @@ CLI arguments, and failures (mismatched models, unknown sizes, parity gate)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import numpy as np
@@ -191,3 +192,30 @@ def test_parity_gate_refuses_then_records_when_disabled(tmp_path, monkeypatch):
     m = json.loads((out / "manifest.json").read_text())
     assert m["parity"]["gate"] is False and not m["parity"]["dvae_decoder"]["passed"]
     assert m["config"]["image_grid"] == 4 and "text_len" not in m["config"]
+
+
+@pytest.mark.parametrize("pattern", ["dense", "row", "column", "conv"])
+def test_step_graph_is_the_model_step(pattern):
+    """The exported step attends to the given cache plus the fed token's own key and writes the cache once; the
+    model's step writes first, then attends. Same logits and caches, at the first, a middle and the last
+    position, for every attention pattern."""
+    from edgefm.export.dalle import PriorStepGraph
+    from edgefm.models.dalle import DallePrior
+    from edgefm.models.dalle.prior_config import PRIOR_CONFIGS
+
+    c = dataclasses.replace(PRIOR_CONFIGS["tiny"], attention=(pattern, "dense"), conv_kernel=3)
+    torch.manual_seed(0)
+    prior = DallePrior(c).eval()
+    graph = PriorStepGraph(prior)
+    text = torch.from_numpy(text_parity_ids(c, batch=2, seed=1))
+    with torch.no_grad():
+        _, k, v = prior.prefill(text)
+        g = torch.Generator().manual_seed(2)
+        k = k + torch.randn(k.shape, generator=g) * (torch.arange(c.context_len) < c.context_len - 1)[:, None]
+        v = v + torch.randn(v.shape, generator=g)
+        for pos in (c.text_len, c.text_len + c.image_grid + 1, c.context_len - 1):
+            token = torch.tensor([3, c.image_vocab - 1])
+            want = prior.step(token, pos, k, v)
+            got = graph(token, torch.tensor([pos]), k, v)
+            for name, a, b in zip(("logits", "k_cache", "v_cache"), got, want, strict=True):
+                assert_scaled_close(a.numpy(), b.numpy(), rel=1e-5, what=f"{name} at {pos}")
