@@ -225,7 +225,8 @@ def bench_bundle(path: str | Path, backend: str = "auto", batch: int = 1, iters:
                  threads: int | None = None, pipelines: bool = True, seed: int = 0,
                  progress: Callable[[str], None] | None = None, cuda_graph: bool = False,
                  precision: str | None = None, tf32: bool = False, pytorch: str | Path | None = None,
-                 dims: dict[str, int] | None = None, preprocess: str = "auto", profile: bool = False) -> dict[str, Any]:
+                 dims: dict[str, int] | None = None, preprocess: str = "auto", profile: bool = False,
+                 components: list[str] | None = None) -> dict[str, Any]:
     """Benchmark every component of the bundle at ``path`` (and its family's pipelines); see the module doc.
     ``cuda_graph``: also time each ONNX component as a replayed CUDA graph (ort-cuda only); ``precision``:
     time that precision of the components that have it; ``tf32``: fp32 in TF32 on ort-cuda (see :class:`Bundle`);
@@ -233,13 +234,19 @@ def bench_bundle(path: str | Path, backend: str = "auto", batch: int = 1, iters:
     (:mod:`edgefm.export.torch_bench`; needs torch); ``dims``: sizes of named symbolic dims for the inputs
     (e.g. ``{"length": 77}``) instead of their opt sizes; ``preprocess``: the SAM and CLIP pipelines' (see
     :class:`~edgefm.runtime.sam.SamPredictor`): with the device's, they are also timed with the host's;
-    ``profile``: each component's time by operator type (:mod:`edgefm.runtime.bench_profile`; ONNX Runtime)."""
+    ``profile``: each component's time by operator type (:mod:`edgefm.runtime.bench_profile`; ONNX Runtime);
+    ``components``: time only these (pipelines are separate: ``pipelines=False`` leaves them out)."""
     for flag, value, lo in (("--batch", batch, 1), ("--iters", iters, 1), ("--warmup", warmup, 0)):
         if int(value) < lo:
             raise InputError(f"{flag} must be at least {lo}, got {value}")
     # Runners load lazily: nothing is on the GPU yet.
     bundle = Bundle(path, backend=backend, threads=threads, precision=precision, tf32=tf32)
     dims = dict(dims or {})
+    names = list(bundle.manifest.component_names)
+    if unknown := [c for c in components or () if c not in names]:
+        raise InputError(f"--components: {bundle.path} has no component {', '.join(map(repr, unknown))} "
+                         f"(it has {', '.join(names)})")
+    names = [n for n in names if components is None or n in components]
     known = sorted({d for n in bundle.manifest.component_names for d in bundle.spec(n).dims})
     for d in dims:
         if d not in known:
@@ -265,7 +272,7 @@ def bench_bundle(path: str | Path, backend: str = "auto", batch: int = 1, iters:
         "dims": dims, "components": {}, "pipelines": {},
     }
     feeds: dict[str, dict[str, np.ndarray]] = {}
-    for name in bundle.manifest.component_names:
+    for name in names:
         if progress:
             progress(f"timing {name} on {bundle.backend}")
         feeds[name] = dummy_feeds(bundle.spec(name), batch, rng, value_rules(bundle.manifest), dims)
@@ -355,7 +362,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
                           progress=lambda m: print(f"edgefm: {m}", file=sys.stderr, flush=True),
                           cuda_graph=args.cuda_graph, precision=args.precision, tf32=args.tf32,
                           pytorch=args.pytorch, dims=dict(parse_dim(d) for d in args.dim or ()),
-                          preprocess=args.preprocess, profile=args.profile)
+                          preprocess=args.preprocess, profile=args.profile,
+                          components=[c for c in args.components.split(",") if c] if args.components else None)
     print(markdown_table(result), end="")
     if args.json:
         write_json_atomic(args.json, result)
@@ -379,6 +387,8 @@ def register(sub: Any) -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=int, default=5, help="untimed runs before them")
     b.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime")
     b.add_argument("--no-pipelines", action="store_true", help="time the components only")
+    b.add_argument("--components", metavar="NAME[,NAME]",
+                   help="time only these components, e.g. prior_step (default: all; pipelines unless --no-pipelines)")
     b.add_argument("--cuda-graph", action="store_true",
                    help="ort-cuda: also time each component replayed as a captured CUDA graph (trtexec's "
                         "--useCudaGraph)")

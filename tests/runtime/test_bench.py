@@ -343,3 +343,14 @@ def test_profile_counts_every_node_of_the_optimized_graph(sam_tiny_bundle, tmp_p
         top = p["ops"][0]
         assert f"- {name}: {p['run_ms']:.3f} ms profiled, nodes {p['nodes_ms']:.3f} ms: {top['op']} " in stdout
     assert "Where the time goes (ONNX Runtime profiler, host time per node;" in stdout
+
+
+def test_components_selects_the_timed_rows(sam_tiny_bundle, capsys):
+    args = _cli(["bench", str(sam_tiny_bundle), "--backend", "ort-cpu", "--iters", "2", "--warmup", "0",
+                 "--no-pipelines", "--components", "prompt_decoder,decoder_context"])
+    args.func(args)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [r.split(" | ")[0] for r in rows[1:]] == ["| decoder_context", "| prompt_decoder"]  # bundle order
+    with pytest.raises(InputError, match="--components: .* has no component 'prompt_decodr' \\(it has image_encoder, "
+                                         "prompt_encoder, mask_decoder, decoder_context, prompt_decoder\\)"):
+        bench_bundle(sam_tiny_bundle, backend="ort-cpu", components=["prompt_decodr"])
