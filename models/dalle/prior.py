@@ -115,6 +115,20 @@ class Block(nn.Module):
         x = x + self.resid_dropout(self.attn.proj(self.attn.attend(q, k_cache, v_cache, mask_row)))
         return x + self.resid_dropout(self.mlp(self.ln_2(x))), k_cache, v_cache
 
+    def step_inplace(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, position: int,
+                     mask_row: torch.Tensor) -> torch.Tensor:
+        """As :meth:`step`, written the way eager PyTorch decodes fastest: this position's key and value go
+        into the caches in place and attention reads positions ``0..position`` only (``mask_row`` bool
+        [1, position + 1]). Returns x."""
+        q, k, v = self.attn.project(self.ln_1(x))
+        k_cache[:, :, position] = k[:, :, 0]
+        v_cache[:, :, position] = v[:, :, 0]
+        n = position + 1
+        p = self.attn.attn_dropout.p if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k_cache[:, :, :n], v_cache[:, :, :n], attn_mask=mask_row, dropout_p=p)
+        x = x + self.resid_dropout(self.attn.proj(y.transpose(1, 2).reshape(x.shape[0], 1, -1)))
+        return x + self.resid_dropout(self.mlp(self.ln_2(x)))
+
 
 class DallePrior(nn.Module):
     """Decoder-only transformer over [text | image] tokens; see the module docstring for conventions."""
@@ -267,6 +281,22 @@ class DallePrior(nn.Module):
             new_v.append(v)
         return self.image_logits(self.ln_f(x[:, 0])), torch.stack(new_k), torch.stack(new_v)
 
+    def step_inplace(self, token: torch.Tensor, position: int, k_cache: torch.Tensor, v_cache: torch.Tensor
+                     ) -> torch.Tensor:
+        """Eager decoding's step: :meth:`step`'s logits, with ``k_cache``/``v_cache`` (as :meth:`prefill`
+        returns them) updated in place, attending over the positions written so far. :meth:`step` is the
+        form that exports (fixed shapes, caches in and out); this one is what :meth:`generate` runs, so that
+        PyTorch timings against the exported step compare with PyTorch at its best."""
+        c = self.config
+        if not c.text_len <= position < c.context_len:
+            raise ValueError(f"position {position} is outside the image positions [{c.text_len}, {c.context_len})")
+        index = torch.tensor(position - c.text_len, device=token.device)
+        x = self.embed_dropout((self.image_embedding(token) + self.image_position(index))[:, None])
+        rows = {p: getattr(self, f"mask_{p}")[position, : position + 1][None] for p in dict.fromkeys(c.layer_patterns)}
+        for i, (block, pattern) in enumerate(zip(self.blocks, c.layer_patterns, strict=True)):
+            x = block.step_inplace(x, k_cache[i], v_cache[i], position, rows[pattern])
+        return self.image_logits(self.ln_f(x[:, 0]))
+
     @torch.no_grad()
     def generate(
         self,
@@ -299,7 +329,7 @@ class DallePrior(nn.Module):
             elif j == 0:
                 logits, k_cache, v_cache = self.prefill(text_ids)
             else:
-                logits, k_cache, v_cache = self.step(image[:, -1], c.text_len + j - 1, k_cache, v_cache)
+                logits = self.step_inplace(image[:, -1], c.text_len + j - 1, k_cache, v_cache)
             if guidance != 1:
                 logits = logits[b:] + guidance * (logits[:b] - logits[b:])
             token = _choose(logits, temperature, top_k, greedy, generator)

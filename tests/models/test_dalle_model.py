@@ -250,13 +250,19 @@ def test_prefill_and_steps_equal_full_forward(config):
         logits, k_cache, v_cache = model.prefill(text)
         shape = (config.n_layers, 2, config.n_heads, config.context_len, config.head_dim)
         assert k_cache.shape == v_cache.shape == shape
-        steps = [logits]
+        k_inplace, v_inplace = k_cache.clone(), v_cache.clone()
+        steps, steps_inplace = [logits], [logits]
         for j in range(config.image_len - 1):
             position = torch.tensor(config.text_len + j)
             logits, k_cache, v_cache = model.step(image[:, j], position, k_cache, v_cache)
             assert k_cache.shape == shape
             steps.append(logits)
+            steps_inplace.append(model.step_inplace(image[:, j], config.text_len + j, k_inplace, v_inplace))
     _assert_close(torch.stack(steps, dim=1), full)
+    # The eager form (caches written in place, attention over the prefix) gives the same logits and caches.
+    _assert_close(torch.stack(steps_inplace, dim=1), full)
+    _assert_close(k_inplace, k_cache)
+    _assert_close(v_inplace, v_cache)
 
 
 @pytest.mark.parametrize("config", [PRIOR_CONFIGS["tiny"], SPARSE], ids=["dense", "row-column-conv"])
