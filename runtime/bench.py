@@ -6,8 +6,10 @@ the split is reported beside it: CUDA events around the copies and the launch (n
 component re-timed with device-resident inputs and outputs (ONNX Runtime CUDA / TensorRT EP, IO binding).
 Every figure comes from exactly ``iters`` timed calls after ``warmup`` untimed ones (and, per component, a
 cold-start record before them: opening it, sha256 check included, then its first call); statistics are min /
-median / mean / p90 / p99 / max in milliseconds (linear-interpolated percentiles) and throughput as calls
-per second (qps) and items per second (qps x batch). Inputs are seeded dummy data valid for the component:
+median / mean / p90 / p99 / max in milliseconds (linear-interpolated percentiles), the median's 95%
+confidence interval and the coefficient of variation (:mod:`edgefm.runtime.timing`), and throughput as calls
+per second (qps) and items per second (qps x batch); ``warnings`` lists rows whose spread is large and a
+machine that was busy when the run started. Inputs are seeded dummy data valid for the component:
 shapes at the spec's opt sizes with the batch dims (``batch``, ``image_batch``) at ``--batch``, values by
 dtype (floats standard normal, integers in [0, 16)) unless the family says what is valid (SAM point labels in
 {-1, 0, 1, 2, 3}; token ids below the vocabulary size the manifest declares). Peak host memory is the process's
@@ -23,21 +25,15 @@ sampling steps, dVAE decode), or only the dVAE decode of one code grid for a bun
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import os
-import platform
-import resource
-import subprocess
 import sys
 import time
 from collections.abc import Callable
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
+from .bench_env import device_memory_used_mib, environment_stamp, load_average, peak_rss_mib, usable_cores
 from .bench_pipelines import PIPELINES
 from .bench_plot import bench_rows, plot_bars
 from .bench_profile import op_profile, profile_lines
@@ -46,7 +42,7 @@ from .errors import InputError
 from .image_prep import PREPROCESS
 from .manifest import Manifest, add_precision_arg, write_json_atomic
 from .spec import ComponentSpec
-from .timing import latency_stats, time_calls
+from .timing import latency_stats, stability_warnings, time_calls
 
 SCHEMA = "edgefm.bench/1"
 BATCH_DIMS = ("batch", "image_batch")
@@ -162,65 +158,6 @@ def bench_component(bundle: Bundle, name: str, feeds: dict[str, np.ndarray], bat
             "profile": op_profile(runner, feeds, iters, warmup) if profile else None}
 
 
-def _version(dist: str, module: str | None = None) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        if module and module in sys.modules:
-            return str(getattr(sys.modules[module], "__version__", None))
-        return None
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device_memory_used_mib() -> float | None:
-    """Device-wide GPU memory in use (nvidia-smi, so no CUDA context is created just to ask); None if unknown."""
-    try:
-        out = subprocess.run(["nvidia-smi", "--id=0", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=20, check=True).stdout
-        return float(out.strip().splitlines()[0])
-    except (OSError, subprocess.SubprocessError, IndexError, ValueError):
-        return None
-
-
-def peak_rss_mib() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
-
-
-def environment_stamp(bundle: Bundle, threads: int | None) -> dict[str, Any]:
-    gpu = None
-    if bundle.backend != "ort-cpu":
-        from .backends.tensorrt import current_gpu
-
-        gpu = current_gpu()
-    versions = {"edgefm": _version("edgefm"), "numpy": np.__version__, "opencv": cv2.__version__,
-                "onnxruntime": _version("onnxruntime", "onnxruntime") or _version("onnxruntime-gpu", "onnxruntime")}
-    if bundle.backend == "tensorrt":
-        versions["tensorrt"] = _version("tensorrt", "tensorrt")
-        versions["cuda-python"] = _version("cuda-python")
-    effective = (threads or os.cpu_count()) if bundle.backend.startswith("ort") else None
-    return {
-        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "host": platform.node(), "os": platform.platform(), "python": platform.python_version(),
-        "cpu": _cpu_model(), "cpu_cores": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "gpu": gpu, "versions": versions, "backend": bundle.backend,
-        "precision": sorted({bundle.entry(n).precision for n in bundle.manifest.component_names}),
-        "threads": {"requested": threads, "ort_intra_op": effective},
-        # ort-cuda's fp32 math; under ort-trt, TensorRT's own engines allow TF32 whatever this says.
-        "tf32": bundle.tf32 if bundle.backend == "ort-cuda" else None,
-    }
-
-
 def bench_bundle(path: str | Path, backend: str = "auto", batch: int = 1, iters: int = 50, warmup: int = 5,
                  threads: int | None = None, pipelines: bool = True, seed: int = 0,
                  progress: Callable[[str], None] | None = None, cuda_graph: bool = False,
@@ -264,6 +201,7 @@ def bench_bundle(path: str | Path, backend: str = "auto", batch: int = 1, iters:
 
         pytorch = check_checkpoint(bundle, pytorch)
     on_gpu = bundle.backend != "ort-cpu"
+    load_start = load_average()
     device_before = device_memory_used_mib() if on_gpu else None
     rng = np.random.default_rng(seed)
     result: dict[str, Any] = {
@@ -293,7 +231,9 @@ def bench_bundle(path: str | Path, backend: str = "auto", batch: int = 1, iters:
         for name, r in torch_results.items():
             result["components"][name]["pytorch"] = r
         result["pytorch_checkpoint"] = str(pytorch)
-    result["environment"] = environment_stamp(bundle, threads)
+    result["environment"] = environment_stamp(bundle, threads, load_start)
+    result["warnings"] = stability_warnings(bench_rows(result), load_start[0] if load_start else None,
+                                            usable_cores())
     return result
 
 
@@ -302,16 +242,19 @@ def markdown_table(result: dict[str, Any]) -> str:
     env = result["environment"]
     lines = [f"## edgefm bench: {result['family']}/{result['variant']} on {result['backend']} "
              f"(batch {result['batch']}, {result['iters']} iterations after {result['warmup']} warm-up)", "",
-             "| component | precision | inputs | min ms | median ms | mean ms | p90 ms | p99 ms | throughput |",
-             "|---|---|---|--:|--:|--:|--:|--:|--:|"]
+             "| component | precision | inputs | min ms | median ms | median 95% CI | mean ms | p90 ms | p99 ms "
+             "| throughput |",
+             "|---|---|---|--:|--:|--:|--:|--:|--:|--:|"]
     for name, r in bench_rows(result):
         ms = r["latency_ms"]
         shapes = ", ".join(f"{k} {'x'.join(str(d) for d in v)}" for k, v in r["inputs"].items())
         tput = f"{r['throughput']['qps']:.1f} qps"
         if r["batch"] > 1:
             tput += f", {r['throughput']['items_per_s']:.1f} items/s"
+        ci = r.get("median_ci95_ms")
+        ci = f"{ci[0]:.3f}–{ci[1]:.3f}" if ci else "-"
         lines.append(f"| {name} | {r.get('precision', '-')} | {shapes} | {ms['min']:.3f} | {ms['median']:.3f} | "
-                     f"{ms['mean']:.3f} | {ms['p90']:.3f} | {ms['p99']:.3f} | {tput} |")
+                     f"{ci} | {ms['mean']:.3f} | {ms['p90']:.3f} | {ms['p99']:.3f} | {tput} |")
     lines.append("")
     for name, r in result["components"].items():
         t = r.get("transfer")
@@ -341,11 +284,14 @@ def markdown_table(result: dict[str, Any]) -> str:
     dev = f"{mem['device_used_after_mib']:.0f} MiB" if mem["device_used_after_mib"] is not None else (
         "not measured" if result["backend"] != "ort-cpu" else "n/a (CPU backend)")
     gpu = env["gpu"]["name"] if env["gpu"] else "none"
+    load = (env.get("load_average") or {}).get("start")
     lines += [f"- memory: peak host RSS {mem['peak_host_rss_mib']:.0f} MiB; device in use after the runs {dev}",
               f"- environment: {env['cpu']} ({env['cpu_cores']} cores), GPU {gpu}; "
               + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
               + f"; threads {env['threads']['ort_intra_op'] or '-'}"
-              + {True: "; fp32 in TF32", False: "; TF32 off"}.get(env.get("tf32"), "") + f"; {env['timestamp']}"]
+              + {True: "; fp32 in TF32", False: "; TF32 off"}.get(env.get("tf32"), "")
+              + (f"; load average {load[0]:.1f} at the start" if load else "") + f"; {env['timestamp']}"]
+    lines += [f"- WARNING: {w}" for w in result.get("warnings", [])]
     return "\n".join(lines + profile_lines(result)) + "\n"
 
 

@@ -80,10 +80,17 @@ def test_json_stats_and_stamp(bench_run, capsys):
     assert env["versions"]["onnxruntime"] and env["versions"]["numpy"] == np.__version__
     assert env["threads"] == {"requested": 1, "ort_intra_op": 1} and env["precision"] == ["fp32"]
     assert env["tf32"] is None  # a CUDA math mode: not applicable on the CPU
+    assert len(env["load_average"]["start"]) == len(env["load_average"]["end"]) == 3
+    for name, r in {**result["components"], **result["pipelines"]}.items():  # 4 runs: too few for a 95% CI
+        assert r["median_ci95_ms"] is None and r["cv"] == pytest.approx(np.std(r["samples_ms"]) / np.mean(
+            r["samples_ms"]), rel=0.02), name  # samples are rounded to 0.1 µs
+    assert isinstance(result["warnings"], list)
+    assert all(f"- WARNING: {w}" in stdout for w in result["warnings"])
     assert result["memory"]["peak_host_rss_mib"] > 0
     # The markdown table: a header, a separator and one row per component and pipeline.
     rows = [line for line in stdout.splitlines() if line.startswith("| ")]
-    assert rows[0].startswith("| component | precision |") and len(rows) == 1 + len(COMPONENTS) + len(PIPELINES)
+    assert rows[0].startswith("| component | precision | inputs | min ms | median ms | median 95% CI |")
+    assert len(rows) == 1 + len(COMPONENTS) + len(PIPELINES)
     for name in COMPONENTS:
         assert any(row.startswith(f"| {name} | fp32 |") for row in rows), name
     for name in PIPELINES:
@@ -354,3 +361,14 @@ def test_components_selects_the_timed_rows(sam_tiny_bundle, capsys):
     with pytest.raises(InputError, match="--components: .* has no component 'prompt_decodr' \\(it has image_encoder, "
                                          "prompt_encoder, mask_decoder, decoder_context, prompt_decoder\\)"):
         bench_bundle(sam_tiny_bundle, backend="ort-cpu", components=["prompt_decodr"])
+
+
+def test_median_interval_in_the_json_and_the_table(sam_tiny_bundle):
+    """With 6 runs the 95% interval of the median is (fastest, slowest) run; the table prints the JSON's."""
+    result = bench_bundle(sam_tiny_bundle, "ort-cpu", iters=6, warmup=0, threads=1, pipelines=False,
+                          components=["prompt_encoder"])
+    r = result["components"]["prompt_encoder"]
+    assert r["median_ci95_ms"] == pytest.approx([min(r["samples_ms"]), max(r["samples_ms"])], abs=1e-3)
+    lo, hi = r["median_ci95_ms"]
+    row = next(line for line in markdown_table(result).splitlines() if line.startswith("| prompt_encoder |"))
+    assert f"| {r['latency_ms']['median']:.3f} | {lo:.3f}–{hi:.3f} | {r['latency_ms']['mean']:.3f} |" in row
