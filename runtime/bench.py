@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from .bench_compare import compare, compare_lines, read_baseline
 from .bench_env import device_memory_used_mib, environment_stamp, load_average, peak_rss_mib, usable_cores
 from .bench_pipelines import PIPELINES
 from .bench_plot import bench_rows, plot_bars
@@ -292,6 +293,8 @@ def markdown_table(result: dict[str, Any]) -> str:
               + {True: "; fp32 in TF32", False: "; TF32 off"}.get(env.get("tf32"), "")
               + (f"; load average {load[0]:.1f} at the start" if load else "") + f"; {env['timestamp']}"]
     lines += [f"- WARNING: {w}" for w in result.get("warnings", [])]
+    if result.get("baseline"):
+        lines += compare_lines(result["baseline"], result["baseline"]["file"])
     return "\n".join(lines + profile_lines(result)) + "\n"
 
 
@@ -303,6 +306,7 @@ def parse_dim(text: str) -> tuple[str, int]:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
+    baseline = read_baseline(args.baseline, SCHEMA) if args.baseline else None  # before minutes of timing
     result = bench_bundle(args.bundle, args.backend, args.batch, args.iters, args.warmup, args.threads,
                           pipelines=not args.no_pipelines,
                           progress=lambda m: print(f"edgefm: {m}", file=sys.stderr, flush=True),
@@ -310,6 +314,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
                           pytorch=args.pytorch, dims=dict(parse_dim(d) for d in args.dim or ()),
                           preprocess=args.preprocess, profile=args.profile,
                           components=[c for c in args.components.split(",") if c] if args.components else None)
+    if baseline is not None:
+        result["baseline"] = {"file": str(args.baseline), **compare(result, baseline)}
     print(markdown_table(result), end="")
     if args.json:
         write_json_atomic(args.json, result)
@@ -352,6 +358,9 @@ def register(sub: Any) -> argparse.ArgumentParser:
                    help="also run each component under ONNX Runtime's profiler and show its time by operator type "
                         "(as trtexec's --dumpProfile; a separate session, so the timed figures are unaffected)")
     b.add_argument("--json", help="write all figures, samples and the environment stamp to this file")
+    b.add_argument("--baseline", metavar="JSON",
+                   help="compare each row with the same row of an earlier --json result: ratio of the medians, and "
+                        "faster/slower only where their 95%% confidence intervals are apart")
     b.add_argument("--plot", help="write a bar chart (.png) of the latencies")
     b.set_defaults(func=cmd_bench)
     return b
