@@ -73,6 +73,10 @@ def section_cli_bench(run: Run, bundles, backend: str) -> None:
             cmd += ["--plot", str(run.out / "bench_sam_fp16.png")]
         if backend == "ort-cuda":
             cmd += ["--cuda-graph"]
+        # The committed run of an earlier H100 check: the table then says, row by row, what changed since.
+        baseline = Path(__file__).resolve().parents[1] / "results" / f"h100_bench_{family}_fp16.json"
+        if baseline.is_file() and not run.smoke:
+            cmd += ["--baseline", str(baseline)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         run.log(f"   edgefm bench {family}: rc={proc.returncode}\n{proc.stdout[-3000:]}{proc.stderr[-1500:]}")
         run.results["sections"].setdefault("edgefm_bench", {})[family] = {"rc": proc.returncode,

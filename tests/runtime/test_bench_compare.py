@@ -79,3 +79,17 @@ def test_cli_compares_a_run_with_its_saved_baseline(sam_tiny_bundle, tmp_path, c
         assert r["verdict"] in ("faster", "slower", "no clear difference")
         assert f"| {name} | {r['baseline_median_ms']:.3f} | {r['median_ms']:.3f} | {r['ratio']:.2f}x | " in stdout
     assert f"Against the baseline {tmp_path / 'a.json'}" in stdout
+
+
+@pytest.mark.parametrize("family", ["sam", "clip", "dalle"])
+def test_the_committed_h100_runs_read_as_baselines(family):
+    """gpu_check.py compares its next `edgefm bench` run with these files (written before the intervals
+    existed: they are recomputed from the samples)."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / f"h100_bench_{family}_fp16.json"
+    data = read_baseline(path, SCHEMA)
+    c = compare(data, data)
+    assert c["rows"] and c["only_in_this_run"] == c["only_in_baseline"] == [] and not c["environment_differences"]
+    for r in c["rows"]:
+        assert r["ratio"] == 1.0 and r["verdict"] in ("no clear difference", "too few runs (6 per side at least)")
