@@ -8,8 +8,10 @@ would compare nothing.
 
 PyTorch runs as its users run it: eager, ``inference_mode``; the models' own ``encode_image``/``encode_text``
 for CLIP; fp16 components against ``torch.autocast(float16)`` on a GPU and fp32 on the CPU (PyTorch's CPU fp16
-is not what anyone deploys). SAM and CLIP only: a DALL·E bundle comes from three checkpoints (see
-``benchmarks/dalle_cpu.py`` for its PyTorch comparison).
+is not what anyone deploys). ``compile_mode`` (``edgefm bench --pytorch-compile MODE``) runs each component
+through ``torch.compile`` in that mode instead, compiled by one untimed call before the warm-up, as a
+deployment that compiles would: the figure PyTorch users quote on a GPU. SAM and CLIP only: a DALL·E bundle
+comes from three checkpoints (see ``benchmarks/dalle_cpu.py`` for its PyTorch comparison).
 """
 
 from __future__ import annotations
@@ -80,9 +82,22 @@ def _modules(fn: Any) -> list[Any]:
     return [fn] if hasattr(fn, "to") else [fn.__self__]
 
 
+def _compile_first(call: Callable[[], Any], name: str, mode: str, progress: Callable[[str], None] | None) -> None:
+    """The first call compiles; a failure (no C++ compiler for the CPU backend, an unsupported op) is told plainly."""
+    if progress:
+        progress(f"compiling {name} with torch.compile (mode {mode}); the first call takes a while")
+    try:
+        call()
+    except Exception as exc:  # inductor raises many types; the message is what helps
+        raise InputError(f"--pytorch-compile {mode}: torch.compile failed on {name} ({type(exc).__name__}: "
+                         f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}); on a CPU it needs a "
+                         "C++ compiler (g++); leave the flag out to compare with eager PyTorch") from exc
+
+
 def time_pytorch(bundle: Bundle, checkpoint: str | Path, feeds: dict[str, dict[str, np.ndarray]],
                  ours: dict[str, dict[str, Any]], iters: int, warmup: int, threads: int | None = None,
-                 progress: Callable[[str], None] | None = None) -> dict[str, dict[str, Any]]:
+                 progress: Callable[[str], None] | None = None,
+                 compile_mode: str | None = None) -> dict[str, dict[str, Any]]:
     """Time each component's PyTorch twin on ``feeds`` (component -> inputs); ``ours`` holds edgefm's results
     (``latency_ms``, ``precision``) for the ratio; ``checkpoint`` has passed :func:`check_checkpoint`. Returns
     component -> PyTorch's figures."""
@@ -106,13 +121,16 @@ def time_pytorch(bundle: Bundle, checkpoint: str | Path, feeds: dict[str, dict[s
         precision = ours[name]["precision"]
         half = on_gpu and precision in ("fp16", "mixed")
         args = [torch.from_numpy(feeds[name][n]).to(device) for n in spec.input_names]
+        run = torch.compile(fn, mode=compile_mode) if compile_mode else fn
 
-        def call(fn=fn, args=args, half=half):
+        def call(fn=run, args=args, half=half):
             with torch.inference_mode(), torch.autocast(device, torch.float16, enabled=half):
                 result = fn(*args)
             sync()
             return result
 
+        if compile_mode:
+            _compile_first(call, name, compile_mode, progress)
         times = time_calls(call, iters, warmup)
         result = call()  # the outputs to compare, from one more (untimed) call
         result = result if isinstance(result, tuple) else (result,)
@@ -120,7 +138,8 @@ def time_pytorch(bundle: Bundle, checkpoint: str | Path, feeds: dict[str, dict[s
         got = bundle.runner(name).run(feeds[name])
         agreement = judge(ref, got, precision, spec, float(bundle.config.get("mask_threshold", 0.0)))
         stats = latency_stats(times)
-        out[name] = {"device": device, "math": "fp16 autocast" if half else "fp32",
+        math = "fp16 autocast" if half else "fp32"
+        out[name] = {"device": device, "math": f"{math}, torch.compile {compile_mode}" if compile_mode else math,
                      "iterations": stats["iterations"], "latency_ms": stats["latency_ms"],
                      "ratio": ours[name]["latency_ms"]["median"] / stats["latency_ms"]["median"],
                      "agreement": {"policy": precision, "passed": agreement["passed"],

@@ -46,6 +46,7 @@ from .spec import ComponentSpec
 from .timing import latency_stats, stability_warnings, time_calls
 
 SCHEMA = "edgefm.bench/1"
+PYTORCH_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 BATCH_DIMS = ("batch", "image_batch")
 SMALL_INT = 16  # default upper bound of integer inputs: inside every vocabulary and position range
 Rule = tuple  # ("uniform", lo, hi) | ("choice", values) | ("int", lo, hi)
@@ -164,7 +165,7 @@ def bench_bundle(path: str | Path, backend: str = "auto", batch: int = 1, iters:
                  progress: Callable[[str], None] | None = None, cuda_graph: bool = False,
                  precision: str | None = None, tf32: bool = False, pytorch: str | Path | None = None,
                  dims: dict[str, int] | None = None, preprocess: str = "auto", profile: bool = False,
-                 components: list[str] | None = None) -> dict[str, Any]:
+                 components: list[str] | None = None, pytorch_compile: str | None = None) -> dict[str, Any]:
     """Benchmark every component of the bundle at ``path`` (and its family's pipelines); see the module doc.
     ``cuda_graph``: also time each ONNX component as a replayed CUDA graph (ort-cuda only); ``precision``:
     time that precision of the components that have it; ``tf32``: fp32 in TF32 on ort-cuda (see :class:`Bundle`);
@@ -173,7 +174,8 @@ def bench_bundle(path: str | Path, backend: str = "auto", batch: int = 1, iters:
     (e.g. ``{"length": 77}``) instead of their opt sizes; ``preprocess``: the SAM and CLIP pipelines' (see
     :class:`~edgefm.runtime.sam.SamPredictor`): with the device's, they are also timed with the host's;
     ``profile``: each component's time by operator type (:mod:`edgefm.runtime.bench_profile`; ONNX Runtime);
-    ``components``: time only these (pipelines are separate: ``pipelines=False`` leaves them out)."""
+    ``components``: time only these (pipelines are separate: ``pipelines=False`` leaves them out);
+    ``pytorch_compile``: a ``torch.compile`` mode for the PyTorch side (compiled before it is timed)."""
     for flag, value, lo in (("--batch", batch, 1), ("--iters", iters, 1), ("--warmup", warmup, 0)):
         if int(value) < lo:
             raise InputError(f"{flag} must be at least {lo}, got {value}")
@@ -197,6 +199,8 @@ def bench_bundle(path: str | Path, backend: str = "auto", batch: int = 1, iters:
     if profile and bundle.backend == "tensorrt":
         raise InputError("--profile reads ONNX Runtime's profiler; for TensorRT engines run trtexec --loadEngine="
                          "ENGINE --dumpProfile --separateProfileRun (per-layer GPU times)")
+    if pytorch_compile is not None and pytorch is None:
+        raise InputError("--pytorch-compile sets how the --pytorch CHECKPOINT runs: give the checkpoint too")
     if pytorch is not None:
         from edgefm.export.torch_bench import check_checkpoint  # torch: only when asked for
 
@@ -228,7 +232,7 @@ def bench_bundle(path: str | Path, backend: str = "auto", batch: int = 1, iters:
         from edgefm.export.torch_bench import time_pytorch
 
         torch_results = time_pytorch(bundle, pytorch, feeds, result["components"], iters, warmup, threads,
-                                     progress)
+                                     progress, compile_mode=pytorch_compile)
         for name, r in torch_results.items():
             result["components"][name]["pytorch"] = r
         result["pytorch_checkpoint"] = str(pytorch)
@@ -311,7 +315,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
                           pipelines=not args.no_pipelines,
                           progress=lambda m: print(f"edgefm: {m}", file=sys.stderr, flush=True),
                           cuda_graph=args.cuda_graph, precision=args.precision, tf32=args.tf32,
-                          pytorch=args.pytorch, dims=dict(parse_dim(d) for d in args.dim or ()),
+                          pytorch=args.pytorch, pytorch_compile=args.pytorch_compile,
+                          dims=dict(parse_dim(d) for d in args.dim or ()),
                           preprocess=args.preprocess, profile=args.profile,
                           components=[c for c in args.components.split(",") if c] if args.components else None)
     if baseline is not None:
@@ -351,6 +356,10 @@ def register(sub: Any) -> argparse.ArgumentParser:
                    help="also time this checkpoint in PyTorch (the one the bundle was exported from: its sha256 is "
                         "checked) on the same inputs and device, and compare the outputs (SAM, CLIP; needs "
                         "edgefm[export])")
+    b.add_argument("--pytorch-compile", choices=PYTORCH_COMPILE_MODES, default=None, metavar="MODE",
+                   help="run the --pytorch side through torch.compile in this mode ("
+                        + ", ".join(PYTORCH_COMPILE_MODES) + "; reduce-overhead adds CUDA graphs on a GPU), compiled "
+                        "before the warm-up, so PyTorch is compared at its best, not only eager")
     b.add_argument("--preprocess", choices=PREPROCESS, default="auto",
                    help="where the SAM/CLIP pipelines resize and normalize (auto: the device on ONNX Runtime GPU "
                         "backends); on the device, the host's is timed beside it")

@@ -92,3 +92,22 @@ def test_a_model_of_the_projects_own_size(tmp_path):
     with pytest.raises(InputError, match=r"holds a SAM of no named size \('custom'\); --pytorch needs its SamConfig "
                                          r"as JSON beside the checkpoint \(.*alone/sam_shapes.json"):
         bench_bundle(bundle, "ort-cpu", iters=1, warmup=0, pipelines=False, pytorch=alone)
+
+
+@pytest.mark.slow
+def test_sam_against_its_checkpoint_compiled(sam_from_file):
+    """--pytorch-compile: the PyTorch side runs through torch.compile (inductor; on a CPU it builds C++), compiled
+    before it is timed, and its outputs are still checked against the bundle's."""
+    bundle, ckpt, _ = sam_from_file
+    result = bench_bundle(bundle, "ort-cpu", iters=2, warmup=0, threads=1, pipelines=False, pytorch=ckpt,
+                          components=["prompt_encoder"], pytorch_compile="default")
+    pt = result["components"]["prompt_encoder"]["pytorch"]
+    assert (pt["math"], pt["iterations"]) == ("fp32, torch.compile default", 2)
+    assert pt["agreement"]["passed"] and pt["agreement"]["worst"] >= 0.99999, pt["agreement"]
+    assert "- prompt_encoder: PyTorch (cpu, fp32, torch.compile default)" in markdown_table(result)
+
+
+def test_compile_mode_needs_the_checkpoint(sam_from_file):
+    bundle, _, _ = sam_from_file
+    with pytest.raises(InputError, match="--pytorch-compile sets how the --pytorch CHECKPOINT runs"):
+        bench_bundle(bundle, "ort-cpu", iters=1, warmup=0, pipelines=False, pytorch_compile="default")
