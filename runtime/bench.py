@@ -8,8 +8,8 @@ Every figure comes from exactly ``iters`` timed calls after ``warmup`` untimed o
 cold-start record before them: opening it, sha256 check included, then its first call); statistics are min /
 median / mean / p90 / p99 / max in milliseconds (linear-interpolated percentiles), the median's 95%
 confidence interval and the coefficient of variation (:mod:`edgefm.runtime.timing`), and throughput as calls
-per second (qps) and items per second (qps x batch); ``warnings`` lists rows whose spread is large and a
-machine that was busy when the run started. Inputs are seeded dummy data valid for the component:
+per second (qps) and items per second (qps x batch); ``warnings`` lists rows whose median is uncertain and
+a machine that was busy when the run started. Inputs are seeded dummy data valid for the component:
 shapes at the spec's opt sizes with the batch dims (``batch``, ``image_batch``) at ``--batch``, values by
 dtype (floats standard normal, integers in [0, 16)) unless the family says what is valid (SAM point labels in
 {-1, 0, 1, 2, 3}; token ids below the vocabulary size the manifest declares). Peak host memory is the process's

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-UNSTABLE_CV = 0.10  # a row whose standard deviation exceeds this share of its mean is flagged (as pyperf does)
+UNCERTAIN_MEDIAN = 0.10  # a row whose median's 95% interval is wider than this share of the median is flagged
 BUSY_LOAD_PER_CORE = 0.5  # a 1-minute load average above this per usable core at the start is flagged
 
 
@@ -54,15 +54,17 @@ def latency_stats(samples_s: Sequence[float], items: int = 1) -> dict[str, Any]:
 
 def stability_warnings(rows: Iterable[tuple[str, dict[str, Any]]], load_average: float | None = None,
                        usable_cores: int | None = None) -> list[str]:
-    """What makes a run's figures doubtful: rows whose spread is large, and a machine already busy when the
-    run started (other processes take CPU time from the timed calls; on a GPU backend, from their launches)."""
+    """What makes a run's figures doubtful: rows whose median is uncertain (its 95% interval wider than
+    ``UNCERTAIN_MEDIAN`` of it: a rare outlier does not do that, a bimodal or drifting row does), and a machine
+    already busy when the run started (other processes take CPU time from the timed calls; on a GPU backend,
+    from their launches)."""
     out = []
     for name, r in rows:
-        cv = r.get("cv")
-        if cv is not None and cv > UNSTABLE_CV:
-            ms = r["latency_ms"]
-            out.append(f"{name}: unstable, its standard deviation is {cv:.0%} of its mean (median {ms['median']:.3f}, "
-                       f"p99 {ms['p99']:.3f} ms); close other work, pin the clocks or add --iters")
+        ci, median = r.get("median_ci95_ms"), r["latency_ms"]["median"]
+        if ci and median > 0 and (ci[1] - ci[0]) / median > UNCERTAIN_MEDIAN:
+            out.append(f"{name}: its median is uncertain, the 95% interval {ci[0]:.3f}–{ci[1]:.3f} ms spans "
+                       f"{(ci[1] - ci[0]) / median:.0%} of it (standard deviation {r['cv']:.0%} of the mean); close "
+                       "other work, pin the clocks or add --iters")
     if load_average is not None and usable_cores and load_average > BUSY_LOAD_PER_CORE * usable_cores:
         out.append(f"the machine was busy: 1-minute load average {load_average:.1f} on {usable_cores} usable cores "
                    "when the run started; absolute figures may be slow, ratios within one run are fairer")

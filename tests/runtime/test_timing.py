@@ -36,15 +36,17 @@ def test_latency_stats_spread():
     assert s["median_ci95_ms"] == pytest.approx([2.0, 9.0])
 
 
-def _row(median: float, p99: float, cv: float) -> dict:
-    return {"latency_ms": {"median": median, "p99": p99}, "cv": cv}
+def _row(median: float, ci: list[float] | None, cv: float) -> dict:
+    return {"latency_ms": {"median": median}, "median_ci95_ms": ci, "cv": cv}
 
 
 def test_stability_warnings_name_the_row_and_the_load():
-    rows = [("image_encoder", _row(10.0, 11.0, 0.05)), ("sam.predict (pipeline)", _row(4.0, 9.5, 0.25))]
+    rows = [("image_encoder", _row(10.0, [9.8, 10.6], 0.30)),  # one slow outlier: a large cv, a tight median
+            ("sam.predict (pipeline)", _row(4.0, [3.5, 4.5], 0.12)),
+            ("prompt_encoder", _row(1.0, None, 0.5))]  # under 6 runs: no interval, nothing to judge
     assert stability_warnings(rows) == [
-        "sam.predict (pipeline): unstable, its standard deviation is 25% of its mean (median 4.000, p99 9.500 ms); "
-        "close other work, pin the clocks or add --iters"]
+        "sam.predict (pipeline): its median is uncertain, the 95% interval 3.500–4.500 ms spans 25% of it "
+        "(standard deviation 12% of the mean); close other work, pin the clocks or add --iters"]
     assert stability_warnings(rows[:1], load_average=0.9, usable_cores=2) == []
     assert stability_warnings(rows[:1], load_average=1.5, usable_cores=2) == [
         "the machine was busy: 1-minute load average 1.5 on 2 usable cores when the run started; absolute figures "
