@@ -99,8 +99,7 @@ class PriorStepGraph(nn.Module):
     def forward(self, token, position, k_cache, v_cache):
         prior, c = self.prior, self.prior.config
         pos = position.reshape(())  # position travels as shape [1] (TensorRT-friendly)
-        x = prior.image_embedding(token) + prior.image_position(pos - c.text_len)
-        x = prior.embed_dropout(x[:, None])
+        x = prior.step_input(token, pos)
         earlier = torch.arange(c.context_len, device=token.device) != pos  # the cache has no row here yet
         allowed = {p: getattr(prior, f"mask_{p}")[pos][None] & earlier for p in dict.fromkeys(c.layer_patterns)}
         new_k, new_v = [], []
@@ -111,8 +110,7 @@ class PriorStepGraph(nn.Module):
             weights = torch.cat([cached, (q * k).sum(-1, keepdim=True) * scale], dim=-1).softmax(dim=-1)
             y = weights[..., :-1] @ v_cache[i] + weights[..., -1:] * v  # every row sees its own position
             h, d = int(y.shape[1]), int(y.shape[3])
-            x = x + block.resid_dropout(block.attn.proj(y.transpose(1, 2).reshape(-1, 1, h * d)))
-            x = x + block.resid_dropout(block.mlp(block.ln_2(x)))
+            x = block.residual(x, y.transpose(1, 2).reshape(-1, 1, h * d))
             new_k.append(k)
             new_v.append(v)
         k_rows, v_rows = torch.stack(new_k), torch.stack(new_v)  # [n_layers, B, H, 1, d]

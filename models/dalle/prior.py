@@ -99,8 +99,13 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, S, D], mask [S, S] -> (x, k, v) with k, v [B, H, S, D/H] for a cache."""
         q, k, v = self.attn.project(self.ln_1(x))
-        x = x + self.resid_dropout(self.attn.proj(self.attn.attend(q, k, v, mask)))
-        return x + self.resid_dropout(self.mlp(self.ln_2(x))), k, v
+        return self.residual(x, self.attn.attend(q, k, v, mask)), k, v
+
+    def residual(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """The block after its attention: x + proj(attended), then x + mlp(ln_2(x)); ``attended`` [B, S, D] is
+        the heads' output before the projection."""
+        x = x + self.resid_dropout(self.attn.proj(attended))
+        return x + self.resid_dropout(self.mlp(self.ln_2(x)))
 
     def step(
         self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot: torch.Tensor,
@@ -112,8 +117,7 @@ class Block(nn.Module):
         # A select against a one-hot slot writes the cache without data-dependent shapes (exports as Where).
         k_cache = torch.where(slot[:, None], k, k_cache)
         v_cache = torch.where(slot[:, None], v, v_cache)
-        x = x + self.resid_dropout(self.attn.proj(self.attn.attend(q, k_cache, v_cache, mask_row)))
-        return x + self.resid_dropout(self.mlp(self.ln_2(x))), k_cache, v_cache
+        return self.residual(x, self.attn.attend(q, k_cache, v_cache, mask_row)), k_cache, v_cache
 
     def step_inplace(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, position: int,
                      mask_row: torch.Tensor) -> torch.Tensor:
@@ -126,8 +130,7 @@ class Block(nn.Module):
         n = position + 1
         p = self.attn.attn_dropout.p if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k_cache[:, :, :n], v_cache[:, :, :n], attn_mask=mask_row, dropout_p=p)
-        x = x + self.resid_dropout(self.attn.proj(y.transpose(1, 2).reshape(x.shape[0], 1, -1)))
-        return x + self.resid_dropout(self.mlp(self.ln_2(x)))
+        return self.residual(x, y.transpose(1, 2).reshape(x.shape[0], 1, -1))
 
 
 class DallePrior(nn.Module):
@@ -261,6 +264,14 @@ class DallePrior(nn.Module):
         k_cache, v_cache = torch.cat([k, empty], dim=3), torch.cat([v, empty], dim=3)
         return self.image_logits(self.ln_f(x[:, -1])), k_cache, v_cache
 
+    def step_input(self, token: torch.Tensor, position: torch.Tensor | int) -> torch.Tensor:
+        """Image token ``token`` (int64 [B]) embedded for sequence ``position`` (int, or an int64 scalar):
+        its embedding plus its grid cell's, [B, 1, D]."""
+        if not isinstance(position, torch.Tensor):  # (a tensor is used as it is: no Cast in an exported graph)
+            position = torch.tensor(position, dtype=torch.long, device=token.device)
+        index = position - self.config.text_len
+        return self.embed_dropout((self.image_embedding(token) + self.image_position(index))[:, None])
+
     def step(
         self, token: torch.Tensor, position: torch.Tensor | int, k_cache: torch.Tensor, v_cache: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -269,8 +280,7 @@ class DallePrior(nn.Module):
         updated k_cache, updated v_cache)."""
         c = self.config
         position = torch.as_tensor(position, dtype=torch.long, device=token.device)
-        x = self.image_embedding(token) + self.image_position(position - c.text_len)
-        x = self.embed_dropout(x[:, None])
+        x = self.step_input(token, position)
         slot = torch.arange(c.context_len, device=token.device) == position
         # This position's mask row, once per attention pattern rather than once per layer.
         rows = {p: getattr(self, f"mask_{p}")[position][None] for p in dict.fromkeys(c.layer_patterns)}
@@ -290,8 +300,7 @@ class DallePrior(nn.Module):
         c = self.config
         if not c.text_len <= position < c.context_len:
             raise ValueError(f"position {position} is outside the image positions [{c.text_len}, {c.context_len})")
-        index = torch.tensor(position - c.text_len, device=token.device)
-        x = self.embed_dropout((self.image_embedding(token) + self.image_position(index))[:, None])
+        x = self.step_input(token, position)
         rows = {p: getattr(self, f"mask_{p}")[position, : position + 1][None] for p in dict.fromkeys(c.layer_patterns)}
         for i, (block, pattern) in enumerate(zip(self.blocks, c.layer_patterns, strict=True)):
             x = block.step_inplace(x, k_cache[i], v_cache[i], position, rows[pattern])
