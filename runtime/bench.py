@@ -298,7 +298,7 @@ def markdown_table(result: dict[str, Any]) -> str:
               + (f"; load average {load[0]:.1f} at the start" if load else "") + f"; {env['timestamp']}"]
     lines += [f"- WARNING: {w}" for w in result.get("warnings", [])]
     if result.get("baseline"):
-        lines += compare_lines(result["baseline"], result["baseline"]["file"])
+        lines += compare_lines(result["baseline"])
     return "\n".join(lines + profile_lines(result)) + "\n"
 
 

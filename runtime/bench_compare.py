@@ -75,10 +75,10 @@ def compare(current: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]
             "environment_differences": changed}
 
 
-def compare_lines(comparison: dict[str, Any], baseline_path: str | Path) -> list[str]:
-    """The comparison as a markdown table and notes."""
-    lines = ["", f"Against the baseline {baseline_path} (ratio = this run's median / the baseline's; a verdict needs "
-             "the medians' 95% intervals apart):", "",
+def compare_lines(comparison: dict[str, Any]) -> list[str]:
+    """The comparison (:func:`compare`'s, with the baseline's ``file``) as a markdown table and notes."""
+    lines = ["", f"Against the baseline {comparison['file']} (ratio = this run's median / the baseline's; a verdict "
+             "needs the medians' 95% intervals apart):", "",
              "| component | baseline median ms | median ms | ratio | verdict |", "|---|--:|--:|--:|---|"]
     for r in comparison["rows"]:
         lines.append(f"| {r['name']} | {r['baseline_median_ms']:.3f} | {r['median_ms']:.3f} | {r['ratio']:.2f}x "
